@@ -1,0 +1,40 @@
+"""The envelope of one mail transaction (RFC 5321 2.3.1): who sent it, to whom, and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .addresses import Address
+
+__all__ = ["SmtpEnvelope"]
+
+
+@dataclass(slots=True)
+class SmtpEnvelope:
+    """Filled in by the session as MAIL and RCPT are accepted; handed to ``message_received``.
+
+    ``recipients`` holds only the recipients that got a 2xx reply, in order, and
+    ``rcpt_parameters`` their ESMTP parameters at the same index. ``message`` is set once the
+    message has been received whole (the seed's ``MessageBody``).
+    """
+
+    return_path: Address | None = None
+    recipients: list[Address] = field(default_factory=list)
+    mail_parameters: dict[str, str | None] = field(default_factory=dict)
+    rcpt_parameters: list[dict[str, str | None]] = field(default_factory=list)
+    helo_name: str | None = None
+    peer: Any = None
+    smtputf8: bool = False
+    body_type: str | None = None
+    message: bytes | None = None
+
+    @property
+    def mail_from(self) -> Address | None:
+        """The reverse-path (``MAIL FROM``), the name other libraries use."""
+        return self.return_path
+
+    @property
+    def rcpt_tos(self) -> list[Address]:
+        """The forward-paths (``RCPT TO``), the name other libraries use."""
+        return self.recipients

@@ -1,0 +1,218 @@
+"""SmtpServer: listen on an address, hand every new session to ``on_session``, stop gracefully.
+
+The seed's shape (``SmtpServer(address, port)``, ``listen(on_session)``) on asyncio::
+
+    server = SmtpServer("127.0.0.1", 8025)
+    server.listen(on_session)            # blocks when no event loop runs (like the seed + Run)
+
+    async with SmtpServer("127.0.0.1", 0, on_session=on_session) as server:
+        print(server.port)               # the port the OS chose
+        await server.serve_forever()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from .session import OnSession, SessionConfig, SmtpSession, _Pools
+
+__all__ = ["SmtpServer"]
+
+log = logging.getLogger("alephsmtp.server")
+
+Host = str | ipaddress.IPv4Address | ipaddress.IPv6Address | Sequence[str] | None
+
+
+class SmtpServer:
+    """An SMTP server on ``host``:``port`` (port 0: the OS picks one; see :attr:`port`).
+
+    Keyword options are the :class:`~alephsmtp.session.SessionConfig` fields
+    (``hostname``, ``max_message_size``, ``max_recipients``, ``idle_timeout``,
+    ``bare_newline``, ...), plus ``on_session``, ``backlog``, ``reuse_port`` and
+    ``shutdown_grace`` (seconds a transaction in progress may take to finish on
+    :meth:`stop`).
+    """
+
+    def __init__(
+        self,
+        host: Host = "127.0.0.1",
+        port: int = 25,
+        *,
+        on_session: OnSession | None = None,
+        backlog: int = 100,
+        reuse_port: bool = False,
+        shutdown_grace: float = 30.0,
+        config: SessionConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if config is not None and options:
+            raise TypeError("pass either config or session options, not both")
+        self.config = config if config is not None else SessionConfig(**options)
+        self.host = str(host) if isinstance(host, (ipaddress.IPv4Address,
+                                                   ipaddress.IPv6Address)) else host
+        self._port = port
+        self.on_session = on_session
+        self.backlog = backlog
+        self.reuse_port = reuse_port
+        self.shutdown_grace = shutdown_grace
+        self.sessions: set[SmtpSession] = set()
+        self._pools = _Pools(self.config)
+        self._server: asyncio.Server | None = None
+        self._stopped: asyncio.Event | None = None
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the OS's choice when 0 was asked for)."""
+        if self._server is not None and self._server.sockets:
+            return int(self._server.sockets[0].getsockname()[1])
+        return self._port
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets."""
+        return tuple(self._server.sockets) if self._server is not None else ()
+
+    @property
+    def is_serving(self) -> bool:
+        """Accepting connections now."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def buffer_pools(self) -> tuple[Any, Any]:
+        """The (command, data) buffer pools, for metrics and leak checks."""
+        return self._pools.command, self._pools.data
+
+    async def start(self, on_session: OnSession | None = None) -> None:
+        """Bind and start accepting; returns once listening."""
+        if on_session is not None:
+            self.on_session = on_session
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._server = await loop.create_server(
+            self._new_session,
+            self.host,  # type: ignore[arg-type]
+            self._port,
+            backlog=self.backlog,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+        )
+        log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
+
+    def _new_session(self) -> SmtpSession:
+        session = SmtpSession(self.config, self.on_session, pools=self._pools,
+                              on_close=self._session_closed)
+        self.sessions.add(session)
+        self._no_sessions.clear()
+        return session
+
+    def _session_closed(self, session: SmtpSession) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._no_sessions.set()
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close` or :meth:`stop` (starts first if needed)."""
+        if self._server is None:
+            await self.start()
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    def close(self) -> None:
+        """Stop accepting and ask every session to end (421 4.3.2 between transactions).
+
+        Returns at once; :meth:`wait_closed` waits for the sessions, :meth:`stop` does both
+        with a grace period.
+        """
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def wait_closed(self, timeout: float | None = None) -> None:
+        """Wait until every session has ended; past ``timeout`` the rest are aborted."""
+        if self.sessions:
+            try:
+                await asyncio.wait_for(self._no_sessions.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("aborting %d session(s) after the grace period", len(self.sessions))
+                for session in list(self.sessions):
+                    session.abort()
+                await asyncio.sleep(0)  # let connection_lost run
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: stop accepting, let transactions finish, then close."""
+        self.close()
+        await self.wait_closed(self.shutdown_grace if grace is None else grace)
+
+    async def __aenter__(self) -> SmtpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # --- blocking entry points -------------------------------------------------------------
+
+    def run(self, on_session: OnSession | None = None) -> None:
+        """Serve until SIGINT/SIGTERM (or :meth:`close`), then shut down gracefully."""
+        asyncio.run(self._run(on_session))
+
+    def listen(self, on_session: OnSession) -> None:
+        """The seed's ``Listen``: accept clients and hand each new session to ``on_session``.
+
+        Inside a running event loop it starts listening in that loop and returns at once (keep
+        the loop running). Called from plain code it serves until stopped, like :meth:`run`.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.run(on_session)
+            return
+        self.on_session = on_session
+        task = loop.create_task(self.start())
+        task.add_done_callback(_log_failure)
+
+    async def _run(self, on_session: OnSession | None) -> None:
+        await self.start(on_session)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows, non-main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.close)
+        try:
+            await self.serve_forever()
+        finally:
+            await self.stop()
+
+
+def _format(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("server failed to start", exc_info=task.exception())
