@@ -54,34 +54,44 @@ class FakeTransport(asyncio.Transport):
         return {"peername": self.peer, "sockname": ("127.0.0.1", 25)}.get(name, default)
 
 
+class MockTimer:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class MockLoop:
     """A clock that moves only when the test says so (timers without sleeps)."""
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.timers: list[tuple[float, Callable[[], None], asyncio.TimerHandle]] = []
-        self.tasks: list[Any] = []
+        self.timers: list[MockTimer] = []
 
     def time(self) -> float:
         return self.now
 
-    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Any:
-        handle = asyncio.TimerHandle(self.now + delay, callback, args, self)  # type: ignore[arg-type]
-        self.timers.append((self.now + delay, lambda: callback(*args), handle))
-        return handle
+    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> MockTimer:
+        timer = MockTimer(self.now + delay, lambda: callback(*args))
+        self.timers.append(timer)
+        return timer
 
     def create_task(self, coroutine: Any) -> Any:
         return asyncio.get_running_loop().create_task(coroutine)
 
-    def _timer_handle_cancelled(self, handle: Any) -> None:
-        pass
-
     def advance(self, seconds: float) -> None:
+        """Move the clock, running every timer that falls due, in order."""
         self.now += seconds
-        due = [t for t in self.timers if t[0] <= self.now and not t[2].cancelled()]
-        self.timers = [t for t in self.timers if t not in due and not t[2].cancelled()]
-        for _, callback, _ in due:
-            callback()
+        while True:
+            due = [t for t in self.timers if not t.cancelled and t.when <= self.now]
+            if not due:
+                break
+            timer = min(due, key=lambda t: t.when)
+            self.timers.remove(timer)
+            timer.callback()
 
 
 class Harness:

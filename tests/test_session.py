@@ -7,16 +7,13 @@ import logging
 from typing import Any
 
 import pytest
-from _harness import Harness, MockLoop, settle
 
+from _harness import Harness, MockLoop, settle
 from alephsmtp import Reply
 from alephsmtp.parser import IMPLEMENTATION
 
 TRANSACTION = (
-    b"EHLO client.test\r\n"
-    b"MAIL FROM:<alice@example.org>\r\n"
-    b"RCPT TO:<bob@example.net>\r\n"
-    b"DATA\r\n"
+    b"EHLO client.test\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
 )
 
 
@@ -50,7 +47,10 @@ async def test_greeting_and_default_replies_carry_enhanced_codes() -> None:
     for command, reply in [
         (b"NOOP\r\n", "250 2.0.0 OK"),
         (b"RSET\r\n", "250 2.0.0 OK"),
-        (b"VRFY bob\r\n", "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"),
+        (
+            b"VRFY bob\r\n",
+            "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+        ),
         (b"EXPN list\r\n", "502 5.5.1 EXPN not available"),
         (b"FOO bar\r\n", "500 5.5.1 Error: command not recognized"),
     ]:
@@ -85,12 +85,12 @@ async def test_seed_example_shape() -> None:
             return "250 ok\r\n"
 
         c.mail += mail
-        c.rcpt += lambda sender, e: envelopes[sender]["rcpts"].append(
-            e.command.recipient_address
-        ) or "250 ok\r\n"
+        c.rcpt += lambda sender, e: (
+            envelopes[sender]["rcpts"].append(e.command.recipient_address) or "250 ok\r\n"
+        )
         c.data += lambda sender, e: "354 end data with <cr><lf>.<cr><lf>\r\n"
-        c.message_received += lambda sender, e: envelopes[sender].update(body=e.message) or (
-            "250 ok\r\n"
+        c.message_received += lambda sender, e: (
+            envelopes[sender].update(body=e.message) or ("250 ok\r\n")
         )
         c.quit += lambda sender, e: "221 closing connection\r\n"
         closes: list[Any] = []
@@ -354,17 +354,15 @@ async def test_async_handlers_keep_order_and_pause_reading() -> None:
     h.output()
     h.send(TRANSACTION)
     await settle()
-    assert h.replies() == ["250-mx.test"] + [
-        line
-        for line in [
-            "250-PIPELINING",
-            f"250-SIZE {32 << 20}",
-            "250-8BITMIME",
-            "250-SMTPUTF8",
-            "250-ENHANCEDSTATUSCODES",
-            "250 HELP",
-            "250 2.1.0 OK",
-        ]
+    assert h.replies() == [
+        "250-mx.test",
+        "250-PIPELINING",
+        f"250-SIZE {32 << 20}",
+        "250-8BITMIME",
+        "250-SMTPUTF8",
+        "250-ENHANCEDSTATUSCODES",
+        "250 HELP",
+        "250 2.1.0 OK",
     ]
     assert not h.transport.reading  # no more input while the handler decides
     release.set()

@@ -25,8 +25,9 @@ class SmtpError(Exception):
     enhanced: str = "5.5.2"
     text: str = "Syntax error"
 
-    def __init__(self, text: str | None = None, *, code: int | None = None,
-                 enhanced: str | None = None) -> None:
+    def __init__(
+        self, text: str | None = None, *, code: int | None = None, enhanced: str | None = None
+    ) -> None:
         if text is not None:
             self.text = text
         if code is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .commands import SmtpCommand
 from .replies import Reply
@@ -30,7 +30,7 @@ __all__ = [
     "MessageReceivedEventArgs",
 ]
 
-HandlerResult = Union[Reply, str, None, Awaitable[Union[Reply, str, None]]]
+HandlerResult = Reply | str | None | Awaitable[Reply | str | None]
 ArgsT = TypeVar("ArgsT", bound="EventArgs")
 CommandT = TypeVar("CommandT", bound=SmtpCommand)
 Handler = Callable[[Any, ArgsT], HandlerResult]

@@ -30,7 +30,6 @@ def envelope_headers(envelope: SmtpEnvelope) -> bytes:
 
 def sink(session: Any, e: MessageReceivedEventArgs) -> None:
     """Accept and discard (the default reply, 250 2.0.0)."""
-    return None
 
 
 class PrintMessage:

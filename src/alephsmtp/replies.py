@@ -111,8 +111,7 @@ class Reply:
             enhanced = first_word
             # RFC 2034: every line of a multi-line reply repeats the enhanced code.
             texts = [rest] + [
-                t[len(first_word) + 1 :] if t.startswith(first_word + " ") else t
-                for t in texts[1:]
+                t[len(first_word) + 1 :] if t.startswith(first_word + " ") else t for t in texts[1:]
             ]
         return cls(code, enhanced, tuple(texts))
 

@@ -56,8 +56,9 @@ class SmtpServer:
         if config is not None and options:
             raise TypeError("pass either config or session options, not both")
         self.config = config if config is not None else SessionConfig(**options)
-        self.host = str(host) if isinstance(host, (ipaddress.IPv4Address,
-                                                   ipaddress.IPv6Address)) else host
+        self.host = (
+            str(host) if isinstance(host, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else host
+        )
         self._port = port
         self.on_session = on_session
         self.backlog = backlog
@@ -104,7 +105,7 @@ class SmtpServer:
         self._stopped = asyncio.Event()
         self._server = await loop.create_server(
             self._new_session,
-            self.host,  # type: ignore[arg-type]
+            self.host,
             self._port,
             backlog=self.backlog,
             reuse_address=True,
@@ -113,8 +114,9 @@ class SmtpServer:
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
 
     def _new_session(self) -> SmtpSession:
-        session = SmtpSession(self.config, self.on_session, pools=self._pools,
-                              on_close=self._session_closed)
+        session = SmtpSession(
+            self.config, self.on_session, pools=self._pools, on_close=self._session_closed
+        )
         self.sessions.add(session)
         self._no_sessions.clear()
         return session

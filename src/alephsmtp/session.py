@@ -14,12 +14,13 @@ connection (transport, peer, greeting exchange) and the transaction (envelope, m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -154,9 +155,7 @@ _R_QUEUED = Reply(250, "2.0.0", "OK: queued")
 _R_BYE = Reply(221, "2.0.0", "Bye")
 _R_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 _R_EXPN = Reply(502, "5.5.1", "EXPN not available")
-_R_HELP = Reply(
-    214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP"
-)
+_R_HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP")
 _R_UNKNOWN = Reply(500, "5.5.1", "Error: command not recognized")
 _R_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 _R_HANDLER_FAILED = Reply(451, "4.3.0", "Error: local error in processing")
@@ -226,7 +225,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.helo_name: str | None = None
         self.esmtp = False
         self._buffer: bytearray | None = None
-        self._buffer_pool: BufferPool = self._pools.command
+        self._buffer_owner: BufferPool = self._pools.command
         self._lines: deque[bytes | SmtpError] = deque()
         self._line_reader = LineReader(config.command_line_limit, config.bare_newline)
         self._held = bytearray()  # bytes read while a handler runs, not yet scanned
@@ -345,7 +344,11 @@ class SmtpSession(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> bytearray:
         buffer = self._buffer
         if buffer is None:
-            buffer = self._buffer = self._buffer_pool.acquire()
+            # Small buffers for commands, large ones while a message streams in.
+            self._buffer_owner = (
+                self._pools.command if self._data_reader is None else self._pools.data
+            )
+            buffer = self._buffer = self._buffer_owner.acquire()
         return buffer
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -358,7 +361,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             with memoryview(buffer) as view, view[:nbytes] as data:
                 self._receive(data)
         finally:
-            self._buffer_pool.release(buffer)
+            self._buffer_owner.release(buffer)
 
     def eof_received(self) -> bool | None:
         self._release_buffer()
@@ -400,7 +403,7 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _release_buffer(self) -> None:
         if self._buffer is not None:
-            self._buffer_pool.release(self._buffer)
+            self._buffer_owner.release(self._buffer)
             self._buffer = None
 
     def _set_reading(self, reading: bool) -> None:
@@ -416,7 +419,9 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _update_reading(self) -> None:
         self._set_reading(
-            self._started and not self._busy and not self._write_paused
+            self._started
+            and not self._busy
+            and not self._write_paused
             and self.state is not State.CLOSED
         )
 
@@ -478,7 +483,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         method = _COMMAND_METHODS.get(command.verb)
         if method is None:
             self._dispatch(
-                self.unhandled_command, CommandEventArgs(command), command.verb, _R_UNKNOWN,
+                self.unhandled_command,
+                CommandEventArgs(command),
+                command.verb,
+                _R_UNKNOWN,
                 self._finish_simple,
             )
         else:
@@ -490,13 +498,23 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _on_helo(self, command: HeloCommand) -> None:
         default = Reply(250, "", self.config.hostname)
-        self._dispatch(self.helo, CommandEventArgs(command), "HELO", default,
-                       lambda verb, reply: self._finish_hello(command, reply, esmtp=False))
+        self._dispatch(
+            self.helo,
+            CommandEventArgs(command),
+            "HELO",
+            default,
+            lambda verb, reply: self._finish_hello(command, reply, esmtp=False),
+        )
 
     def _on_ehlo(self, command: EhloCommand) -> None:
         default = Reply(250, "", self.config.hostname)
-        self._dispatch(self.ehlo, CommandEventArgs(command), "EHLO", default,
-                       lambda verb, reply: self._finish_hello(command, reply, esmtp=True))
+        self._dispatch(
+            self.ehlo,
+            CommandEventArgs(command),
+            "EHLO",
+            default,
+            lambda verb, reply: self._finish_hello(command, reply, esmtp=True),
+        )
 
     def _finish_hello(self, command: HeloCommand | EhloCommand, reply: Reply, esmtp: bool) -> None:
         if reply.code // 100 == 2:
@@ -519,8 +537,13 @@ class SmtpSession(asyncio.BufferedProtocol):
         if refusal is not None:
             self._write(refusal)
             return
-        self._dispatch(self.mail, CommandEventArgs(command), "MAIL", _R_MAIL_OK,
-                       lambda verb, reply: self._finish_mail(command, reply))
+        self._dispatch(
+            self.mail,
+            CommandEventArgs(command),
+            "MAIL",
+            _R_MAIL_OK,
+            lambda verb, reply: self._finish_mail(command, reply),
+        )
 
     def _check_mail_parameters(self, command: MailCommand) -> Reply | None:
         config = self.config
@@ -563,8 +586,13 @@ class SmtpSession(asyncio.BufferedProtocol):
         if command.parameters:
             self._write(_R_UNKNOWN_PARAM)
             return
-        self._dispatch(self.rcpt, CommandEventArgs(command), "RCPT", _R_RCPT_OK,
-                       lambda verb, reply: self._finish_rcpt(command, reply))
+        self._dispatch(
+            self.rcpt,
+            CommandEventArgs(command),
+            "RCPT",
+            _R_RCPT_OK,
+            lambda verb, reply: self._finish_rcpt(command, reply),
+        )
 
     def _finish_rcpt(self, command: RcptCommand, reply: Reply) -> None:
         accepted = reply.code // 100 == 2
@@ -575,8 +603,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._write(reply)
 
     def _on_data(self, command: DataCommand) -> None:
-        self._dispatch(self.data, CommandEventArgs(command), "DATA", _R_DATA_GO,
-                       self._finish_data)
+        self._dispatch(self.data, CommandEventArgs(command), "DATA", _R_DATA_GO, self._finish_data)
 
     def _finish_data(self, verb: str, reply: Reply) -> None:
         if reply.code != 354:
@@ -589,7 +616,6 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._data_reader = reader = DataReader(
             config.max_message_size, config.max_text_line_length, config.bare_newline
         )
-        self._buffer_pool = self._pools.data
         pending = self._line_reader.take_pending()
         if pending:
             self._feed_message(reader, pending)
@@ -600,7 +626,6 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._chunks.append(chunk)
         if reader.done:
             self._data_reader = None
-            self._buffer_pool = self._pools.command
             trailing = reader.trailing
             self._end_of_message(reader)
             if trailing:
@@ -631,8 +656,12 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         envelope.message = message
         self._dispatch(
-            self.message_received, MessageReceivedEventArgs(envelope, message), "DATA",
-            _R_QUEUED, self._finish_message, failure=_R_MESSAGE_HANDLER_FAILED,
+            self.message_received,
+            MessageReceivedEventArgs(envelope, message),
+            "DATA",
+            _R_QUEUED,
+            self._finish_message,
+            failure=_R_MESSAGE_HANDLER_FAILED,
         )
 
     def _finish_message(self, verb: str, reply: Reply) -> None:
@@ -654,16 +683,13 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._dispatch(self.noop, CommandEventArgs(command), "NOOP", _R_OK, self._finish_simple)
 
     def _on_vrfy(self, command: VrfyCommand) -> None:
-        self._dispatch(self.vrfy, CommandEventArgs(command), "VRFY", _R_VRFY,
-                       self._finish_simple)
+        self._dispatch(self.vrfy, CommandEventArgs(command), "VRFY", _R_VRFY, self._finish_simple)
 
     def _on_expn(self, command: ExpnCommand) -> None:
-        self._dispatch(self.expn, CommandEventArgs(command), "EXPN", _R_EXPN,
-                       self._finish_simple)
+        self._dispatch(self.expn, CommandEventArgs(command), "EXPN", _R_EXPN, self._finish_simple)
 
     def _on_help(self, command: HelpCommand) -> None:
-        self._dispatch(self.help, CommandEventArgs(command), "HELP", _R_HELP,
-                       self._finish_simple)
+        self._dispatch(self.help, CommandEventArgs(command), "HELP", _R_HELP, self._finish_simple)
 
     def _on_quit(self, command: QuitCommand) -> None:
         self._dispatch(self.quit, CommandEventArgs(command), "QUIT", _R_BYE, self._finish_quit)
@@ -716,8 +742,11 @@ class SmtpSession(asyncio.BufferedProtocol):
                     self._busy = True
                     self._flush()
                     self._update_reading()
-                    self._spawn(self._dispatch_async(
-                        result, handlers[index + 1:], args, verb, default, finish, failure))
+                    self._spawn(
+                        self._dispatch_async(
+                            result, handlers[index + 1 :], args, verb, default, finish, failure
+                        )
+                    )
                     return
                 if result is not None:
                     break
@@ -786,9 +815,9 @@ class SmtpSession(asyncio.BufferedProtocol):
             except Exception:
                 log.exception("session %d: %s handler failed", self.id, event.name)
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(coroutine)  # type: ignore[arg-type]
+        task = self._loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -803,10 +832,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if data is None:
             data = key.to_bytes(self.config.enhanced_status_codes)
             if len(self._reply_cache) < 64:
-                try:
+                with contextlib.suppress(TypeError):
                     self._reply_cache[key] = data
-                except TypeError:
-                    pass
         self._out.append(data)
 
     def _flush(self) -> None:
@@ -856,8 +883,21 @@ async def _ignore_result(awaitable: Awaitable[Any], session_id: int, name: str) 
 
 
 _EVENT_NAMES = (
-    "helo", "ehlo", "mail", "rcpt", "data", "rset", "noop", "quit", "vrfy", "expn", "help",
-    "message_received", "close_requested", "unhandled_command", "disconnected",
+    "helo",
+    "ehlo",
+    "mail",
+    "rcpt",
+    "data",
+    "rset",
+    "noop",
+    "quit",
+    "vrfy",
+    "expn",
+    "help",
+    "message_received",
+    "close_requested",
+    "unhandled_command",
+    "disconnected",
 )
 
 _COMMAND_METHODS: dict[str, Callable[[SmtpSession, Any], None]] = {
@@ -877,4 +917,3 @@ _COMMAND_METHODS: dict[str, Callable[[SmtpSession, Any], None]] = {
     "BDAT": SmtpSession._on_not_implemented,
     "LHLO": SmtpSession._on_not_implemented,
 }
-
