@@ -1,0 +1,413 @@
+"""One typed class per SMTP verb, built from a command line by :func:`parse_command`.
+
+Every command is a frozen dataclass with ``verb`` (uppercased) and ``parameter`` (the raw
+argument text); each verb's class adds what its argument means (``MailCommand.return_path``,
+``RcptCommand.recipient_address``, ...). A verb this module does not know comes back as a plain
+:class:`SmtpCommand`. An argument that breaks its command's syntax raises
+:class:`~alephsmtp.errors.CommandSyntaxError` (or a subclass) carrying the reply, before any
+handler sees the command.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .addresses import (
+    Address,
+    AddressError,
+    NonAsciiAddressError,
+    ParameterError,
+    parse_parameters,
+    parse_path,
+)
+from .errors import CommandSyntaxError
+
+__all__ = [
+    "AuthCommand",
+    "BdatCommand",
+    "DataCommand",
+    "EhloCommand",
+    "ExpnCommand",
+    "HeloCommand",
+    "HelpCommand",
+    "LhloCommand",
+    "MailCommand",
+    "NoopCommand",
+    "QuitCommand",
+    "RcptCommand",
+    "RsetCommand",
+    "SmtpCommand",
+    "StarttlsCommand",
+    "VrfyCommand",
+    "parse_command",
+]
+
+Parameters = Mapping[str, str | None]
+
+_NO_PARAMETERS: Parameters = MappingProxyType({})
+
+# RFC 1870 section 3: size-value = 1*20DIGIT. RFC 3030 sets no bound on chunk-size; the same
+# one keeps int() far from its digit limit.
+_MAX_SIZE_DIGITS = 20
+# RFC 4422 3.1: sasl-mech = 1*20(UPPER-ALPHA / DIGIT / "-" / "_"), matched case-insensitively.
+_MECHANISM_RE = re.compile(r"[A-Za-z0-9_\-]{1,20}\Z")
+# RFC 4954 4: the initial response is base64 (RFC 4648 4, padded), or "=" for an empty one.
+_BASE64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
+
+
+def _no_parameters() -> Parameters:
+    return _NO_PARAMETERS
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpCommand:
+    """A command line: ``verb``, ASCII-uppercased, and ``parameter``, the argument text.
+
+    Parsed commands of unknown verbs are plain ``SmtpCommand`` instances (invalid UTF-8 kept
+    as surrogate escapes); each known verb has its own subclass, whose ``verb`` is fixed.
+    ``parameter`` is the raw argument (spaces around it removed), also in the subclasses.
+    """
+
+    verb: str
+    parameter: str = field(default="", kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class HeloCommand(SmtpCommand):
+    """``HELO domain`` (RFC 5321 4.1.1.1)."""
+
+    verb: str = field(default="HELO", init=False)
+    client_hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class EhloCommand(SmtpCommand):
+    """``EHLO domain`` (RFC 5321 4.1.1.1)."""
+
+    verb: str = field(default="EHLO", init=False)
+    client_hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class LhloCommand(SmtpCommand):
+    """``LHLO domain``: LMTP's EHLO (RFC 2033 4.1)."""
+
+    verb: str = field(default="LHLO", init=False)
+    client_hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class MailCommand(SmtpCommand):
+    """``MAIL FROM:<reverse-path> [parameters]`` (RFC 5321 4.1.1.2).
+
+    ``return_path`` is :attr:`Address.NULL <alephsmtp.addresses.Address.NULL>` for ``<>``;
+    ``parameters`` maps each uppercased ESMTP keyword to its value (``None`` without ``=``).
+    """
+
+    verb: str = field(default="MAIL", init=False)
+    return_path: Address
+    parameters: Parameters = field(default_factory=_no_parameters, hash=False)
+
+    @property
+    def size(self) -> int | None:
+        """The declared message size, ``SIZE=`` (RFC 1870), checked to be digits."""
+        value = self.parameters.get("SIZE")
+        return None if value is None else int(value)
+
+    @property
+    def body(self) -> str | None:
+        """The ``BODY=`` value uppercased (RFC 6152: ``7BIT`` or ``8BITMIME``), if given."""
+        value = self.parameters.get("BODY")
+        return None if value is None else _ascii_upper(value)
+
+    @property
+    def smtputf8(self) -> bool:
+        """The ``SMTPUTF8`` keyword was given (RFC 6531 3.4)."""
+        return "SMTPUTF8" in self.parameters
+
+
+@dataclass(frozen=True, slots=True)
+class RcptCommand(SmtpCommand):
+    """``RCPT TO:<forward-path> [parameters]`` (RFC 5321 4.1.1.3).
+
+    ``recipient_address`` may be ``Postmaster`` with no domain (its ``domain`` is ``""``).
+    """
+
+    verb: str = field(default="RCPT", init=False)
+    recipient_address: Address
+    parameters: Parameters = field(default_factory=_no_parameters, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DataCommand(SmtpCommand):
+    """``DATA`` (RFC 5321 4.1.1.4): no argument."""
+
+    verb: str = field(default="DATA", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RsetCommand(SmtpCommand):
+    """``RSET`` (RFC 5321 4.1.1.5): no argument."""
+
+    verb: str = field(default="RSET", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class VrfyCommand(SmtpCommand):
+    """``VRFY string`` (RFC 5321 4.1.1.6)."""
+
+    verb: str = field(default="VRFY", init=False)
+    string: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpnCommand(SmtpCommand):
+    """``EXPN string`` (RFC 5321 4.1.1.7)."""
+
+    verb: str = field(default="EXPN", init=False)
+    string: str
+
+
+@dataclass(frozen=True, slots=True)
+class HelpCommand(SmtpCommand):
+    """``HELP [topic]`` (RFC 5321 4.1.1.8); ``topic`` is ``""`` when none was given."""
+
+    verb: str = field(default="HELP", init=False)
+    topic: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NoopCommand(SmtpCommand):
+    """``NOOP [string]`` (RFC 5321 4.1.1.9: a string argument is allowed and ignored)."""
+
+    verb: str = field(default="NOOP", init=False)
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QuitCommand(SmtpCommand):
+    """``QUIT`` (RFC 5321 4.1.1.10): no argument."""
+
+    verb: str = field(default="QUIT", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StarttlsCommand(SmtpCommand):
+    """``STARTTLS`` (RFC 3207 4): no argument."""
+
+    verb: str = field(default="STARTTLS", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthCommand(SmtpCommand):
+    """``AUTH mechanism [initial-response]`` (RFC 4954 4).
+
+    ``mechanism`` is uppercased; ``initial_response`` is the base64 text as sent, ``""`` for
+    ``=`` (an empty response) and ``None`` when there was none.
+    """
+
+    verb: str = field(default="AUTH", init=False)
+    mechanism: str
+    initial_response: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BdatCommand(SmtpCommand):
+    """``BDAT chunk-size [LAST]`` (RFC 3030 2)."""
+
+    verb: str = field(default="BDAT", init=False)
+    size: int
+    last: bool = False
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+_Parser = Callable[[str, bool], SmtpCommand]
+
+
+def _ascii_upper(text: str) -> str:
+    # Only ASCII letters change case in SMTP keywords; str.upper() would also turn "ß" into
+    # "SS" and change lengths.
+    return text.upper() if text.isascii() else text.encode("utf-8").upper().decode("utf-8")
+
+
+def _words(argument: str) -> list[str]:
+    # Words separated by one or more spaces (RFC 5321 4.1.1 wants one; more are tolerated).
+    return [word for word in argument.split(" ") if word]
+
+
+def _after_keyword(argument: str, keyword: str) -> str | None:
+    # "FROM:" / "TO:" in any case (RFC 5321 2.4), then the path. Spaces after the colon break
+    # RFC 5321 4.1.2 but are common enough to accept.
+    head = argument[: len(keyword)]
+    if head.isascii() and head.upper() == keyword:
+        return argument[len(keyword) :].lstrip(" ")
+    return None
+
+
+def _syntax(text: str) -> CommandSyntaxError:
+    return CommandSyntaxError(f"Syntax: {text}", code=501, enhanced="5.5.4")
+
+
+def _hello(command: type[HeloCommand | EhloCommand | LhloCommand], verb: str) -> _Parser:
+    def parse(argument: str, smtputf8: bool) -> SmtpCommand:
+        if not argument:
+            raise _syntax(f"{verb} hostname")
+        # Like Postfix, only the first word counts; some clients send more.
+        return command(argument.partition(" ")[0], parameter=argument)
+
+    return parse
+
+
+def _without_argument(command: SmtpCommand) -> _Parser:
+    # The command has no fields besides its verb: one frozen instance serves every time.
+    def parse(argument: str, smtputf8: bool) -> SmtpCommand:
+        if argument:
+            raise _syntax(command.verb)
+        return command
+
+    return parse
+
+
+def _with_argument(
+    command: type[VrfyCommand | ExpnCommand | HelpCommand | NoopCommand], syntax: str | None
+) -> _Parser:
+    # syntax is None when the argument is optional.
+    def parse(argument: str, smtputf8: bool) -> SmtpCommand:
+        if not argument and syntax is not None:
+            raise _syntax(syntax)
+        return command(argument, parameter=argument)
+
+    return parse
+
+
+def _parse_mail(argument: str, smtputf8: bool) -> SmtpCommand:
+    path = _after_keyword(argument, "FROM:")
+    if path is None:
+        raise _syntax("MAIL FROM:<address>")
+    try:
+        # UTF-8 is accepted here and refused below unless this very command says SMTPUTF8.
+        return_path, rest = parse_path(path, allow_null=True, allow_utf8=True)
+    except AddressError as error:
+        raise AddressError(
+            "Bad sender address syntax", code=501, enhanced="5.1.7", reason=error.reason
+        ) from None
+    parameters = parse_parameters(rest)
+    if "SIZE" in parameters:
+        size = parameters["SIZE"]
+        # RFC 1870 3: size-value = 1*20DIGIT.
+        if not (size and size.isascii() and size.isdigit() and len(size) <= _MAX_SIZE_DIGITS):
+            raise ParameterError("Bad SIZE parameter value")
+    if not return_path.is_ascii and "SMTPUTF8" not in parameters:
+        # RFC 6531 3.5: a non-ASCII path without SMTPUTF8 gets 553 5.6.7.
+        raise NonAsciiAddressError(
+            "Non-ASCII sender address requires SMTPUTF8", reason="non-ASCII address"
+        )
+    return MailCommand(return_path, _frozen(parameters), parameter=argument)
+
+
+def _parse_rcpt(argument: str, smtputf8: bool) -> SmtpCommand:
+    path = _after_keyword(argument, "TO:")
+    if path is None:
+        raise _syntax("RCPT TO:<address>")
+    try:
+        recipient, rest = parse_path(path, allow_utf8=smtputf8, allow_postmaster=True)
+    except NonAsciiAddressError as error:
+        # RFC 6531 3.5: only a transaction begun with MAIL ... SMTPUTF8 may name one.
+        raise NonAsciiAddressError(
+            "Non-ASCII recipient address requires SMTPUTF8", reason=error.reason
+        ) from None
+    except AddressError as error:
+        raise AddressError(
+            "Bad recipient address syntax", code=501, enhanced="5.1.3", reason=error.reason
+        ) from None
+    return RcptCommand(recipient, _frozen(parse_parameters(rest)), parameter=argument)
+
+
+def _frozen(parameters: dict[str, str | None]) -> Parameters:
+    return MappingProxyType(parameters) if parameters else _NO_PARAMETERS
+
+
+def _parse_auth(argument: str, smtputf8: bool) -> SmtpCommand:
+    words = _words(argument)
+    if not 1 <= len(words) <= 2 or not _MECHANISM_RE.match(words[0]):
+        raise _syntax("AUTH mechanism [initial-response]")
+    initial_response: str | None = None
+    if len(words) == 2:
+        initial_response = words[1]
+        if initial_response == "=":
+            initial_response = ""
+        elif not _BASE64_RE.match(initial_response):
+            # RFC 4954 4: "501 5.5.2" for a response that is not base64.
+            raise CommandSyntaxError(
+                "Cannot decode initial response as base64", code=501, enhanced="5.5.2"
+            )
+    return AuthCommand(words[0].upper(), initial_response, parameter=argument)
+
+
+def _parse_bdat(argument: str, smtputf8: bool) -> SmtpCommand:
+    words = _words(argument)
+    if (
+        not 1 <= len(words) <= 2
+        or not (words[0].isascii() and words[0].isdigit())
+        or len(words[0]) > _MAX_SIZE_DIGITS
+    ):
+        raise _syntax("BDAT chunk-size [LAST]")
+    last = len(words) == 2
+    if last and _ascii_upper(words[1]) != "LAST":
+        raise _syntax("BDAT chunk-size [LAST]")
+    return BdatCommand(int(words[0]), last, parameter=argument)
+
+
+# The verbs this module knows, by their uppercased bytes: a dict, not reflection.
+_PARSERS: dict[bytes, _Parser] = {
+    b"HELO": _hello(HeloCommand, "HELO"),
+    b"EHLO": _hello(EhloCommand, "EHLO"),
+    b"LHLO": _hello(LhloCommand, "LHLO"),
+    b"MAIL": _parse_mail,
+    b"RCPT": _parse_rcpt,
+    b"DATA": _without_argument(DataCommand()),
+    b"RSET": _without_argument(RsetCommand()),
+    b"QUIT": _without_argument(QuitCommand()),
+    b"STARTTLS": _without_argument(StarttlsCommand()),
+    b"NOOP": _with_argument(NoopCommand, None),
+    b"HELP": _with_argument(HelpCommand, None),
+    b"VRFY": _with_argument(VrfyCommand, "VRFY address"),
+    b"EXPN": _with_argument(ExpnCommand, "EXPN mailing-list"),
+    b"AUTH": _parse_auth,
+    b"BDAT": _parse_bdat,
+}
+
+
+def parse_command(line: bytes, *, smtputf8: bool = False) -> SmtpCommand:
+    """The command in ``line``, one command line without its CRLF (RFC 5321 4.1.1).
+
+    The verb is what comes before the first space (leading spaces skipped), ASCII-uppercased;
+    the argument is the rest without surrounding spaces. ``smtputf8`` says the transaction was
+    begun with ``MAIL FROM:... SMTPUTF8`` (RFC 6531), which lets RCPT name non-ASCII addresses.
+
+    Raises :class:`~alephsmtp.errors.CommandSyntaxError` (or a subclass) with the reply: ``500
+    5.5.2`` for an empty line or a known verb whose line is not UTF-8, ``501`` for a bad
+    argument, ``553 5.6.7`` for a non-ASCII address outside SMTPUTF8.
+    """
+    verb, _, argument = line.lstrip(b" ").partition(b" ")
+    if not verb:
+        raise CommandSyntaxError("Error: bad syntax", code=500, enhanced="5.5.2")
+    verb = verb.upper()  # bytes.upper(): ASCII letters only
+    argument = argument.strip(b" ")
+    parse = _PARSERS.get(verb)
+    if parse is None:
+        return SmtpCommand(
+            verb.decode("utf-8", "surrogateescape"),
+            parameter=argument.decode("utf-8", "surrogateescape"),
+        )
+    try:
+        text = argument.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandSyntaxError(
+            "Error: command is not valid UTF-8", code=500, enhanced="5.5.2"
+        ) from None
+    return parse(text, smtputf8)
