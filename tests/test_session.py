@@ -16,6 +16,19 @@ TRANSACTION = (
     b"EHLO client.test\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
 )
 
+DEFAULT_EHLO = [
+    "250-mx.test",
+    "250-PIPELINING",
+    f"250-SIZE {32 << 20}",
+    "250-8BITMIME",
+    "250-CHUNKING",
+    "250-BINARYMIME",
+    "250-SMTPUTF8",
+    "250-DSN",
+    "250-ENHANCEDSTATUSCODES",
+    "250 HELP",
+]
+
 
 def received(h: Harness) -> list[Any]:
     messages: list[Any] = []
@@ -27,15 +40,7 @@ async def test_greeting_and_default_replies_carry_enhanced_codes() -> None:
     h = Harness()
     assert h.replies() == ["220 mx.test ESMTP alephsmtp"]
     h.send(b"EHLO client.test\r\n")
-    assert h.replies() == [
-        "250-mx.test",
-        "250-PIPELINING",
-        f"250-SIZE {32 << 20}",
-        "250-8BITMIME",
-        "250-SMTPUTF8",
-        "250-ENHANCEDSTATUSCODES",
-        "250 HELP",
-    ]
+    assert h.replies() == DEFAULT_EHLO
     h.send(b"MAIL FROM:<a@example.org>\r\n")
     assert h.replies() == ["250 2.1.0 OK"]
     h.send(b"RCPT TO:<b@example.org>\r\n")
@@ -354,16 +359,7 @@ async def test_async_handlers_keep_order_and_pause_reading() -> None:
     h.output()
     h.send(TRANSACTION)
     await settle()
-    assert h.replies() == [
-        "250-mx.test",
-        "250-PIPELINING",
-        f"250-SIZE {32 << 20}",
-        "250-8BITMIME",
-        "250-SMTPUTF8",
-        "250-ENHANCEDSTATUSCODES",
-        "250 HELP",
-        "250 2.1.0 OK",
-    ]
+    assert h.replies() == [*DEFAULT_EHLO, "250 2.1.0 OK"]
     assert not h.transport.reading  # no more input while the handler decides
     release.set()
     await settle()

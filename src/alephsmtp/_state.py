@@ -23,6 +23,7 @@ class State(enum.Enum):
     READY = "ready"  # HELO/EHLO accepted, no transaction open
     MAIL = "mail"  # MAIL accepted
     RCPT = "rcpt"  # at least one RCPT accepted
+    BDAT = "bdat"  # at least one BDAT chunk accepted, LAST not yet (RFC 3030)
     DATA = "data"  # 354 sent: the message is being read
     CLOSED = "closed"  # QUIT answered, or the connection is gone
 
@@ -32,8 +33,17 @@ _HELO_FIRST = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 _NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 _NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 _NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+_BDAT_STARTED = Reply(503, "5.5.1", "Error: BDAT in progress")
 
-_ANY = frozenset({_S.NEED_HELO, _S.READY, _S.MAIL, _S.RCPT})
+_ANY = frozenset({_S.NEED_HELO, _S.READY, _S.MAIL, _S.RCPT, _S.BDAT})
+_OUTSIDE_TRANSACTION: dict[State, Reply | None] = {
+    _S.NEED_HELO: _HELO_FIRST,
+    _S.READY: None,
+    _S.MAIL: _IN_TRANSACTION,
+    _S.RCPT: _IN_TRANSACTION,
+    _S.BDAT: _IN_TRANSACTION,
+}
 
 # verb -> {state it may come in: None} or {state: the 503 it gets there}. Verbs not listed here
 # are allowed in every command state (RSET, NOOP, QUIT, VRFY, EXPN, HELP, unknown verbs).
@@ -46,9 +56,33 @@ _ORDER: dict[str, dict[State, Reply | None]] = {
         _S.READY: None,
         _S.MAIL: _NESTED_MAIL,
         _S.RCPT: _NESTED_MAIL,
+        _S.BDAT: _NESTED_MAIL,
     },
-    "RCPT": {_S.NEED_HELO: _NEED_MAIL, _S.READY: _NEED_MAIL, _S.MAIL: None, _S.RCPT: None},
-    "DATA": {_S.NEED_HELO: _NEED_MAIL, _S.READY: _NEED_MAIL, _S.MAIL: _NEED_RCPT, _S.RCPT: None},
+    "RCPT": {
+        _S.NEED_HELO: _NEED_MAIL,
+        _S.READY: _NEED_MAIL,
+        _S.MAIL: None,
+        _S.RCPT: None,
+        _S.BDAT: _BDAT_STARTED,
+    },
+    # RFC 3030 2: DATA and BDAT cannot be used in the same transaction.
+    "DATA": {
+        _S.NEED_HELO: _NEED_MAIL,
+        _S.READY: _NEED_MAIL,
+        _S.MAIL: _NEED_RCPT,
+        _S.RCPT: None,
+        _S.BDAT: _BDAT_STARTED,
+    },
+    "BDAT": {
+        _S.NEED_HELO: _NEED_MAIL,
+        _S.READY: _NEED_MAIL,
+        _S.MAIL: _NEED_RCPT,
+        _S.RCPT: None,
+        _S.BDAT: None,
+    },
+    # RFC 3207 4 / RFC 4954 4: after EHLO, outside a mail transaction.
+    "STARTTLS": _OUTSIDE_TRANSACTION,
+    "AUTH": _OUTSIDE_TRANSACTION,
 }
 
 # (verb, accepted) -> next state; "accepted" means a 2xx (354 for DATA).
@@ -59,6 +93,7 @@ _NEXT: dict[str, State] = {
     "MAIL": _S.MAIL,
     "RCPT": _S.RCPT,
     "DATA": _S.DATA,
+    "BDAT": _S.BDAT,
     "QUIT": _S.CLOSED,
 }
 
@@ -86,4 +121,4 @@ def advance(state: State, verb: str, accepted: bool) -> State:
 
 def end_of_message(state: State) -> State:
     """After the reply to a message (accepted or not) the transaction is over (4.1.1.4)."""
-    return _S.READY if state is _S.DATA else state
+    return _S.READY if state in (_S.DATA, _S.BDAT, _S.RCPT) else state

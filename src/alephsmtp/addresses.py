@@ -21,6 +21,7 @@ __all__ = [
     "AddressError",
     "NonAsciiAddressError",
     "ParameterError",
+    "decode_xtext",
     "parse_parameters",
     "parse_path",
 ]
@@ -343,3 +344,18 @@ def parse_parameters(text: str) -> dict[str, str | None]:
             raise ParameterError(f"Duplicate parameter {keyword}")
         parameters[keyword] = value
     return parameters
+
+
+_XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+
+
+def decode_xtext(value: str) -> str:
+    """Decode RFC 3461 4 xtext (``ENVID``, ``ORCPT``, ``AUTH=``): ``+XX`` is a hex octet.
+
+    Raises :class:`ParameterError` (501 5.5.4) for text that is not xtext.
+    """
+    if not _XTEXT_RE.match(value):
+        raise ParameterError("Bad xtext value")
+    if "+" not in value:
+        return value
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)

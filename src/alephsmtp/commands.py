@@ -20,6 +20,7 @@ from .addresses import (
     AddressError,
     NonAsciiAddressError,
     ParameterError,
+    decode_xtext,
     parse_parameters,
     parse_path,
 )
@@ -128,6 +129,24 @@ class MailCommand(SmtpCommand):
         """The ``SMTPUTF8`` keyword was given (RFC 6531 3.4)."""
         return "SMTPUTF8" in self.parameters
 
+    @property
+    def ret(self) -> str | None:
+        """DSN ``RET=`` uppercased (RFC 3461 4.3: ``FULL`` or ``HDRS``), if given."""
+        value = self.parameters.get("RET")
+        return None if value is None else _ascii_upper(value)
+
+    @property
+    def envid(self) -> str | None:
+        """DSN ``ENVID=`` decoded from xtext (RFC 3461 4.4), if given."""
+        value = self.parameters.get("ENVID")
+        return None if value is None else decode_xtext(value)
+
+    @property
+    def auth(self) -> str | None:
+        """``AUTH=`` decoded from xtext (RFC 4954 5): the submitter; ``"<>"`` for unknown."""
+        value = self.parameters.get("AUTH")
+        return None if value is None else decode_xtext(value)
+
 
 @dataclass(frozen=True, slots=True)
 class RcptCommand(SmtpCommand):
@@ -139,6 +158,21 @@ class RcptCommand(SmtpCommand):
     verb: str = field(default="RCPT", init=False)
     recipient_address: Address
     parameters: Parameters = field(default_factory=_no_parameters, hash=False)
+
+    @property
+    def notify(self) -> tuple[str, ...] | None:
+        """DSN ``NOTIFY=`` as uppercased keywords (RFC 3461 4.1), if given."""
+        value = self.parameters.get("NOTIFY")
+        return None if value is None else tuple(_ascii_upper(value).split(","))
+
+    @property
+    def orcpt(self) -> tuple[str, str] | None:
+        """DSN ``ORCPT=`` as (address type, decoded address) (RFC 3461 4.2), if given."""
+        value = self.parameters.get("ORCPT")
+        if value is None:
+            return None
+        address_type, _, address = value.partition(";")
+        return address_type, decode_xtext(address)
 
 
 @dataclass(frozen=True, slots=True)

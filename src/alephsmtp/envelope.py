@@ -15,7 +15,8 @@ class SmtpEnvelope:
     """Filled in by the session as MAIL and RCPT are accepted; handed to ``message_received``.
 
     ``recipients`` holds only the recipients that got a 2xx reply, in order, and
-    ``rcpt_parameters`` their ESMTP parameters at the same index. ``message`` is set once the
+    ``rcpt_parameters``, ``dsn_notify`` and ``dsn_orcpt`` their ESMTP parameters at the same
+    index. ``message`` is set once the
     message has been received whole (the seed's ``MessageBody``).
     """
 
@@ -27,6 +28,13 @@ class SmtpEnvelope:
     peer: Any = None
     smtputf8: bool = False
     body_type: str | None = None
+    dsn_ret: str | None = None  # RFC 3461 RET=: FULL or HDRS
+    dsn_envid: str | None = None  # RFC 3461 ENVID=, decoded
+    dsn_notify: list[tuple[str, ...] | None] = field(default_factory=list)  # per recipient
+    dsn_orcpt: list[tuple[str, str] | None] = field(default_factory=list)  # per recipient
+    auth_identity: str | None = None  # who authenticated (RFC 4954) on this session
+    auth_submitter: str | None = None  # MAIL ... AUTH=, decoded (RFC 4954 5)
+    tls: bool = False  # the transaction came over TLS
     message: bytes | None = None
 
     @property

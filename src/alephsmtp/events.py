@@ -14,13 +14,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .commands import SmtpCommand
+from .auth import Credentials
+from .commands import AuthCommand, SmtpCommand
 from .replies import Reply
 
 if TYPE_CHECKING:
     from .envelope import SmtpEnvelope
 
 __all__ = [
+    "AuthEventArgs",
     "CommandEventArgs",
     "ConnectionLostEventArgs",
     "Event",
@@ -109,3 +111,35 @@ class ConnectionLostEventArgs(EventArgs):
     """The connection ended; ``exception`` is ``None`` for a clean close."""
 
     exception: BaseException | None = field(default=None)
+
+
+@dataclass(slots=True)
+class AuthEventArgs(EventArgs):
+    """A finished SASL exchange (RFC 4954) for the ``auth`` event to decide.
+
+    A handler returns ``True`` to accept (235 2.7.0), ``False`` or ``None`` to refuse
+    (535 5.7.8), or a reply of its own. ``check_password(secret)`` works for every mechanism,
+    CRAM-MD5 included, in constant time.
+    """
+
+    command: AuthCommand
+    credentials: Credentials
+
+    @property
+    def mechanism(self) -> str:
+        """``PLAIN``, ``LOGIN`` or ``CRAM-MD5``."""
+        return self.credentials.mechanism
+
+    @property
+    def username(self) -> str:
+        """The authentication identity the client gave."""
+        return self.credentials.username
+
+    @property
+    def password(self) -> str | None:
+        """The password (PLAIN, LOGIN); ``None`` for CRAM-MD5, which never sends it."""
+        return self.credentials.password
+
+    def check_password(self, secret: str) -> bool:
+        """Whether the client proved it knows ``secret``."""
+        return self.credentials.check_password(secret)

@@ -71,7 +71,9 @@ class Reply:
         out = []
         for index, line in enumerate(lines):
             sep = " " if index == last else "-"
-            out.append(f"{code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
+            text = f"{code}{sep}{prefix}{line}"
+            # RFC 5321 4.2: no SP without text; but RFC 4954 4: "334" SP [base64].
+            out.append((text if self.code == 334 else text.rstrip(" ")) + "\r\n")
         return "".join(out).encode("utf-8", "surrogateescape")
 
     def __str__(self) -> str:

@@ -36,9 +36,10 @@ class SmtpServer:
 
     Keyword options are the :class:`~alephsmtp.session.SessionConfig` fields
     (``hostname``, ``max_message_size``, ``max_recipients``, ``idle_timeout``,
-    ``bare_newline``, ...), plus ``on_session``, ``backlog``, ``reuse_port`` and
-    ``shutdown_grace`` (seconds a transaction in progress may take to finish on
-    :meth:`stop`).
+    ``bare_newline``, ``tls_context``, ``lmtp``, ...), plus ``on_session``, ``backlog``,
+    ``reuse_port``, ``implicit_tls`` (TLS from the first byte, RFC 8314, port 465 style, with
+    ``tls_context``) and ``shutdown_grace`` (seconds a transaction in progress may take to
+    finish on :meth:`stop`).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class SmtpServer:
         on_session: OnSession | None = None,
         backlog: int = 100,
         reuse_port: bool = False,
+        implicit_tls: bool = False,
         shutdown_grace: float = 30.0,
         config: SessionConfig | None = None,
         **options: Any,
@@ -56,6 +58,9 @@ class SmtpServer:
         if config is not None and options:
             raise TypeError("pass either config or session options, not both")
         self.config = config if config is not None else SessionConfig(**options)
+        if implicit_tls and self.config.tls_context is None:
+            raise ValueError("implicit_tls needs a tls_context")
+        self.implicit_tls = implicit_tls
         self.host = (
             str(host) if isinstance(host, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else host
         )
@@ -110,6 +115,10 @@ class SmtpServer:
             backlog=self.backlog,
             reuse_address=True,
             reuse_port=self.reuse_port or None,
+            ssl=self.config.tls_context if self.implicit_tls else None,
+            ssl_handshake_timeout=(
+                self.config.tls_handshake_timeout if self.implicit_tls else None
+            ),
         )
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
 

@@ -2,45 +2,54 @@
 
 The session is thin on purpose. Bytes arrive in a pooled buffer (``get_buffer`` /
 ``buffer_updated``), the parsing core turns a whole read into lines or message bytes in one
-call, :mod:`._state` says whether a command may come now, :mod:`.commands` parses it, and the
-command's :class:`~alephsmtp.events.Event` lets the user's handlers choose the reply. Handlers
-may be plain functions (run inline, no task) or coroutines (run in a task while reading pauses,
-so replies keep their order and memory stays bounded).
+call, :mod:`._state` says whether a command may come now, :mod:`.commands` parses it,
+:mod:`.extensions` checks its parameters, and the command's :class:`~alephsmtp.events.Event`
+lets the user's handlers choose the reply. Handlers may be plain functions (run inline, no
+task) or coroutines (run in a task while reading pauses, so replies keep their order and memory
+stays bounded).
 
 Lifetimes are kept apart: :class:`SessionConfig` (shared by every session of a server), the
-connection (transport, peer, greeting exchange) and the transaction (envelope, message).
+connection (transport, peer, greeting exchange, TLS, AUTH) and the transaction (envelope,
+message).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import itertools
 import logging
-import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import _state
 from ._state import State
+from .auth import MAX_RESPONSE_LENGTH, SaslExchange
 from .commands import (
+    AuthCommand,
+    BdatCommand,
     DataCommand,
     EhloCommand,
     ExpnCommand,
     HeloCommand,
     HelpCommand,
+    LhloCommand,
     MailCommand,
     NoopCommand,
     QuitCommand,
     RcptCommand,
     RsetCommand,
     SmtpCommand,
+    StarttlsCommand,
     VrfyCommand,
     parse_command,
 )
+from .config import SessionConfig
 from .envelope import SmtpEnvelope
 from .errors import (
     BareCarriageReturn,
@@ -51,6 +60,7 @@ from .errors import (
     SmtpError,
 )
 from .events import (
+    AuthEventArgs,
     CommandEventArgs,
     ConnectionLostEventArgs,
     Event,
@@ -58,82 +68,20 @@ from .events import (
     HandlerResult,
     MessageReceivedEventArgs,
 )
-from .parser import BufferPool, DataReader, LineReader, split_command
+from .extensions import R_TOO_BIG, check_mail_parameters, check_rcpt_parameters, ehlo_keywords
+from .parser import BdatReader, BufferPool, DataReader, LineReader
 from .replies import Reply, coerce_reply, default_enhanced_code
 
-__all__ = ["OnSession", "SessionConfig", "SmtpSession"]
+__all__ = ["OnSession", "SessionConfig", "SmtpSession", "TlsInfo"]
 
 log = logging.getLogger("alephsmtp.session")
 
 OnSession = Callable[["SmtpSession"], Awaitable[None] | None]
 ArgsT = TypeVar("ArgsT", bound=EventArgs)
+Finish = Callable[[str, Any], None]
+Coerce = Callable[[object, str, Reply], Any]
 
 _session_ids = itertools.count(1)
-
-# RFC 5321 4.5.3.1.4 gives 512 octets for a command line; each extension that adds to MAIL or
-# RCPT adds its own octets: SIZE (RFC 1870 section 4: 26), BODY=8BITMIME (RFC 6152: 15),
-# SMTPUTF8 (RFC 6531 3.4: 10).
-COMMAND_LINE_BASE = 512
-_SIZE_EXTRA = 26
-_BODY_EXTRA = 15
-_SMTPUTF8_EXTRA = 10
-
-
-@dataclass(slots=True)
-class SessionConfig:
-    """What every session of one server shares: names, limits, policies, extensions.
-
-    Every limit has an RFC-sized default; ``0`` turns a size limit off.
-    """
-
-    hostname: str = field(default_factory=socket.getfqdn)
-    greeting: str | None = None  # default: "<hostname> ESMTP alephsmtp"
-    max_message_size: int = 32 << 20  # RFC 1870 SIZE; 552 5.3.4 past it
-    max_command_line_length: int = COMMAND_LINE_BASE  # before extension additions
-    max_text_line_length: int = 0  # RFC 5321 4.5.3.1.6 says 1000; 0 accepts any (Postfix)
-    max_recipients: int = 1000  # RFC 5321 4.5.3.1.8 asks for at least 100; 452 4.5.3 past it
-    bare_newline: str = "reject"  # or "normalize" (Postfix smtpd_forbid_bare_newline)
-    idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
-    enhanced_status_codes: bool = True  # RFC 2034
-    eightbitmime: bool = True  # RFC 6152
-    smtputf8: bool = True  # RFC 6531
-    pipelining: bool = True  # RFC 2920
-    command_buffer_size: int = 16 << 10
-    data_buffer_size: int = 256 << 10
-
-    def __post_init__(self) -> None:
-        if self.bare_newline not in ("reject", "normalize"):
-            raise ValueError("bare_newline must be 'reject' or 'normalize'")
-        for name in ("max_message_size", "max_text_line_length", "max_recipients"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if self.max_command_line_length < COMMAND_LINE_BASE:
-            raise ValueError("max_command_line_length below RFC 5321's 512 octets")
-
-    @property
-    def command_line_limit(self) -> int:
-        """The command line limit with what the offered extensions add."""
-        limit = self.max_command_line_length + _SIZE_EXTRA
-        if self.eightbitmime:
-            limit += _BODY_EXTRA
-        if self.smtputf8:
-            limit += _SMTPUTF8_EXTRA
-        return limit
-
-    def ehlo_keywords(self) -> list[str]:
-        """The EHLO keywords for what is on (RFC 5321 4.1.1.1, one per extension)."""
-        keywords = []
-        if self.pipelining:
-            keywords.append("PIPELINING")
-        keywords.append(f"SIZE {self.max_message_size}" if self.max_message_size else "SIZE")
-        if self.eightbitmime:
-            keywords.append("8BITMIME")
-        if self.smtputf8:
-            keywords.append("SMTPUTF8")
-        if self.enhanced_status_codes:
-            keywords.append("ENHANCEDSTATUSCODES")
-        keywords.append("HELP")
-        return keywords
 
 
 class _Pools:
@@ -146,6 +94,29 @@ class _Pools:
         self.data = BufferPool(config.data_buffer_size, 16)
 
 
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What TLS the connection uses: protocol version, cipher, the client's certificate."""
+
+    version: str | None
+    cipher: str | None
+    bits: int | None
+    peer_certificate: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, transport: asyncio.BaseTransport) -> TlsInfo:
+        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return cls(None, None, None, None)
+        cipher = ssl_object.cipher()
+        return cls(
+            ssl_object.version(),
+            cipher[0] if cipher else None,
+            cipher[2] if cipher else None,
+            ssl_object.getpeercert() or None,
+        )
+
+
 # Replies the session sends on its own. Handlers may send any reply instead.
 _R_OK = Reply(250, "2.0.0", "OK")
 _R_MAIL_OK = Reply(250, "2.1.0", "OK")
@@ -155,24 +126,46 @@ _R_QUEUED = Reply(250, "2.0.0", "OK: queued")
 _R_BYE = Reply(221, "2.0.0", "Bye")
 _R_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 _R_EXPN = Reply(502, "5.5.1", "EXPN not available")
-_R_HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP")
+_R_HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
 _R_UNKNOWN = Reply(500, "5.5.1", "Error: command not recognized")
 _R_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 _R_HANDLER_FAILED = Reply(451, "4.3.0", "Error: local error in processing")
 _R_MESSAGE_HANDLER_FAILED = Reply(554, "5.3.0", "Error: message could not be processed")
 _R_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
-_R_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
-_R_UNKNOWN_PARAM = Reply(555, "5.5.4", "Error: parameter not recognized or not implemented")
-_R_BAD_BODY = Reply(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME")
 _R_TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 _R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 _R_UNAVAILABLE = Reply(421, "4.3.0", "Service not available, closing connection")
 _R_DATA_BARE = Reply(554, "5.5.2", "Error: message contains bare <CR> or <LF>")
 _R_DATA_LINE = Reply(500, "5.5.6", "Error: message line too long")
+_R_TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
+_R_TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+_R_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+_R_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+_R_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+_R_AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+_R_AUTH_ENCRYPTION = Reply(538, "5.7.11", "Encryption required for requested authentication")
+_R_AUTH_TWICE = Reply(503, "5.5.1", "Error: already authenticated")
+_R_AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+_R_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+_R_AUTH_LINE = Reply(500, "5.5.6", "Authentication exchange line is too long")
+_R_BINARYMIME_DATA = Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA")
+_R_NOT_LMTP = Reply(500, "5.5.1", "Error: this is an LMTP server; use LHLO")
+_R_NOT_SMTP = Reply(500, "5.5.1", "Error: this is an SMTP server; use EHLO")
 
 
 def _error_reply(error: SmtpError) -> Reply:
     return Reply(error.code, error.enhanced, error.text)
+
+
+def _message_error_reply(error: SmtpError) -> Reply:
+    """The reply to a message refused while it was read (after its end, so in sync)."""
+    if isinstance(error, MessageTooLarge):
+        return R_TOO_BIG
+    if isinstance(error, (BareLineFeed, BareCarriageReturn)):
+        return _R_DATA_BARE
+    if isinstance(error, LineTooLong):
+        return _R_DATA_LINE
+    return _error_reply(error)
 
 
 class SmtpSession(asyncio.BufferedProtocol):
@@ -187,15 +180,19 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- events (instance attributes, created in __init__) ---------------------------------
     helo: Event[CommandEventArgs[HeloCommand]]
     ehlo: Event[CommandEventArgs[EhloCommand]]
+    lhlo: Event[CommandEventArgs[LhloCommand]]
     mail: Event[CommandEventArgs[MailCommand]]
     rcpt: Event[CommandEventArgs[RcptCommand]]
     data: Event[CommandEventArgs[DataCommand]]
+    bdat: Event[CommandEventArgs[BdatCommand]]
     rset: Event[CommandEventArgs[RsetCommand]]
     noop: Event[CommandEventArgs[NoopCommand]]
     quit: Event[CommandEventArgs[QuitCommand]]
     vrfy: Event[CommandEventArgs[VrfyCommand]]
     expn: Event[CommandEventArgs[ExpnCommand]]
     help: Event[CommandEventArgs[HelpCommand]]
+    starttls: Event[CommandEventArgs[StarttlsCommand]]
+    auth: Event[AuthEventArgs]
     message_received: Event[MessageReceivedEventArgs]
     close_requested: Event[EventArgs]
     unhandled_command: Event[CommandEventArgs[SmtpCommand]]
@@ -224,13 +221,17 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.state = State.GREETING
         self.helo_name: str | None = None
         self.esmtp = False
+        self.tls: TlsInfo | None = None  # set once TLS is up (STARTTLS or implicit)
+        self.authenticated_as: str | None = None  # the AUTH identity, once accepted
+        self._sasl: SaslExchange | None = None
+        self._sasl_command: AuthCommand | None = None
         self._buffer: bytearray | None = None
         self._buffer_owner: BufferPool = self._pools.command
         self._lines: deque[bytes | SmtpError] = deque()
         self._line_reader = LineReader(config.command_line_limit, config.bare_newline)
         self._held = bytearray()  # bytes read while a handler runs, not yet scanned
         self._out: list[bytes] = []
-        self._busy = False  # an async handler is running
+        self._busy = False  # an async handler (or the TLS handshake) is running
         self._write_paused = False
         self._reading = True
         self._closing = False  # graceful shutdown asked for
@@ -238,11 +239,15 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_activity = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._reply_cache: dict[Reply, bytes] = {}
         # transaction
         self.envelope: SmtpEnvelope | None = None
         self._data_reader: DataReader | None = None
+        self._bdat_reader: BdatReader | None = None
+        self._bdat_command: BdatCommand | None = None
+        self._bdat_refusal: Reply | None = None
         self._chunks: list[bytes] = []
-        self._reply_cache: dict[Reply, bytes] = {}
+        self._message_size = 0  # BDAT: what earlier chunks of this message added up to
 
     def __repr__(self) -> str:
         return f"<SmtpSession #{self.id} {self.peer!r} {self.state.value}>"
@@ -257,8 +262,8 @@ class SmtpSession(asyncio.BufferedProtocol):
     def start_transaction(self, greeting: Reply | str | None = None) -> None:
         """Send the greeting (RFC 5321 4.3.1: 220) and start reading commands.
 
-        A 554 greeting refuses the session: every command then gets 503 until QUIT
-        (RFC 5321 3.1); the session closes after the client's QUIT.
+        Any other greeting (``554 ...``, RFC 5321 3.1) refuses the session: it is sent and the
+        connection closes.
         """
         if self._started or self._transport is None:
             return
@@ -267,12 +272,11 @@ class SmtpSession(asyncio.BufferedProtocol):
             greeting = self.config.greeting or f"220 {self.config.hostname} ESMTP alephsmtp"
         reply = coerce_reply(greeting) if isinstance(greeting, str) else greeting
         self._write(reply)  # an enhanced code only if the greeting's author wrote one
-        self.state = State.NEED_HELO if reply.code == 220 else State.GREETING
+        self._flush()
         if reply.code != 220:
-            self._flush()
             self.close()
             return
-        self._flush()
+        self.state = State.NEED_HELO
         self._arm_idle_timer()
         self._update_reading()
 
@@ -297,13 +301,18 @@ class SmtpSession(asyncio.BufferedProtocol):
         transaction finishes it (the client gets its reply to DATA) and is closed after it.
         """
         self._closing = True
-        if self.state in (State.GREETING, State.NEED_HELO, State.READY) and not self._busy:
+        if self.is_idle:
             self._send_and_close(_R_SHUTDOWN)
 
     @property
     def is_idle(self) -> bool:
         """No transaction open and no handler running."""
         return not self._busy and self.state in (State.GREETING, State.NEED_HELO, State.READY)
+
+    @property
+    def lmtp(self) -> bool:
+        """Whether this session speaks LMTP (RFC 2033)."""
+        return self.config.lmtp
 
     # --- asyncio.BufferedProtocol -----------------------------------------------------------
 
@@ -313,6 +322,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self.peer = transport.get_extra_info("peername")
+        if transport.get_extra_info("ssl_object") is not None:
+            self.tls = TlsInfo.of(transport)  # implicit TLS (RFC 8314)
         self._last_activity = self._loop.time()
         self._reading = True
         self._set_reading(False)  # nothing is read before the greeting (RFC 5321 3.1)
@@ -345,9 +356,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         buffer = self._buffer
         if buffer is None:
             # Small buffers for commands, large ones while a message streams in.
-            self._buffer_owner = (
-                self._pools.command if self._data_reader is None else self._pools.data
-            )
+            streaming = self._data_reader is not None or self._bdat_reader is not None
+            self._buffer_owner = self._pools.data if streaming else self._pools.command
             buffer = self._buffer = self._buffer_owner.acquire()
         return buffer
 
@@ -365,8 +375,8 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool | None:
         self._release_buffer()
-        # A half-closed client gets no more replies it could read; a partial message is
-        # dropped (never delivered), and the connection closes.
+        # A half-closed client reads no more replies; a partial message is dropped (never
+        # delivered), and the connection closes.
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -374,16 +384,19 @@ class SmtpSession(asyncio.BufferedProtocol):
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
-        partial = self._data_reader is not None
+        partial = self._data_reader is not None or self._bdat_reader is not None
+        partial = partial or self.state is State.BDAT
         self.state = State.CLOSED
         self._transport = None
         self._data_reader = None
+        self._bdat_reader = None
+        self._sasl = None
         self._chunks = []
         self._lines.clear()
         self._line_reader.take_pending()
         self._held.clear()
         if partial:
-            log.info("session %d: connection lost during DATA; message discarded", self.id)
+            log.info("session %d: connection lost during a message; discarded", self.id)
         log.debug("session %d: connection lost (%s)", self.id, exc or "closed")
         if self.disconnected:
             self._notify(self.disconnected, ConnectionLostEventArgs(exc))
@@ -432,12 +445,17 @@ class SmtpSession(asyncio.BufferedProtocol):
             if self.state is not State.CLOSED:
                 self._held += data
             return
-        reader = self._data_reader
-        if reader is not None:
-            self._feed_message(reader, data)
+        self._consume(data)
+        self._pump()
+
+    def _consume(self, data: memoryview | bytes) -> None:
+        """Hand a read to whichever reader the session is in: message, chunk or commands."""
+        if self._data_reader is not None:
+            self._feed_message(self._data_reader, data)
+        elif self._bdat_reader is not None:
+            self._feed_chunk(self._bdat_reader, data)
         else:
             self._lines.extend(self._line_reader.feed(data))
-        self._pump()
 
     def _pump(self) -> None:
         """Answer every complete command line, in order, until one needs to wait."""
@@ -448,12 +466,14 @@ class SmtpSession(asyncio.BufferedProtocol):
             elif self._held:
                 held = bytes(self._held)
                 self._held.clear()
-                if self._data_reader is not None:
-                    self._feed_message(self._data_reader, held)
-                else:
-                    lines.extend(self._line_reader.feed(held))
-            elif self._data_reader is None and self._line_reader.pending:
-                # Scanning stopped after DATA/BDAT/STARTTLS that was then refused: go on.
+                self._consume(held)
+            elif (
+                self._data_reader is None
+                and self._bdat_reader is None
+                and self._line_reader.pending
+            ):
+                # Scanning stopped after DATA/BDAT/STARTTLS (a command that may change how
+                # what follows is read); the command was answered, so go on.
                 more = self._line_reader.feed(b"")
                 if not more:
                     break
@@ -467,18 +487,28 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- commands ---------------------------------------------------------------------------
 
     def _handle_line(self, line: bytes | SmtpError) -> None:
+        if self._sasl is not None:
+            self._auth_response(line)
+            return
         if not isinstance(line, bytes):
             self._write(_error_reply(line))
-            return
-        verb = split_command(line)[0].decode("ascii", "replace")
-        refusal = _state.check(self.state, verb)
-        if refusal is not None:
-            self._write(refusal)
             return
         try:
             command = parse_command(line, smtputf8=self._smtputf8_transaction)
         except CommandSyntaxError as error:
-            self._write(_error_reply(error))
+            verb = line.lstrip(b" ").partition(b" ")[0].upper()
+            # A command out of order is told so before its syntax is judged (503 over 501).
+            refusal = _state.check(self.state, verb.decode("ascii", "replace"))
+            self._write(refusal if refusal is not None else _error_reply(error))
+            return
+        refusal = _state.check(self.state, command.verb)
+        if isinstance(command, BdatCommand):
+            # RFC 3030: the chunk follows whatever the reply; read it (discarding it when
+            # refused) so the session stays in sync.
+            self._start_chunk(command, refusal)
+            return
+        if refusal is not None:
+            self._write(refusal)
             return
         method = _COMMAND_METHODS.get(command.verb)
         if method is None:
@@ -496,44 +526,81 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _smtputf8_transaction(self) -> bool:
         return self.envelope is not None and self.envelope.smtputf8
 
-    def _on_helo(self, command: HeloCommand) -> None:
-        default = Reply(250, "", self.config.hostname)
-        self._dispatch(
-            self.helo,
-            CommandEventArgs(command),
-            "HELO",
-            default,
-            lambda verb, reply: self._finish_hello(command, reply, esmtp=False),
+    @property
+    def _starttls_offered(self) -> bool:
+        return self.config.tls_context is not None and self.tls is None
+
+    @property
+    def _auth_offered(self) -> bool:
+        # RFC 4954 4 / 14: no plaintext passwords over a connection without TLS, unless asked.
+        return (
+            bool(self.auth)
+            and bool(self.config.auth_mechanisms)
+            and (self.tls is not None or self.config.auth_over_plaintext)
         )
+
+    # HELO / EHLO / LHLO
+
+    def _on_helo(self, command: HeloCommand) -> None:
+        self._hello(self.helo, command, esmtp=False)
 
     def _on_ehlo(self, command: EhloCommand) -> None:
-        default = Reply(250, "", self.config.hostname)
+        self._hello(self.ehlo, command, esmtp=True)
+
+    def _on_lhlo(self, command: LhloCommand) -> None:
+        self._hello(self.lhlo, command, esmtp=True)
+
+    def _hello(
+        self,
+        event: Event[Any],
+        command: HeloCommand | EhloCommand | LhloCommand,
+        *,
+        esmtp: bool,
+    ) -> None:
+        # RFC 2033 4.1: an LMTP server answers LHLO, never HELO/EHLO; and the reverse.
+        if self.config.lmtp != isinstance(command, LhloCommand):
+            self._write(_R_NOT_SMTP if isinstance(command, LhloCommand) else _R_NOT_LMTP)
+            return
         self._dispatch(
-            self.ehlo,
+            event,
             CommandEventArgs(command),
-            "EHLO",
-            default,
-            lambda verb, reply: self._finish_hello(command, reply, esmtp=True),
+            command.verb,
+            Reply(250, "", self.config.hostname),
+            lambda verb, reply: self._finish_hello(command, reply, esmtp),
         )
 
-    def _finish_hello(self, command: HeloCommand | EhloCommand, reply: Reply, esmtp: bool) -> None:
-        if reply.code // 100 == 2:
+    def _finish_hello(
+        self, command: HeloCommand | EhloCommand | LhloCommand, reply: Reply, esmtp: bool
+    ) -> None:
+        accepted = reply.code // 100 == 2
+        if accepted:
             # RFC 5321 4.1.4: HELO/EHLO resets the transaction. The EHLO reply lists exactly
             # the extensions this session serves, whatever the handler's text (4.1.1.1).
             self._reset_transaction()
             self.helo_name = command.client_hostname
             self.esmtp = esmtp
+            lines: tuple[str, ...] = reply.lines
             if esmtp:
-                reply = Reply(reply.code, "", (reply.lines[0], *self.config.ehlo_keywords()))
-            else:
-                reply = Reply(reply.code, "", reply.lines)
-        accepted = reply.code // 100 == 2
+                keywords = ehlo_keywords(
+                    self.config, starttls=self._starttls_offered, auth=self._auth_offered
+                )
+                lines = (lines[0], *keywords)
+            reply = Reply(reply.code, "", lines)
         self.state = _state.advance(self.state, command.verb, accepted)
         # RFC 2034: enhanced codes come after the client learnt of them; a refusal has one.
         self._write(reply, enhanced=not accepted)
 
+    # MAIL / RCPT
+
     def _on_mail(self, command: MailCommand) -> None:
-        refusal = self._check_mail_parameters(command)
+        config = self.config
+        if config.require_tls and self.tls is None:
+            self._write(_R_TLS_REQUIRED)
+            return
+        if config.auth_require and self.authenticated_as is None:
+            self._write(_R_AUTH_REQUIRED)
+            return
+        refusal = check_mail_parameters(command, config, auth=self._auth_offered)
         if refusal is not None:
             self._write(refusal)
             return
@@ -545,23 +612,6 @@ class SmtpSession(asyncio.BufferedProtocol):
             lambda verb, reply: self._finish_mail(command, reply),
         )
 
-    def _check_mail_parameters(self, command: MailCommand) -> Reply | None:
-        config = self.config
-        for key in command.parameters:
-            if key == "SIZE":
-                size = command.size
-                # RFC 1870 6.1: a declared size over the limit is refused at MAIL.
-                if size is not None and config.max_message_size and size > config.max_message_size:
-                    return _R_TOO_BIG
-            elif key == "BODY" and config.eightbitmime:
-                if command.body not in ("7BIT", "8BITMIME"):
-                    return _R_BAD_BODY
-            elif key == "SMTPUTF8" and config.smtputf8:
-                pass
-            else:
-                return _R_UNKNOWN_PARAM
-        return None
-
     def _finish_mail(self, command: MailCommand, reply: Reply) -> None:
         accepted = reply.code // 100 == 2
         if accepted:
@@ -572,6 +622,11 @@ class SmtpSession(asyncio.BufferedProtocol):
                 peer=self.peer,
                 smtputf8=command.smtputf8 and self.config.smtputf8,
                 body_type=command.body,
+                dsn_ret=command.ret,
+                dsn_envid=command.envid,
+                auth_identity=self.authenticated_as,
+                auth_submitter=command.auth,
+                tls=self.tls is not None,
             )
         self.state = _state.advance(self.state, "MAIL", accepted)
         self._write(reply)
@@ -583,8 +638,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         if limit and len(envelope.recipients) >= limit:
             self._write(_R_TOO_MANY_RCPTS)
             return
-        if command.parameters:
-            self._write(_R_UNKNOWN_PARAM)
+        refusal = check_rcpt_parameters(command, self.config)
+        if refusal is not None:
+            self._write(refusal)
             return
         self._dispatch(
             self.rcpt,
@@ -599,17 +655,23 @@ class SmtpSession(asyncio.BufferedProtocol):
         if accepted and self.envelope is not None:
             self.envelope.recipients.append(command.recipient_address)
             self.envelope.rcpt_parameters.append(dict(command.parameters))
+            self.envelope.dsn_notify.append(command.notify)
+            self.envelope.dsn_orcpt.append(command.orcpt)
         self.state = _state.advance(self.state, "RCPT", accepted)
         self._write(reply)
 
+    # DATA
+
     def _on_data(self, command: DataCommand) -> None:
+        if self.envelope is not None and self.envelope.body_type == "BINARYMIME":
+            self._write(_R_BINARYMIME_DATA)  # RFC 3030 3
+            return
         self._dispatch(self.data, CommandEventArgs(command), "DATA", _R_DATA_GO, self._finish_data)
 
     def _finish_data(self, verb: str, reply: Reply) -> None:
-        if reply.code != 354:
-            self._write(reply)
-            return
         self._write(reply)
+        if reply.code != 354:
+            return
         self._flush()
         self.state = State.DATA
         config = self.config
@@ -627,47 +689,137 @@ class SmtpSession(asyncio.BufferedProtocol):
         if reader.done:
             self._data_reader = None
             trailing = reader.trailing
-            self._end_of_message(reader)
+            if reader.error is not None:
+                self._end_of_message(_message_error_reply(reader.error))
+            else:
+                self._end_of_message(None)
             if trailing:
-                # Pipelined commands after the end of data (RFC 2920): scanned after the
+                # Pipelined commands after the end of data (RFC 2920): answered after the
                 # message's reply, in order.
-                if self._busy:
-                    self._held += trailing
-                else:
-                    self._lines.extend(self._line_reader.feed(trailing))
+                self._requeue(trailing)
 
-    def _end_of_message(self, reader: DataReader) -> None:
+    def _requeue(self, data: bytes) -> None:
+        if self._busy:
+            self._held += data
+        else:
+            self._lines.extend(self._line_reader.feed(data))
+
+    # BDAT (RFC 3030)
+
+    def _start_chunk(self, command: BdatCommand, refusal: Reply | None) -> None:
+        config = self.config
+        if refusal is None and not config.chunking:
+            refusal = _R_NOT_IMPLEMENTED
+        if refusal is None and self.envelope is None:  # pragma: no cover - state says so
+            refusal = _R_HANDLER_FAILED
+        self._bdat_command = command
+        self._bdat_refusal = refusal
+        self._bdat_reader = reader = BdatReader(
+            command.size, config.max_message_size, self._message_size
+        )
+        pending = self._line_reader.take_pending()
+        if reader.done:  # BDAT 0
+            self._end_of_chunk(reader, pending)
+        elif pending:
+            self._feed_chunk(reader, pending)
+
+    def _feed_chunk(self, reader: BdatReader, data: memoryview | bytes) -> None:
+        chunk = reader.feed(data)
+        if chunk and self._bdat_refusal is None:
+            self._chunks.append(chunk)
+        if reader.done:
+            self._end_of_chunk(reader, reader.trailing)
+
+    def _end_of_chunk(self, reader: BdatReader, trailing: bytes) -> None:
+        command, refusal = self._bdat_command, self._bdat_refusal
+        assert command is not None
+        self._bdat_reader = None
+        self._bdat_command = None
+        if refusal is not None:
+            self._write(refusal)  # the chunk was read and dropped
+        elif reader.error is not None:
+            # RFC 3030 2: a failed chunk fails the whole transaction.
+            self._end_of_message(_message_error_reply(reader.error))
+        else:
+            self._message_size = reader.size
+            self._dispatch(
+                self.bdat,
+                CommandEventArgs(command),
+                "BDAT",
+                Reply(250, "2.0.0", f"{command.size} octets received"),
+                lambda verb, reply: self._finish_chunk(command, reply),
+            )
+        if trailing:
+            self._requeue(trailing)
+
+    def _finish_chunk(self, command: BdatCommand, reply: Reply) -> None:
+        if reply.code // 100 != 2:
+            self._end_of_message(reply)
+        elif command.last:
+            self.state = State.BDAT
+            self._end_of_message(None)
+        else:
+            self.state = _state.advance(self.state, "BDAT", True)
+            self._write(reply)
+
+    # The end of a message, DATA or BDAT LAST
+
+    def _end_of_message(self, refusal: Reply | None) -> None:
         message = b"".join(self._chunks)
         self._chunks = []
-        error = reader.error
         envelope = self.envelope
-        if error is not None or envelope is None:
-            # Read to the end mark, so the session is in sync; never delivered.
-            if isinstance(error, MessageTooLarge):
-                reply = _R_TOO_BIG
-            elif isinstance(error, (BareLineFeed, BareCarriageReturn)):
-                reply = _R_DATA_BARE
-            elif isinstance(error, LineTooLong):
-                reply = _R_DATA_LINE
-            else:
-                reply = _error_reply(error) if error is not None else _R_HANDLER_FAILED
+        if refusal is not None or envelope is None:
+            # Read to its end, so the session is in sync; never delivered.
+            reply = refusal if refusal is not None else _R_HANDLER_FAILED
             log.info("session %d: message refused: %s", self.id, reply)
             self._finish_message("DATA", reply)
             return
         envelope.message = message
-        self._dispatch(
-            self.message_received,
-            MessageReceivedEventArgs(envelope, message),
-            "DATA",
-            _R_QUEUED,
-            self._finish_message,
-            failure=_R_MESSAGE_HANDLER_FAILED,
-        )
+        args = MessageReceivedEventArgs(envelope, message)
+        if self.config.lmtp:
+            # RFC 2033 4.2: one reply per accepted recipient, in order.
+            self._dispatch(
+                self.message_received,
+                args,
+                "DATA",
+                _R_QUEUED,
+                self._finish_message,
+                failure=_R_MESSAGE_HANDLER_FAILED,
+                coerce=self._to_recipient_replies,
+            )
+        else:
+            self._dispatch(
+                self.message_received,
+                args,
+                "DATA",
+                _R_QUEUED,
+                self._finish_message,
+                failure=_R_MESSAGE_HANDLER_FAILED,
+            )
 
-    def _finish_message(self, verb: str, reply: Reply) -> None:
+    def _finish_message(self, verb: str, reply: Reply | list[Reply]) -> None:
+        recipients = len(self.envelope.recipients) if self.envelope is not None else 1
         self._reset_transaction()
         self.state = _state.end_of_message(self.state)
-        self._write(reply)
+        if isinstance(reply, list):
+            for each in reply:
+                self._write(each)
+        elif self.config.lmtp:
+            for _ in range(max(recipients, 1)):
+                self._write(reply)
+        else:
+            self._write(reply)
+
+    def _to_recipient_replies(self, result: object, verb: str, default: Reply) -> list[Reply]:
+        envelope = self.envelope
+        count = len(envelope.recipients) if envelope is not None else 1
+        if isinstance(result, (list, tuple)):
+            if len(result) != count:
+                raise ValueError(f"LMTP handler gave {len(result)} replies for {count} recipients")
+            return [self._to_reply(each, verb, default) for each in result]
+        return [self._to_reply(result, verb, default)] * count
+
+    # RSET, NOOP, VRFY, EXPN, HELP, QUIT
 
     def _on_rset(self, command: RsetCommand) -> None:
         self._dispatch(self.rset, CommandEventArgs(command), "RSET", _R_OK, self._finish_rset)
@@ -703,15 +855,143 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._notify(self.close_requested, EventArgs())
         self.close()
 
-    def _on_not_implemented(self, command: SmtpCommand) -> None:
-        self._write(_R_NOT_IMPLEMENTED)
-
     def _finish_simple(self, verb: str, reply: Reply) -> None:
         self._write(reply)
 
     def _reset_transaction(self) -> None:
         self.envelope = None
         self._chunks = []
+        self._message_size = 0
+
+    # STARTTLS (RFC 3207)
+
+    def _on_starttls(self, command: StarttlsCommand) -> None:
+        if self.tls is not None:
+            self._write(_R_TLS_ACTIVE)
+            return
+        if not self._starttls_offered:
+            self._write(_R_NOT_IMPLEMENTED)
+            return
+        self._dispatch(
+            self.starttls, CommandEventArgs(command), "STARTTLS", _R_TLS_GO, self._finish_starttls
+        )
+
+    def _finish_starttls(self, verb: str, reply: Reply) -> None:
+        self._write(reply)
+        if reply.code != 220:
+            return
+        self._flush()
+        # RFC 3207 5 / CVE-2011-0411: nothing the client sent after STARTTLS, before the
+        # handshake, may be read as a command. The line reader stopped right after STARTTLS.
+        self._line_reader.take_pending()
+        self._lines.clear()
+        self._held.clear()
+        self._busy = True
+        self._update_reading()
+        self._spawn(self._start_tls())
+
+    async def _start_tls(self) -> None:
+        loop, transport, context = self._loop, self._transport, self.config.tls_context
+        assert loop is not None and transport is not None and context is not None
+        try:
+            tls_transport = await loop.start_tls(
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.config.tls_handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as error:
+            log.info("session %d: TLS handshake failed: %s", self.id, error)
+            self._busy = False
+            self.abort()
+            return
+        if tls_transport is None or self.state is State.CLOSED:  # pragma: no cover
+            return
+        self._transport = tls_transport
+        self.tls = TlsInfo.of(tls_transport)
+        log.debug("session %d: TLS up (%s, %s)", self.id, self.tls.version, self.tls.cipher)
+        # RFC 3207 4.2: forget everything learnt from the client before TLS.
+        self._reset_transaction()
+        self.state = State.NEED_HELO
+        self.helo_name = None
+        self.esmtp = False
+        self.authenticated_as = None
+        self._busy = False
+        self._reading = False
+        self._update_reading()
+        self._pump()
+
+    # AUTH (RFC 4954)
+
+    def _on_auth(self, command: AuthCommand) -> None:
+        if self.authenticated_as is not None:
+            self._write(_R_AUTH_TWICE)
+            return
+        if not self._auth_offered:
+            if self.auth and self.tls is None and self._starttls_offered:
+                self._write(_R_AUTH_ENCRYPTION)
+            else:
+                self._write(_R_AUTH_NOT_ENABLED)
+            return
+        if command.mechanism not in self.config.auth_mechanisms:
+            self._write(_R_AUTH_MECHANISM)
+            return
+        self._sasl = SaslExchange(command.mechanism, self.config.hostname)
+        self._sasl_command = command
+        self._auth_step(command.initial_response)
+
+    def _auth_response(self, line: bytes | SmtpError) -> None:
+        if isinstance(line, SmtpError):
+            self._end_sasl()
+            self._write(_R_AUTH_LINE if isinstance(line, LineTooLong) else _error_reply(line))
+            return
+        self._auth_step(line.decode("ascii", "replace").strip(" "))
+
+    def _auth_step(self, response: str | None) -> None:
+        sasl, command = self._sasl, self._sasl_command
+        assert sasl is not None and command is not None
+        try:
+            result = sasl.step(response)
+        except SmtpError as error:
+            self._end_sasl()
+            self._write(_error_reply(error))
+            return
+        if isinstance(result, bytes):
+            # A challenge: the next line is the client's answer, which may be long.
+            self._line_reader.max_line_length = MAX_RESPONSE_LENGTH
+            self._write(Reply(334, "", base64.b64encode(result).decode("ascii")))
+            return
+        self._end_sasl()
+        # Never log credentials: the mechanism and the identity only.
+        self._dispatch(
+            self.auth,
+            AuthEventArgs(command, result),
+            "AUTH",
+            _R_AUTH_FAILED,
+            lambda verb, reply: self._finish_auth(result.username, reply),
+            coerce=self._to_auth_reply,
+        )
+
+    def _end_sasl(self) -> None:
+        self._sasl = None
+        self._sasl_command = None
+        self._line_reader.max_line_length = self.config.command_line_limit
+
+    def _to_auth_reply(self, result: object, verb: str, default: Reply) -> Reply:
+        if result is True:
+            return _R_AUTH_OK
+        if result is False or result is None:
+            return _R_AUTH_FAILED
+        return self._to_reply(result, verb, default)
+
+    def _finish_auth(self, username: str, reply: Reply) -> None:
+        if reply.code // 100 == 2:
+            self.authenticated_as = username
+            log.info("session %d: authenticated as %r", self.id, username)
+        else:
+            log.info("session %d: authentication failed for %r", self.id, username)
+        self._write(reply)
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -721,8 +1001,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         args: ArgsT,
         verb: str,
         default: Reply,
-        finish: Callable[[str, Reply], None],
+        finish: Finish,
         failure: Reply = _R_HANDLER_FAILED,
+        coerce: Coerce | None = None,
     ) -> None:
         """Run ``event``'s handlers and ``finish(verb, reply)`` with the reply they chose.
 
@@ -731,9 +1012,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         A handler that raises, or answers something that is not a valid reply, is logged with
         its traceback and the client gets ``failure`` (451 4.3.0; 554 5.3.0 after DATA).
         """
+        to_reply = coerce if coerce is not None else self._to_reply
         handlers = event.handlers
         if not handlers:
-            finish(verb, default)
+            finish(verb, to_reply(None, verb, default))
             return
         try:
             for index, handler in enumerate(handlers):
@@ -742,9 +1024,10 @@ class SmtpSession(asyncio.BufferedProtocol):
                     self._busy = True
                     self._flush()
                     self._update_reading()
+                    rest = handlers[index + 1 :]
                     self._spawn(
                         self._dispatch_async(
-                            result, handlers[index + 1 :], args, verb, default, finish, failure
+                            result, rest, args, verb, default, finish, failure, to_reply
                         )
                     )
                     return
@@ -752,35 +1035,35 @@ class SmtpSession(asyncio.BufferedProtocol):
                     break
             else:
                 result = None
-            reply = self._to_reply(result, verb, default)
+            reply = to_reply(result, verb, default)
         except Exception:
             log.exception("session %d: %s handler failed", self.id, event.name)
-            reply = failure
+            reply = to_reply(failure, verb, failure)
         finish(verb, reply)
 
     async def _dispatch_async(
         self,
-        pending: Awaitable[Reply | str | None],
+        pending: Awaitable[Any],
         rest: tuple[Callable[[Any, ArgsT], HandlerResult], ...],
         args: ArgsT,
         verb: str,
         default: Reply,
-        finish: Callable[[str, Reply], None],
+        finish: Finish,
         failure: Reply,
+        to_reply: Coerce,
     ) -> None:
         try:
-            result: HandlerResult = await pending
+            result: Any = await pending
             for handler in rest:
                 if result is not None:
                     break
                 result = handler(self, args)
                 if inspect.isawaitable(result):
                     result = await result
-            assert not inspect.isawaitable(result)
-            reply = self._to_reply(result, verb, default)
+            reply = to_reply(result, verb, default)
         except Exception:
             log.exception("session %d: %s handler failed", self.id, verb)
-            reply = failure
+            reply = to_reply(failure, verb, failure)
         self._busy = False
         if self.state is State.CLOSED or self._transport is None:
             return
@@ -806,7 +1089,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         return reply
 
     def _notify(self, event: Event[ArgsT], args: ArgsT) -> None:
-        """Raise an event whose handlers' results are not replies (close, connection lost)."""
+        """Raise an event whose handlers' results are not replies (close, disconnect)."""
         for handler in event.handlers:
             try:
                 result = handler(self, args)
@@ -885,15 +1168,19 @@ async def _ignore_result(awaitable: Awaitable[Any], session_id: int, name: str) 
 _EVENT_NAMES = (
     "helo",
     "ehlo",
+    "lhlo",
     "mail",
     "rcpt",
     "data",
+    "bdat",
     "rset",
     "noop",
     "quit",
     "vrfy",
     "expn",
     "help",
+    "starttls",
+    "auth",
     "message_received",
     "close_requested",
     "unhandled_command",
@@ -903,6 +1190,7 @@ _EVENT_NAMES = (
 _COMMAND_METHODS: dict[str, Callable[[SmtpSession, Any], None]] = {
     "HELO": SmtpSession._on_helo,
     "EHLO": SmtpSession._on_ehlo,
+    "LHLO": SmtpSession._on_lhlo,
     "MAIL": SmtpSession._on_mail,
     "RCPT": SmtpSession._on_rcpt,
     "DATA": SmtpSession._on_data,
@@ -912,8 +1200,6 @@ _COMMAND_METHODS: dict[str, Callable[[SmtpSession, Any], None]] = {
     "VRFY": SmtpSession._on_vrfy,
     "EXPN": SmtpSession._on_expn,
     "HELP": SmtpSession._on_help,
-    "STARTTLS": SmtpSession._on_not_implemented,
-    "AUTH": SmtpSession._on_not_implemented,
-    "BDAT": SmtpSession._on_not_implemented,
-    "LHLO": SmtpSession._on_not_implemented,
+    "STARTTLS": SmtpSession._on_starttls,
+    "AUTH": SmtpSession._on_auth,
 }

@@ -1,0 +1,83 @@
+"""SessionConfig: every name, limit, policy and extension switch a server's sessions share.
+
+One place for limits: the session, the server, the CLI and the docs read them from here.
+Every limit has an RFC-sized default; ``0`` turns a size limit off.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass, field
+
+from .auth import MECHANISMS
+
+__all__ = ["COMMAND_LINE_BASE", "SessionConfig"]
+
+# RFC 5321 4.5.3.1.4 gives 512 octets for a command line; each extension that adds to MAIL or
+# RCPT adds its own octets: SIZE (RFC 1870 4: 26), BODY=8BITMIME (15), SMTPUTF8 (RFC 6531 3.4:
+# 10), DSN (RFC 3461 4: 110 on MAIL, 500 on RCPT), AUTH= (RFC 4954 5: 500).
+COMMAND_LINE_BASE = 512
+_SIZE_EXTRA = 26
+_BODY_EXTRA = 15
+_SMTPUTF8_EXTRA = 10
+_DSN_EXTRA = 500
+_AUTH_EXTRA = 500
+
+
+@dataclass(slots=True)
+class SessionConfig:
+    """What every session of one server shares. Keyword arguments of ``SmtpServer``."""
+
+    hostname: str = field(default_factory=socket.getfqdn)
+    greeting: str | None = None  # default: "220 <hostname> ESMTP alephsmtp"
+    max_message_size: int = 32 << 20  # RFC 1870 SIZE; 552 5.3.4 past it
+    max_command_line_length: int = COMMAND_LINE_BASE  # before extension additions
+    max_text_line_length: int = 0  # RFC 5321 4.5.3.1.6 says 1000; 0 accepts any (Postfix)
+    max_recipients: int = 1000  # RFC 5321 4.5.3.1.8 asks for at least 100; 452 4.5.3 past it
+    bare_newline: str = "reject"  # or "normalize" (Postfix smtpd_forbid_bare_newline)
+    idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
+    enhanced_status_codes: bool = True  # RFC 2034
+    eightbitmime: bool = True  # RFC 6152
+    smtputf8: bool = True  # RFC 6531
+    pipelining: bool = True  # RFC 2920
+    chunking: bool = True  # RFC 3030 CHUNKING (BDAT)
+    binarymime: bool = True  # RFC 3030 BINARYMIME (needs CHUNKING)
+    dsn: bool = True  # RFC 3461
+    lmtp: bool = False  # RFC 2033: LHLO, one reply per recipient after the message
+    # STARTTLS (RFC 3207) is offered when a server-side context is given.
+    tls_context: ssl.SSLContext | None = None
+    require_tls: bool = False  # MAIL and AUTH only after STARTTLS (530 5.7.0)
+    tls_handshake_timeout: float = 30.0
+    # AUTH (RFC 4954) is offered when the session's ``auth`` event has a handler.
+    auth_mechanisms: tuple[str, ...] = MECHANISMS
+    auth_require: bool = False  # MAIL only after AUTH (530 5.7.0)
+    auth_over_plaintext: bool = False  # offer AUTH without TLS (RFC 4954 4: SHOULD NOT)
+    command_buffer_size: int = 16 << 10
+    data_buffer_size: int = 256 << 10
+
+    def __post_init__(self) -> None:
+        if self.bare_newline not in ("reject", "normalize"):
+            raise ValueError("bare_newline must be 'reject' or 'normalize'")
+        for name in ("max_message_size", "max_text_line_length", "max_recipients"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.max_command_line_length < COMMAND_LINE_BASE:
+            raise ValueError("max_command_line_length below RFC 5321's 512 octets")
+        unknown = set(self.auth_mechanisms) - set(MECHANISMS)
+        if unknown:
+            raise ValueError(f"unsupported AUTH mechanisms: {sorted(unknown)}")
+        if self.require_tls and self.tls_context is None:
+            raise ValueError("require_tls needs a tls_context")
+
+    @property
+    def command_line_limit(self) -> int:
+        """The command line limit with what the offered extensions add."""
+        limit = self.max_command_line_length + _SIZE_EXTRA + _AUTH_EXTRA
+        if self.eightbitmime:
+            limit += _BODY_EXTRA
+        if self.smtputf8:
+            limit += _SMTPUTF8_EXTRA
+        if self.dsn:
+            limit += _DSN_EXTRA
+        return limit
