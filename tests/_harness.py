@@ -122,6 +122,7 @@ class Harness:
                 "sent while the session paused reading"
             )
             buffer = self.session.get_buffer(-1)
+            assert isinstance(buffer, memoryview)
             n = min(len(buffer), len(view), size or len(view))
             buffer[:n] = view[:n]
             view = view[n:]

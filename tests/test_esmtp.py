@@ -7,8 +7,8 @@ import hmac
 from typing import Any
 
 import pytest
-from _harness import Harness, settle
 
+from _harness import Harness, settle
 from alephsmtp import Reply
 from alephsmtp.auth import Credentials, SaslExchange
 

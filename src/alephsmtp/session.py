@@ -226,6 +226,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._sasl: SaslExchange | None = None
         self._sasl_command: AuthCommand | None = None
         self._buffer: bytearray | None = None
+        self._view: memoryview | None = None
         self._buffer_owner: BufferPool = self._pools.command
         self._lines: deque[bytes | SmtpError] = deque()
         self._line_reader = LineReader(config.command_line_limit, config.bare_newline)
@@ -352,26 +353,30 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self.start_transaction()
 
-    def get_buffer(self, sizehint: int) -> bytearray:
-        buffer = self._buffer
-        if buffer is None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._view
+        if view is None:
             # Small buffers for commands, large ones while a message streams in.
             streaming = self._data_reader is not None or self._bdat_reader is not None
             self._buffer_owner = self._pools.data if streaming else self._pools.command
-            buffer = self._buffer = self._buffer_owner.acquire()
-        return buffer
+            self._buffer = self._buffer_owner.acquire()
+            # A memoryview, not the bytearray: asyncio's TLS layer fills the buffer in
+            # several reads through slices of it, and a bytearray slice would be a copy.
+            view = self._view = memoryview(self._buffer)
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
-        buffer = self._buffer
-        assert buffer is not None
+        view, buffer, owner = self._view, self._buffer, self._buffer_owner
+        assert view is not None and buffer is not None
         # The buffer goes back to the pool right after this read: an idle session holds no
-        # read buffer at all, only the few bytes of an incomplete line.
-        self._buffer = None
+        # read buffer at all, only the few bytes of an incomplete line. It is taken out of
+        # the session first: closing from inside may make the TLS layer ask for a new one.
+        self._view = self._buffer = None
         try:
-            with memoryview(buffer) as view, view[:nbytes] as data:
+            with view, view[:nbytes] as data:
                 self._receive(data)
         finally:
-            self._buffer_owner.release(buffer)
+            owner.release(buffer)
 
     def eof_received(self) -> bool | None:
         self._release_buffer()
@@ -415,6 +420,9 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- reading ----------------------------------------------------------------------------
 
     def _release_buffer(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
         if self._buffer is not None:
             self._buffer_owner.release(self._buffer)
             self._buffer = None
