@@ -223,7 +223,8 @@ async def test_auth_cram_md5() -> None:
     h.send(b"AUTH CRAM-MD5\r\n")
     (line,) = h.replies()
     challenge = base64.b64decode(line[4:])
-    assert challenge.startswith(b"<") and challenge.endswith(b"@mx.test>")
+    assert challenge.startswith(b"<")
+    assert challenge.endswith(b"@mx.test>")
     digest = hmac.new(b"s3cret", challenge, "md5").hexdigest()
     h.send(f"{b64('alice ' + digest)}\r\n".encode())
     assert h.replies() == ["235 2.7.0 Authentication successful"]
