@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 import mailbox
 import os
 import re
@@ -309,3 +310,69 @@ def test_cli_version_names_the_parser() -> None:
         check=True,
     )
     assert IMPLEMENTATION in result.stdout
+
+
+async def _greeting(port: int) -> tuple[bytes, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return await reader.readline(), writer
+
+
+async def test_connection_limits() -> None:
+    async with SmtpServer("127.0.0.1", 0, max_connections=2) as srv:
+        first, w1 = await _greeting(srv.port)
+        second, w2 = await _greeting(srv.port)
+        third, w3 = await _greeting(srv.port)
+        assert first.startswith(b"220 ")
+        assert second.startswith(b"220 ")
+        assert third == b"421 4.7.0 Too many connections, try again later\r\n"
+        w1.close()
+        await w1.wait_closed()
+        for _ in range(100):  # the slot frees once the server saw the close
+            if len(srv.sessions) == 1:
+                break
+            await asyncio.sleep(0.01)
+        fourth, w4 = await _greeting(srv.port)
+        assert fourth.startswith(b"220 ")
+        for writer in (w2, w3, w4):
+            writer.close()
+
+
+async def test_connection_limit_per_ip_with_loopback_not_exempt() -> None:
+    async with SmtpServer(
+        "127.0.0.1", 0, max_connections_per_ip=1, connection_limit_exempt=()
+    ) as srv:
+        first, w1 = await _greeting(srv.port)
+        second, w2 = await _greeting(srv.port)
+        assert first.startswith(b"220 ")
+        assert second == b"421 4.7.0 Too many connections from your address\r\n"
+        w1.close()
+        w2.close()
+    async with SmtpServer("127.0.0.1", 0, max_connections_per_ip=1) as srv:
+        # Loopback is exempt by default, as Postfix exempts $mynetworks.
+        first, w1 = await _greeting(srv.port)
+        second, w2 = await _greeting(srv.port)
+        assert second.startswith(b"220 ")
+        w1.close()
+        w2.close()
+
+
+async def test_logs_name_the_session_and_never_hold_bodies_or_credentials(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def on_session(session: Any) -> None:
+        session.auth += lambda s, e: e.check_password("hunter2-secret")
+
+    body = b"Subject: private\r\n\r\nthe-secret-body-text\r\n"
+    async with SmtpServer("127.0.0.1", 0, on_session=on_session, auth_over_plaintext=True) as srv:
+        with caplog.at_level(logging.DEBUG, logger="alephsmtp"):
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.port) as smtp:
+                with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                    await smtp.login("alice", "wrong-secret")
+                await smtp.login("alice", "hunter2-secret")
+                await smtp.sendmail("a@example.org", ["b@example.net"], body)
+    text = caplog.text
+    assert "authentication failed for 'alice'" in text
+    assert "authenticated as 'alice'" in text
+    assert re.search(r"session \d+ \[127\.0\.0\.1:\d+\]", text)
+    for secret in ("hunter2-secret", "wrong-secret", "the-secret-body-text", "aHVudGVy"):
+        assert secret not in text

@@ -35,6 +35,9 @@ class SessionConfig:
     max_command_line_length: int = COMMAND_LINE_BASE  # before extension additions
     max_text_line_length: int = 0  # RFC 5321 4.5.3.1.6 says 1000; 0 accepts any (Postfix)
     max_recipients: int = 1000  # RFC 5321 4.5.3.1.8 asks for at least 100; 452 4.5.3 past it
+    max_connections: int = 10000  # per server (per worker); 421 4.7.0 at connect past it
+    max_connections_per_ip: int = 50  # like Postfix's smtpd_client_connection_count_limit
+    connection_limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # networks
     bare_newline: str = "reject"  # or "normalize" (Postfix smtpd_forbid_bare_newline)
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     enhanced_status_codes: bool = True  # RFC 2034
@@ -59,7 +62,13 @@ class SessionConfig:
     def __post_init__(self) -> None:
         if self.bare_newline not in ("reject", "normalize"):
             raise ValueError("bare_newline must be 'reject' or 'normalize'")
-        for name in ("max_message_size", "max_text_line_length", "max_recipients"):
+        for name in (
+            "max_message_size",
+            "max_text_line_length",
+            "max_recipients",
+            "max_connections",
+            "max_connections_per_ip",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.max_command_line_length < COMMAND_LINE_BASE:

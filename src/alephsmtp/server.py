@@ -13,6 +13,7 @@ The seed's shape (``SmtpServer(address, port)``, ``listen(on_session)``) on asyn
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
+from .replies import Reply
 from .session import OnSession, SessionConfig, SmtpSession, _Pools
 
 __all__ = ["SmtpServer"]
@@ -70,6 +72,9 @@ class SmtpServer:
         self.reuse_port = reuse_port
         self.shutdown_grace = shutdown_grace
         self.sessions: set[SmtpSession] = set()
+        self._admitted: set[SmtpSession] = set()
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._exempt = [ipaddress.ip_network(net) for net in self.config.connection_limit_exempt]
         self._pools = _Pools(self.config)
         self._server: asyncio.Server | None = None
         self._stopped: asyncio.Event | None = None
@@ -124,13 +129,45 @@ class SmtpServer:
 
     def _new_session(self) -> SmtpSession:
         session = SmtpSession(
-            self.config, self.on_session, pools=self._pools, on_close=self._session_closed
+            self.config,
+            self.on_session,
+            pools=self._pools,
+            on_close=self._session_closed,
+            admit=self._admit,
         )
         self.sessions.add(session)
         self._no_sessions.clear()
         return session
 
+    def _admit(self, session: SmtpSession) -> Reply | None:
+        """Connection limits, checked at connect (421 4.7.0, RFC 5321 3.8 / RFC 3463)."""
+        config = self.config
+        if config.max_connections and len(self._admitted) >= config.max_connections:
+            return _R_TOO_MANY_CONNECTIONS
+        ip = _peer_ip(session.peer)
+        if ip is not None and config.max_connections_per_ip and not self._is_exempt(ip):
+            if self._per_ip[ip] >= config.max_connections_per_ip:
+                return _R_TOO_MANY_FROM_IP
+        self._admitted.add(session)
+        if ip is not None:
+            self._per_ip[ip] += 1
+        return None
+
+    def _is_exempt(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self._exempt)
+
     def _session_closed(self, session: SmtpSession) -> None:
+        if session in self._admitted:
+            self._admitted.discard(session)
+            ip = _peer_ip(session.peer)
+            if ip is not None:
+                self._per_ip[ip] -= 1
+                if self._per_ip[ip] <= 0:
+                    del self._per_ip[ip]
         self.sessions.discard(session)
         if not self.sessions:
             self._no_sessions.set()
@@ -217,6 +254,16 @@ class SmtpServer:
             await self.serve_forever()
         finally:
             await self.stop()
+
+
+_R_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+_R_TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")
+
+
+def _peer_ip(peer: Any) -> str | None:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
 
 
 def _format(address: Any) -> str:

@@ -72,7 +72,7 @@ from .extensions import R_TOO_BIG, check_mail_parameters, check_rcpt_parameters,
 from .parser import BdatReader, BufferPool, DataReader, LineReader
 from .replies import Reply, coerce_reply, default_enhanced_code
 
-__all__ = ["OnSession", "SessionConfig", "SmtpSession", "TlsInfo"]
+__all__ = ["OnSession", "SessionConfig", "SessionLogger", "SmtpSession", "TlsInfo"]
 
 log = logging.getLogger("alephsmtp.session")
 
@@ -82,6 +82,24 @@ Finish = Callable[[str, Any], None]
 Coerce = Callable[[object, str, Reply], Any]
 
 _session_ids = itertools.count(1)
+
+
+class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every record with the session's number and peer; adds both as extras.
+
+    Only facts about the connection are logged: never a message body, never a credential.
+    """
+
+    def __init__(self, logger: logging.Logger, session: SmtpSession) -> None:
+        super().__init__(logger, {})
+        self.session = session
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        session = self.session
+        peer = session.peer
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        kwargs.setdefault("extra", {}).update(smtp_session=session.id, smtp_peer=where)
+        return f"session {session.id} [{where}] {msg}", kwargs
 
 
 class _Pools:
@@ -205,9 +223,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         *,
         pools: _Pools | None = None,
         on_close: Callable[[SmtpSession], None] | None = None,
+        admit: Callable[[SmtpSession], Reply | None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.config = config
+        self._admit = admit
         self.id = next(_session_ids)
         self._on_session = on_session
         self._on_close = on_close
@@ -218,6 +238,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = loop  # tests pass a fake clock
         self.peer: Any = None
+        self.log = SessionLogger(log, self)
         self.state = State.GREETING
         self.helo_name: str | None = None
         self.esmtp = False
@@ -328,7 +349,14 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._last_activity = self._loop.time()
         self._reading = True
         self._set_reading(False)  # nothing is read before the greeting (RFC 5321 3.1)
-        log.debug("session %d: connected from %s", self.id, self.peer)
+        self.log.debug("connected")
+        refusal = self._admit(self) if self._admit is not None else None
+        if refusal is not None:
+            # Over a connection limit: say so before the greeting and close (RFC 5321 3.1).
+            self.log.info("refused: %s", refusal)
+            self._started = True
+            self._send_and_close(refusal)
+            return
         on_session = self._on_session
         if on_session is None:
             self.start_transaction()
@@ -336,7 +364,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         try:
             result = on_session(self)
         except Exception:
-            log.exception("session %d: on_session handler failed", self.id)
+            self.log.exception("on_session handler failed")
             self._send_and_close(_R_UNAVAILABLE)
             return
         if inspect.isawaitable(result):
@@ -348,7 +376,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         try:
             await awaitable
         except Exception:
-            log.exception("session %d: on_session handler failed", self.id)
+            self.log.exception("on_session handler failed")
             self._send_and_close(_R_UNAVAILABLE)
             return
         self.start_transaction()
@@ -401,8 +429,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._line_reader.take_pending()
         self._held.clear()
         if partial:
-            log.info("session %d: connection lost during a message; discarded", self.id)
-        log.debug("session %d: connection lost (%s)", self.id, exc or "closed")
+            self.log.info("connection lost during a message; discarded")
+        self.log.debug("connection lost (%s)", exc or "closed")
         if self.disconnected:
             self._notify(self.disconnected, ConnectionLostEventArgs(exc))
         if self._on_close is not None:
@@ -779,7 +807,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if refusal is not None or envelope is None:
             # Read to its end, so the session is in sync; never delivered.
             reply = refusal if refusal is not None else _R_HANDLER_FAILED
-            log.info("session %d: message refused: %s", self.id, reply)
+            self.log.info("message refused: %s", reply)
             self._finish_message("DATA", reply)
             return
         envelope.message = message
@@ -910,7 +938,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                 ssl_handshake_timeout=self.config.tls_handshake_timeout,
             )
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as error:
-            log.info("session %d: TLS handshake failed: %s", self.id, error)
+            self.log.info("TLS handshake failed: %s", error)
             self._busy = False
             self.abort()
             return
@@ -918,7 +946,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self._transport = tls_transport
         self.tls = TlsInfo.of(tls_transport)
-        log.debug("session %d: TLS up (%s, %s)", self.id, self.tls.version, self.tls.cipher)
+        self.log.debug("TLS up (%s, %s)", self.tls.version, self.tls.cipher)
         # RFC 3207 4.2: forget everything learnt from the client before TLS.
         self._reset_transaction()
         self.state = State.NEED_HELO
@@ -996,9 +1024,9 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _finish_auth(self, username: str, reply: Reply) -> None:
         if reply.code // 100 == 2:
             self.authenticated_as = username
-            log.info("session %d: authenticated as %r", self.id, username)
+            self.log.info("authenticated as %r", username)
         else:
-            log.info("session %d: authentication failed for %r", self.id, username)
+            self.log.info("authentication failed for %r", username)
         self._write(reply)
 
     # --- handlers ---------------------------------------------------------------------------
@@ -1045,7 +1073,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                 result = None
             reply = to_reply(result, verb, default)
         except Exception:
-            log.exception("session %d: %s handler failed", self.id, event.name)
+            self.log.exception("%s handler failed", event.name)
             reply = to_reply(failure, verb, failure)
         finish(verb, reply)
 
@@ -1070,7 +1098,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                     result = await result
             reply = to_reply(result, verb, default)
         except Exception:
-            log.exception("session %d: %s handler failed", self.id, verb)
+            self.log.exception("%s handler failed", verb)
             reply = to_reply(failure, verb, failure)
         self._busy = False
         if self.state is State.CLOSED or self._transport is None:
@@ -1102,9 +1130,9 @@ class SmtpSession(asyncio.BufferedProtocol):
             try:
                 result = handler(self, args)
                 if inspect.isawaitable(result):
-                    self._spawn(_ignore_result(result, self.id, event.name))
+                    self._spawn(_ignore_result(result, self.log, event.name))
             except Exception:
-                log.exception("session %d: %s handler failed", self.id, event.name)
+                self.log.exception("%s handler failed", event.name)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
@@ -1160,17 +1188,17 @@ class SmtpSession(asyncio.BufferedProtocol):
             # The client waits for us, not we for it.
             self._last_activity = self._loop.time()
         if self._loop.time() - self._last_activity >= self.config.idle_timeout:
-            log.info("session %d: idle timeout", self.id)
+            self.log.info("idle timeout")
             self._send_and_close(_R_TIMEOUT)
             return
         self._arm_idle_timer()
 
 
-async def _ignore_result(awaitable: Awaitable[Any], session_id: int, name: str) -> None:
+async def _ignore_result(awaitable: Awaitable[Any], logger: SessionLogger, name: str) -> None:
     try:
         await awaitable
     except Exception:
-        log.exception("session %d: %s handler failed", session_id, name)
+        logger.exception("%s handler failed", name)
 
 
 _EVENT_NAMES = (
