@@ -40,6 +40,14 @@ class SessionConfig:
     connection_limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # networks
     bare_newline: str = "reject"  # or "normalize" (Postfix smtpd_forbid_bare_newline)
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
+    data_timeout: float = 180.0  # between reads of a message (RFC 5321 4.5.3.2.5: 3 minutes)
+    min_data_rate: int = 500  # bytes/s over a message, after data_rate_grace (Postfix: 500)
+    data_rate_grace: float = 30.0  # seconds before the data rate is judged
+    handler_timeout: float = 60.0  # an async handler's answer to a command; 451 4.3.0 past it
+    message_handler_timeout: float = 300.0  # message_received (RFC 5321 4.5.3.2.6: < 10 min)
+    max_bad_commands: int = 20  # syntax/sequence errors before 421 4.7.0 (Postfix: 20)
+    max_transactions: int = 0  # per session, 0: no limit; 421 4.7.0 past it
+    max_commands: int = 0  # per session, 0: no limit; 421 4.7.0 past it
     enhanced_status_codes: bool = True  # RFC 2034
     eightbitmime: bool = True  # RFC 6152
     smtputf8: bool = True  # RFC 6531
@@ -68,6 +76,10 @@ class SessionConfig:
             "max_recipients",
             "max_connections",
             "max_connections_per_ip",
+            "min_data_rate",
+            "max_bad_commands",
+            "max_transactions",
+            "max_commands",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

@@ -29,6 +29,8 @@ __all__ = [
     "EventArgs",
     "Handler",
     "HandlerResult",
+    "MessageChunkEventArgs",
+    "MessageDiscardedEventArgs",
     "MessageReceivedEventArgs",
 ]
 
@@ -100,10 +102,43 @@ class CommandEventArgs(EventArgs, Generic[CommandT]):
 
 @dataclass(slots=True)
 class MessageReceivedEventArgs(EventArgs):
-    """A complete message: the unstuffed body, byte-exact, and the transaction's envelope."""
+    """A complete message: the unstuffed body, byte-exact, and the transaction's envelope.
+
+    When the session's ``message_chunk`` event has handlers, the body went to them as it
+    arrived: ``streamed`` is true, ``message`` is empty and ``size`` says how much there was.
+    """
 
     envelope: SmtpEnvelope
     message: bytes
+    streamed: bool = False
+    size: int = -1
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.message)
+
+
+@dataclass(slots=True)
+class MessageChunkEventArgs(EventArgs):
+    """A piece of a message as it streams in (unstuffed), at ``offset`` in the message.
+
+    The pieces of one message, joined in order, are the message. It is not accepted yet:
+    ``message_received`` (accepted) or ``message_discarded`` (refused, or the connection
+    dropped) follows. An async handler pauses reading until it is done (back-pressure).
+    """
+
+    envelope: SmtpEnvelope
+    chunk: bytes
+    offset: int
+
+
+@dataclass(slots=True)
+class MessageDiscardedEventArgs(EventArgs):
+    """A message whose chunks were streamed was not accepted; ``reply`` is why (or ``None``
+    when the connection dropped)."""
+
+    envelope: SmtpEnvelope
+    reply: Reply | None
 
 
 @dataclass(slots=True)

@@ -66,6 +66,8 @@ from .events import (
     Event,
     EventArgs,
     HandlerResult,
+    MessageChunkEventArgs,
+    MessageDiscardedEventArgs,
     MessageReceivedEventArgs,
 )
 from .extensions import R_TOO_BIG, check_mail_parameters, check_rcpt_parameters, ehlo_keywords
@@ -82,6 +84,7 @@ Finish = Callable[[str, Any], None]
 Coerce = Callable[[object, str, Reply], Any]
 
 _session_ids = itertools.count(1)
+_RATE_CHECK_PERIOD = 5.0  # seconds between data-rate checks while a message streams in
 
 
 class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -151,6 +154,13 @@ _R_HANDLER_FAILED = Reply(451, "4.3.0", "Error: local error in processing")
 _R_MESSAGE_HANDLER_FAILED = Reply(554, "5.3.0", "Error: message could not be processed")
 _R_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
 _R_TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
+_R_SLOW = Reply(421, "4.4.2", "Error: data rate too low")
+_R_HANDLER_TIMEOUT = Reply(451, "4.3.0", "Error: timeout while processing, try again later")
+_R_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
+_R_TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Error: too many commands in this session")
+_R_TOO_MANY_TRANSACTIONS = Reply(421, "4.7.0", "Error: too many transactions in this session")
+# Replies that count towards max_bad_commands: syntax, sequence, unknown (RFC 5321 4.2.2).
+_BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
 _R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 _R_UNAVAILABLE = Reply(421, "4.3.0", "Service not available, closing connection")
 _R_DATA_BARE = Reply(554, "5.5.2", "Error: message contains bare <CR> or <LF>")
@@ -211,7 +221,9 @@ class SmtpSession(asyncio.BufferedProtocol):
     help: Event[CommandEventArgs[HelpCommand]]
     starttls: Event[CommandEventArgs[StarttlsCommand]]
     auth: Event[AuthEventArgs]
+    message_chunk: Event[MessageChunkEventArgs]
     message_received: Event[MessageReceivedEventArgs]
+    message_discarded: Event[MessageDiscardedEventArgs]
     close_requested: Event[EventArgs]
     unhandled_command: Event[CommandEventArgs[SmtpCommand]]
     disconnected: Event[ConnectionLostEventArgs]
@@ -260,7 +272,14 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._started = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_activity = 0.0
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._handler_task: asyncio.Task[None] | None = None
+        self._handler_deadline: float | None = None
+        self._handler_timed_out = False
+        self._bad_commands = 0
+        self._commands = 0
+        self._transactions = 0
+        self._limit_reply: Reply | None = None  # a limit was passed: say it and close
         self._reply_cache: dict[Reply, bytes] = {}
         # transaction
         self.envelope: SmtpEnvelope | None = None
@@ -270,6 +289,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._bdat_refusal: Reply | None = None
         self._chunks: list[bytes] = []
         self._message_size = 0  # BDAT: what earlier chunks of this message added up to
+        self._message_started = 0.0  # when DATA's 354 or the first BDAT came
+        self._message_bytes = 0  # bytes read for this message (for min_data_rate)
+        self._streamed = 0  # bytes handed to message_chunk handlers
+        self._stream_failed = False
 
     def __repr__(self) -> str:
         return f"<SmtpSession #{self.id} {self.peer!r} {self.state.value}>"
@@ -299,7 +322,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self.close()
             return
         self.state = State.NEED_HELO
-        self._arm_idle_timer()
+        self._arm_timer()
         self._update_reading()
 
     def close(self) -> None:
@@ -414,9 +437,9 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release_buffer()
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         partial = self._data_reader is not None or self._bdat_reader is not None
         partial = partial or self.state is State.BDAT
         self.state = State.CLOSED
@@ -430,6 +453,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._held.clear()
         if partial:
             self.log.info("connection lost during a message; discarded")
+            if self.message_chunk and self.envelope is not None:
+                self._notify(self.message_discarded, MessageDiscardedEventArgs(self.envelope, None))
         self.log.debug("connection lost (%s)", exc or "closed")
         if self.disconnected:
             self._notify(self.disconnected, ConnectionLostEventArgs(exc))
@@ -487,8 +512,10 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _consume(self, data: memoryview | bytes) -> None:
         """Hand a read to whichever reader the session is in: message, chunk or commands."""
         if self._data_reader is not None:
+            self._message_bytes += len(data)
             self._feed_message(self._data_reader, data)
         elif self._bdat_reader is not None:
+            self._message_bytes += len(data)
             self._feed_chunk(self._bdat_reader, data)
         else:
             self._lines.extend(self._line_reader.feed(data))
@@ -497,6 +524,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         """Answer every complete command line, in order, until one needs to wait."""
         lines = self._lines
         while not self._busy and self.state is not State.CLOSED:
+            if self._limit_reply is not None:
+                self.log.info("closing: %s", self._limit_reply)
+                self._send_and_close(self._limit_reply)
+                break
             if lines:
                 self._handle_line(lines.popleft())
             elif self._held:
@@ -525,6 +556,10 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _handle_line(self, line: bytes | SmtpError) -> None:
         if self._sasl is not None:
             self._auth_response(line)
+            return
+        self._commands += 1
+        if self.config.max_commands and self._commands > self.config.max_commands:
+            self._limit_reply = _R_TOO_MANY_COMMANDS
             return
         if not isinstance(line, bytes):
             self._write(_error_reply(line))
@@ -630,6 +665,9 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _on_mail(self, command: MailCommand) -> None:
         config = self.config
+        if config.max_transactions and self._transactions >= config.max_transactions:
+            self._limit_reply = _R_TOO_MANY_TRANSACTIONS
+            return
         if config.require_tls and self.tls is None:
             self._write(_R_TLS_REQUIRED)
             return
@@ -651,6 +689,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _finish_mail(self, command: MailCommand, reply: Reply) -> None:
         accepted = reply.code // 100 == 2
         if accepted:
+            self._transactions += 1
             self.envelope = SmtpEnvelope(
                 return_path=command.return_path,
                 mail_parameters=dict(command.parameters),
@@ -710,6 +749,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self._flush()
         self.state = State.DATA
+        self._start_message_clock()
         config = self.config
         self._data_reader = reader = DataReader(
             config.max_message_size, config.max_text_line_length, config.bare_newline
@@ -720,19 +760,90 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _feed_message(self, reader: DataReader, data: memoryview | bytes) -> None:
         chunk = reader.feed(data)
-        if chunk:
+        then = (lambda: self._message_read(reader)) if reader.done else None
+        if chunk and self._take_chunk(chunk, then):
+            return  # an async chunk handler runs; ``then`` follows it
+        if then is not None:
+            then()
+
+    def _message_read(self, reader: DataReader) -> None:
+        """The end mark was read: answer the message, then what was pipelined after it."""
+        self._data_reader = None
+        trailing = reader.trailing
+        error = reader.error
+        self._end_of_message(_message_error_reply(error) if error is not None else None)
+        if trailing:
+            # Pipelined commands after the end of data (RFC 2920): answered after the
+            # message's reply, in order.
+            self._requeue(trailing)
+
+    def _start_message_clock(self) -> None:
+        assert self._loop is not None
+        self._message_started = self._loop.time()
+        self._message_bytes = 0
+        self._rearm_timer()  # the data timeout and rate checks apply from now on
+
+    def _take_chunk(self, chunk: bytes, then: Callable[[], None] | None) -> bool:
+        """Keep a piece of the message, or stream it to ``message_chunk`` handlers.
+
+        Returns true when an async handler took it: reading pauses until it is done
+        (back-pressure), and ``then`` runs after it.
+        """
+        handlers = self.message_chunk.handlers
+        if not handlers:
             self._chunks.append(chunk)
-        if reader.done:
-            self._data_reader = None
-            trailing = reader.trailing
-            if reader.error is not None:
-                self._end_of_message(_message_error_reply(reader.error))
-            else:
-                self._end_of_message(None)
-            if trailing:
-                # Pipelined commands after the end of data (RFC 2920): answered after the
-                # message's reply, in order.
-                self._requeue(trailing)
+            return False
+        envelope = self.envelope
+        if envelope is None or self._stream_failed:
+            return False
+        args = MessageChunkEventArgs(envelope, chunk, self._streamed)
+        self._streamed += len(chunk)
+        for index, handler in enumerate(handlers):
+            try:
+                result = handler(self, args)
+            except Exception:
+                self.log.exception("message_chunk handler failed")
+                self._stream_failed = True
+                return False
+            if inspect.isawaitable(result):
+                self._busy = True
+                self._flush()
+                self._update_reading()
+                self._handler_task = self._spawn(
+                    self._stream_async(result, handlers[index + 1 :], args, then)
+                )
+                self._start_handler_clock(self.config.handler_timeout)
+                return True
+        return False
+
+    async def _stream_async(
+        self,
+        pending: Awaitable[Any],
+        rest: tuple[Callable[[Any, MessageChunkEventArgs], HandlerResult], ...],
+        args: MessageChunkEventArgs,
+        then: Callable[[], None] | None,
+    ) -> None:
+        try:
+            await pending
+            for handler in rest:
+                result = handler(self, args)
+                if inspect.isawaitable(result):
+                    await result
+        except asyncio.CancelledError:
+            if not self._handler_timed_out:
+                raise
+            self._stream_failed = True
+        except Exception:
+            self.log.exception("message_chunk handler failed")
+            self._stream_failed = True
+        self._stop_handler_clock()
+        self._busy = False
+        if self.state is State.CLOSED or self._transport is None:
+            return
+        if then is not None:
+            then()
+        self._update_reading()
+        self._pump()
 
     def _requeue(self, data: bytes) -> None:
         if self._busy:
@@ -753,6 +864,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._bdat_reader = reader = BdatReader(
             command.size, config.max_message_size, self._message_size
         )
+        if self.state is not State.BDAT:
+            self._start_message_clock()
         pending = self._line_reader.take_pending()
         if reader.done:  # BDAT 0
             self._end_of_chunk(reader, pending)
@@ -761,10 +874,11 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _feed_chunk(self, reader: BdatReader, data: memoryview | bytes) -> None:
         chunk = reader.feed(data)
-        if chunk and self._bdat_refusal is None:
-            self._chunks.append(chunk)
-        if reader.done:
-            self._end_of_chunk(reader, reader.trailing)
+        then = (lambda: self._end_of_chunk(reader, reader.trailing)) if reader.done else None
+        if chunk and self._bdat_refusal is None and self._take_chunk(chunk, then):
+            return  # an async chunk handler runs; ``then`` follows it
+        if then is not None:
+            then()
 
     def _end_of_chunk(self, reader: BdatReader, trailing: bytes) -> None:
         command, refusal = self._bdat_command, self._bdat_refusal
@@ -804,14 +918,19 @@ class SmtpSession(asyncio.BufferedProtocol):
         message = b"".join(self._chunks)
         self._chunks = []
         envelope = self.envelope
+        streamed = bool(self.message_chunk)
+        if refusal is None and self._stream_failed:
+            refusal = _R_MESSAGE_HANDLER_FAILED
         if refusal is not None or envelope is None:
             # Read to its end, so the session is in sync; never delivered.
             reply = refusal if refusal is not None else _R_HANDLER_FAILED
             self.log.info("message refused: %s", reply)
+            if streamed and envelope is not None:
+                self._notify(self.message_discarded, MessageDiscardedEventArgs(envelope, reply))
             self._finish_message("DATA", reply)
             return
-        envelope.message = message
-        args = MessageReceivedEventArgs(envelope, message)
+        envelope.message = None if streamed else message
+        args = MessageReceivedEventArgs(envelope, message, streamed, self._streamed)
         if self.config.lmtp:
             # RFC 2033 4.2: one reply per accepted recipient, in order.
             self._dispatch(
@@ -898,6 +1017,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.envelope = None
         self._chunks = []
         self._message_size = 0
+        self._streamed = 0
+        self._stream_failed = False
 
     # STARTTLS (RFC 3207)
 
@@ -1061,10 +1182,15 @@ class SmtpSession(asyncio.BufferedProtocol):
                     self._flush()
                     self._update_reading()
                     rest = handlers[index + 1 :]
-                    self._spawn(
+                    self._handler_task = self._spawn(
                         self._dispatch_async(
                             result, rest, args, verb, default, finish, failure, to_reply
                         )
+                    )
+                    self._start_handler_clock(
+                        self.config.message_handler_timeout
+                        if isinstance(args, MessageReceivedEventArgs)
+                        else self.config.handler_timeout
                     )
                     return
                 if result is not None:
@@ -1097,9 +1223,14 @@ class SmtpSession(asyncio.BufferedProtocol):
                 if inspect.isawaitable(result):
                     result = await result
             reply = to_reply(result, verb, default)
+        except asyncio.CancelledError:
+            if not self._handler_timed_out:
+                raise  # the session is going away
+            reply = to_reply(_R_HANDLER_TIMEOUT, verb, _R_HANDLER_TIMEOUT)
         except Exception:
             self.log.exception("%s handler failed", verb)
             reply = to_reply(failure, verb, failure)
+        self._stop_handler_clock()
         self._busy = False
         if self.state is State.CLOSED or self._transport is None:
             return
@@ -1134,15 +1265,40 @@ class SmtpSession(asyncio.BufferedProtocol):
             except Exception:
                 self.log.exception("%s handler failed", event.name)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         assert self._loop is not None
         task = self._loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_handler_clock(self, timeout: float) -> None:
+        if timeout > 0 and self._loop is not None:
+            self._handler_deadline = self._loop.time() + timeout
+            self._rearm_timer()
+
+    def _stop_handler_clock(self) -> None:
+        self._handler_task = None
+        self._handler_deadline = None
+        self._handler_timed_out = False
+        if self._loop is not None:
+            self._last_activity = self._loop.time()
+        self._rearm_timer()
+
+    def _rearm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._arm_timer()
 
     # --- writing ----------------------------------------------------------------------------
 
     def _write(self, reply: Reply, enhanced: bool = True) -> None:
+        if reply.code in _BAD_COMMAND_CODES:
+            self._bad_commands += 1
+            limit = self.config.max_bad_commands
+            if limit and self._bad_commands >= limit and self._limit_reply is None:
+                self._limit_reply = _R_TOO_MANY_ERRORS
         key = reply if enhanced else Reply(reply.code, "", reply.text)
         try:
             data = self._reply_cache.get(key)
@@ -1171,27 +1327,72 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     # --- timers -----------------------------------------------------------------------------
 
-    def _arm_idle_timer(self) -> None:
-        timeout = self.config.idle_timeout
-        if timeout <= 0 or self._loop is None:
-            return
-        # One timer per timeout period, not one per read: a read only stamps the time, and
-        # the timer re-arms itself for what is left (cheap on a busy connection).
-        remaining = self._last_activity + timeout - self._loop.time()
-        self._idle_handle = self._loop.call_later(max(remaining, 0.0), self._on_idle_timer)
+    @property
+    def _in_message(self) -> bool:
+        return (
+            self._data_reader is not None
+            or self._bdat_reader is not None
+            or self.state in (State.DATA, State.BDAT)
+        )
 
-    def _on_idle_timer(self) -> None:
-        self._idle_handle = None
-        if self.state is State.CLOSED or self._loop is None:
+    def _arm_timer(self) -> None:
+        """One timer for the nearest deadline; a read only stamps the time (cheap)."""
+        loop, config = self._loop, self.config
+        if loop is None or self.state is State.CLOSED:
             return
+        now = loop.time()
+        if self._busy and self._handler_deadline is not None:
+            deadline = self._handler_deadline
+        elif self._in_message:
+            deadline = self._last_activity + config.data_timeout
+            if config.min_data_rate:
+                deadline = min(deadline, now + _RATE_CHECK_PERIOD)
+        elif config.idle_timeout > 0:
+            deadline = self._last_activity + config.idle_timeout
+        else:
+            return
+        self._timer = loop.call_later(max(deadline - now, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        loop, config = self._loop, self.config
+        if self.state is State.CLOSED or loop is None:
+            return
+        now = loop.time()
         if self._busy:
-            # The client waits for us, not we for it.
-            self._last_activity = self._loop.time()
-        if self._loop.time() - self._last_activity >= self.config.idle_timeout:
+            if self._handler_deadline is not None and now >= self._handler_deadline:
+                self._expire_handler()
+            else:
+                self._last_activity = now  # the client waits for us, not we for it
+        elif self._in_message:
+            if now - self._last_activity >= config.data_timeout:
+                self.log.info("timeout while reading a message")
+                self._send_and_close(_R_TIMEOUT)
+                return
+            elapsed = now - self._message_started
+            if (
+                config.min_data_rate
+                and elapsed >= config.data_rate_grace
+                and self._message_bytes < config.min_data_rate * elapsed
+            ):
+                # A slowloris client: bytes trickle in just often enough to beat the timeout.
+                self.log.info("data rate too low: %d bytes in %.0f s", self._message_bytes, elapsed)
+                self._send_and_close(_R_SLOW)
+                return
+        elif config.idle_timeout > 0 and now - self._last_activity >= config.idle_timeout:
             self.log.info("idle timeout")
             self._send_and_close(_R_TIMEOUT)
             return
-        self._arm_idle_timer()
+        self._arm_timer()
+
+    def _expire_handler(self) -> None:
+        """A handler took longer than its timeout: it is cancelled, the client gets 451."""
+        task = self._handler_task
+        self._handler_deadline = None
+        if task is not None and not task.done():
+            self.log.warning("handler timed out; cancelled")
+            self._handler_timed_out = True
+            task.cancel()
 
 
 async def _ignore_result(awaitable: Awaitable[Any], logger: SessionLogger, name: str) -> None:
@@ -1217,7 +1418,9 @@ _EVENT_NAMES = (
     "help",
     "starttls",
     "auth",
+    "message_chunk",
     "message_received",
+    "message_discarded",
     "close_requested",
     "unhandled_command",
     "disconnected",

@@ -1,0 +1,302 @@
+"""Limits, timeouts (on a fake clock), faults and streaming: nothing lost, nothing hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import pytest
+
+from _harness import Harness, MockLoop, settle
+from alephsmtp import Reply, SmtpServer
+
+TRANSACTION = b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+
+
+def received(h: Harness) -> list[Any]:
+    messages: list[Any] = []
+    h.session.message_received += lambda s, e: messages.append(e)
+    return messages
+
+
+# --- timeouts -----------------------------------------------------------------------------
+
+
+async def test_data_timeout() -> None:
+    loop = MockLoop()
+    h = Harness(loop=loop, idle_timeout=300, data_timeout=180, min_data_rate=0)
+    messages = received(h)
+    h.send(TRANSACTION + b"part of a message\r\n")
+    h.output()
+    loop.advance(179)
+    assert not h.transport.closed
+    h.send(b"more\r\n")  # activity restarts the clock
+    loop.advance(179)
+    assert not h.transport.closed
+    loop.advance(1)
+    assert h.replies() == ["421 4.4.2 Error: timeout exceeded"]
+    assert h.transport.closed
+    assert messages == []
+
+
+async def test_slowloris_is_cut_by_the_minimum_data_rate() -> None:
+    loop = MockLoop()
+    h = Harness(loop=loop, data_timeout=180, min_data_rate=500, data_rate_grace=30)
+    h.send(TRANSACTION)
+    h.output()
+    # One byte every 4 seconds beats the 180 s timeout forever, but not the rate.
+    for _ in range(10):
+        loop.advance(4)
+        h.send(b"x")
+        if h.transport.closed:
+            break
+    assert h.replies() == ["421 4.4.2 Error: data rate too low"]
+    assert h.transport.closed
+
+
+async def test_a_fast_client_is_never_cut_by_the_rate_check() -> None:
+    loop = MockLoop()
+    h = Harness(loop=loop, min_data_rate=500, data_rate_grace=30)
+    messages = received(h)
+    h.send(TRANSACTION)
+    for _ in range(20):
+        loop.advance(5)
+        h.send(b"y" * 2998 + b"\r\n")  # 600 bytes/s
+    h.send(b".\r\n")
+    assert h.codes()[-1] == "250"
+    assert len(messages[0].message) == 60000
+
+
+async def test_hanging_handler_times_out_with_451_and_the_session_goes_on() -> None:
+    loop = MockLoop()
+    never = asyncio.Event()
+
+    async def hang(sender: Any, e: Any) -> str:
+        await never.wait()
+        return "250 2.1.5 too late"
+
+    h = Harness(lambda s: s.rcpt.connect(hang), loop=loop, handler_timeout=60)
+    h.send(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+    await settle()
+    h.output()
+    loop.advance(59)
+    await settle()
+    assert h.replies() == []
+    loop.advance(1)
+    await settle()
+    assert h.replies() == ["451 4.3.0 Error: timeout while processing, try again later"]
+    assert h.transport.reading
+    h.send(b"NOOP\r\n")
+    assert h.replies() == ["250 2.0.0 OK"]
+
+
+async def test_hanging_message_handler_times_out_and_nothing_is_accepted() -> None:
+    loop = MockLoop()
+    never = asyncio.Event()
+
+    async def hang(sender: Any, e: Any) -> None:
+        await never.wait()
+
+    h = Harness(lambda s: s.message_received.connect(hang), loop=loop, message_handler_timeout=300)
+    h.send(TRANSACTION + b"body\r\n.\r\n")
+    await settle()
+    h.output()
+    loop.advance(300)
+    await settle()
+    assert h.replies() == ["451 4.3.0 Error: timeout while processing, try again later"]
+
+
+# --- limits -------------------------------------------------------------------------------
+
+
+async def test_too_many_bad_commands() -> None:
+    h = Harness(max_bad_commands=3)
+    h.output()
+    h.send(b"FOO\r\nBAR\r\nNOOP\r\nBAZ\r\nNOOP\r\n")
+    assert h.replies() == [
+        "500 5.5.1 Error: command not recognized",
+        "500 5.5.1 Error: command not recognized",
+        "250 2.0.0 OK",
+        "500 5.5.1 Error: command not recognized",
+        "421 4.7.0 Error: too many errors",
+    ]
+    assert h.transport.closed
+
+
+async def test_max_commands_and_transactions() -> None:
+    h = Harness(max_commands=3)
+    h.output()
+    h.send(b"NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n")
+    assert h.replies()[-1] == "421 4.7.0 Error: too many commands in this session"
+    assert h.transport.closed
+    h = Harness(max_transactions=1)
+    messages = received(h)
+    h.send(TRANSACTION + b"one\r\n.\r\nMAIL FROM:<a@example.org>\r\n")
+    assert h.replies()[-2:] == [
+        "250 2.0.0 OK: queued",
+        "421 4.7.0 Error: too many transactions in this session",
+    ]
+    assert len(messages) == 1
+
+
+async def test_text_line_limit_policy() -> None:
+    h = Harness(max_text_line_length=1000)
+    messages = received(h)
+    h.send(TRANSACTION + b"x" * 998 + b"\r\n" + b"y" * 999 + b"\r\n.\r\nNOOP\r\n")
+    assert h.replies()[-2:] == ["500 5.5.6 Error: message line too long", "250 2.0.0 OK"]
+    assert messages == []
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        TRANSACTION + b"half a message",
+        TRANSACTION + b"line\r\n.",  # the end mark cut short
+        b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nBDAT 10\r\n12345",
+        b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nBDAT 2\r\n12",
+    ],
+)
+async def test_disconnect_mid_message_never_delivers(partial: bytes) -> None:
+    h = Harness()
+    messages = received(h)
+    h.send(partial)
+    h.transport.abort()
+    assert messages == []
+    assert h.session._pools.command.in_use == 0
+    assert h.session._pools.data.in_use == 0
+
+
+async def test_eof_mid_message_closes_without_delivery() -> None:
+    h = Harness()
+    messages = received(h)
+    h.send(TRANSACTION + b"partial\r\n")
+    assert h.session.eof_received() is False  # asyncio then closes the transport
+    h.transport.close()
+    assert messages == []
+
+
+async def test_a_client_that_never_reads_stops_being_read() -> None:
+    h = Harness()
+    h.session.pause_writing()  # the transport's write buffer is over its high-water mark
+    assert not h.transport.reading
+    h.session.resume_writing()
+    assert h.transport.reading
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "250 ok\r\n250 2.0.0 smuggled second reply",
+        "250 ok\r\n\r\n250 x",
+        Reply(250, "2.0.0", "line one\r\n250 2.0.0 pretend"),
+    ],
+)
+async def test_handler_replies_cannot_inject_a_second_reply(reply: Any) -> None:
+    h = Harness(lambda s: s.noop.connect(lambda sender, e: reply))
+    h.output()
+    h.send(b"NOOP\r\n")
+    lines = h.replies()
+    # Either refused (451) or one proper multi-line reply: every line but the last has "-".
+    assert all(line[3] == "-" for line in lines[:-1])
+    assert lines[-1][3] == " "
+    assert len({line[:3] for line in lines}) == 1
+
+
+# --- streaming ----------------------------------------------------------------------------
+
+
+async def test_streaming_hands_chunks_over_and_keeps_nothing() -> None:
+    chunks: list[bytes] = []
+    done: list[Any] = []
+
+    def on_session(s: Any) -> None:
+        def chunk(sender: Any, e: Any) -> None:
+            assert e.offset == sum(map(len, chunks))
+            assert sender._chunks == []  # the session holds none of it
+            chunks.append(e.chunk)
+
+        s.message_chunk += chunk
+        s.message_received += lambda sender, e: done.append(e)
+
+    h = Harness(on_session, read_size=7)
+    body = b"".join(b"line %d\r\n..dot\r\n" % i for i in range(100))
+    h.send(TRANSACTION + body + b".\r\n")
+    assert b"".join(chunks) == body.replace(b"\r\n..", b"\r\n.")
+    assert done[0].streamed
+    assert done[0].message == b""
+    assert done[0].size == len(b"".join(chunks))
+
+
+async def test_async_chunk_handler_pauses_reading() -> None:
+    gate = asyncio.Event()
+    got: list[bytes] = []
+
+    async def slow(sender: Any, e: Any) -> None:
+        await gate.wait()
+        got.append(e.chunk)
+
+    h = Harness(lambda s: s.message_chunk.connect(slow))
+    h.send(TRANSACTION + b"first\r\n")
+    await settle()
+    assert not h.transport.reading
+    gate.set()
+    await settle()
+    assert h.transport.reading
+    h.send(b"second\r\n.\r\n")
+    await settle()
+    assert b"".join(got) == b"first\r\nsecond\r\n"
+    assert h.codes()[-1] == "250"
+
+
+async def test_streamed_message_refused_or_dropped_is_discarded() -> None:
+    discarded: list[Any] = []
+
+    def on_session(s: Any) -> None:
+        s.message_chunk += lambda sender, e: None
+        s.message_discarded += lambda sender, e: discarded.append(e.reply)
+
+    h = Harness(on_session, max_message_size=10)
+    h.send(TRANSACTION + b"0123456789abc\r\n.\r\n")
+    assert h.codes()[-1] == "552"
+    assert [r.code for r in discarded] == [552]
+    h.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nx")
+    h.transport.close()
+    assert discarded[-1] is None
+
+
+async def test_streaming_a_large_message_over_a_socket() -> None:
+    """A 64 MiB message streams through; the session never holds it."""
+    digest = hashlib.sha256()
+    sizes: list[int] = []
+    held: list[int] = []
+
+    def on_session(s: Any) -> None:
+        def chunk(sender: Any, e: Any) -> None:
+            digest.update(e.chunk)
+            held.append(len(sender._chunks))
+
+        s.message_chunk += chunk
+        s.message_received += lambda sender, e: sizes.append(e.size)
+
+    line = b"x" * 1022 + b"\r\n"
+    block = line * 1024  # 1 MiB
+    async with SmtpServer("127.0.0.1", 0, on_session=on_session, max_message_size=0) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        await reader.readline()
+        writer.write(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        while not (await reader.readline()).startswith(b"354"):
+            pass
+        for _ in range(64):
+            writer.write(block)
+            await writer.drain()
+        writer.write(b".\r\nQUIT\r\n")
+        tail = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+    assert tail.startswith(b"250 2.0.0")
+    assert sizes == [64 << 20]
+    assert digest.hexdigest() == hashlib.sha256(block * 64).hexdigest()
+    assert set(held) == {0}
