@@ -474,21 +474,40 @@ async def test_bare_lf_in_commands_is_refused() -> None:
 @pytest.mark.parametrize(
     "smuggled",
     [
-        b"a\n.\nMAIL FROM:<evil@x.example>\r\n",
-        b"a\r.\rMAIL FROM:<evil@x.example>\r\n",
-        b"a\r\n.\nMAIL FROM:<evil@x.example>\r\n",
-        b"a\n.\r\nMAIL FROM:<evil@x.example>\r\n",
+        # Every known SMTP smuggling end-of-data variant, and cousins: none ends the message.
+        b"a\n.\nMAIL FROM:<evil@x.example>\r\n",  # <LF>.<LF>
+        b"a\r.\rMAIL FROM:<evil@x.example>\r\n",  # <CR>.<CR>
+        b"a\n.\r\nMAIL FROM:<evil@x.example>\r\n",  # <LF>.<CR><LF>
+        b"a\r\n.\nMAIL FROM:<evil@x.example>\r\n",  # <CR><LF>.<LF>
+        b"a\r\n.\rMAIL FROM:<evil@x.example>\r\n",  # <CR><LF>.<CR>
+        b"a\r\n.\x00\r\nMAIL FROM:<evil@x.example>\r\n",  # .<NUL>
+        b"a\r.\r\nMAIL FROM:<evil@x.example>\r\n",  # <CR>.<CR><LF>
+        b"a\r\n.\r\r\nMAIL FROM:<evil@x.example>\r\n",  # <CR><LF>.<CR><CR><LF>
+        b"a\r\n \r\n.\nMAIL FROM:<evil@x.example>\r\n",  # space line, then <LF>
+        b"a\r\n\x00.\r\nMAIL FROM:<evil@x.example>\r\n",  # <NUL>.<CR><LF>
     ],
 )
-async def test_smuggled_end_of_data_never_ends_the_message(smuggled: bytes) -> None:
-    h = Harness()
+@pytest.mark.parametrize("policy", ["reject", "normalize"])
+async def test_smuggled_end_of_data_never_ends_the_message(smuggled: bytes, policy: str) -> None:
+    h = Harness(bare_newline=policy)
     messages = received(h)
     h.send(TRANSACTION + smuggled)
     assert messages == []
-    assert h.session.state.value == "data"
+    assert h.session.state.value == "data"  # still the same message: nothing smuggled out
+    h.output()
     h.send(b"\r\n.\r\n")
-    assert h.codes()[-1] == "554"  # bare CR/LF refused, never delivered
-    assert messages == []
+    (reply,) = h.replies()
+    bare = smuggled.replace(b"\r\n", b"")
+    if policy == "reject" and (b"\r" in bare or b"\n" in bare):
+        # A bare CR or bare LF under "reject": refused, never delivered.
+        assert reply.startswith("554 5.5.2")
+        assert messages == []
+    else:
+        # Clean, or normalized (bare LF read as CRLF, bare CR kept as text): ONE message,
+        # with the would-be command inside it as text.
+        assert reply.startswith("250")
+        assert len(messages) == 1
+        assert b"MAIL FROM:<evil@x.example>" in messages[0].message
 
 
 async def test_bare_lf_normalized_when_configured() -> None:
