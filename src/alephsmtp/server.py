@@ -145,9 +145,13 @@ class SmtpServer:
         if config.max_connections and len(self._admitted) >= config.max_connections:
             return _R_TOO_MANY_CONNECTIONS
         ip = _peer_ip(session.peer)
-        if ip is not None and config.max_connections_per_ip and not self._is_exempt(ip):
-            if self._per_ip[ip] >= config.max_connections_per_ip:
-                return _R_TOO_MANY_FROM_IP
+        if (
+            ip is not None
+            and config.max_connections_per_ip
+            and self._per_ip[ip] >= config.max_connections_per_ip
+            and not self._is_exempt(ip)
+        ):
+            return _R_TOO_MANY_FROM_IP
         self._admitted.add(session)
         if ip is not None:
             self._per_ip[ip] += 1
