@@ -7,7 +7,10 @@ import pickle
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from alephsmtp import addresses
 from alephsmtp.addresses import (
     NULL_PATH,
     Address,
@@ -468,3 +471,36 @@ def test_parse_parameters_refuses(text: str, message: str) -> None:
         parse_parameters(text)
     assert (info.value.code, info.value.enhanced, info.value.text) == (501, "5.5.4", message)
     assert isinstance(info.value, CommandSyntaxError)
+
+
+# The fast path for the common <dot.atom@host> form must agree with the general parser.
+_atext = st.sampled_from(list("abcXYZ019!#$%&'*+-/=?^_`{|}~.@<> \"[]:,é"))
+
+
+_pathlike = st.one_of(
+    st.text(_atext, max_size=40),
+    st.from_regex(r"<[a-zA-Z.!#-]{0,70}@[a-z0-9.\-]{0,70}>( {0,2}[A-Z=0-9]{0,5})?", fullmatch=True),
+    st.from_regex(r"<[a-z]{60,70}@[a-z]{1,63}(\.[a-z]{1,63}){2,3}>", fullmatch=True),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_pathlike, st.booleans(), st.booleans(), st.booleans())
+def test_fast_path_agrees_with_the_general_parser(
+    body: str, allow_null: bool, allow_utf8: bool, allow_postmaster: bool
+) -> None:
+    text = "<" + body if not body.startswith("<") else body
+    options = {
+        "allow_null": allow_null,
+        "allow_utf8": allow_utf8,
+        "allow_postmaster": allow_postmaster,
+    }
+
+    def outcome(parse: Any) -> Any:
+        try:
+            address, rest = parse(text, **options)
+        except AddressError as error:
+            return type(error), error.code
+        return str(address), address.local_part, address.domain, rest
+
+    assert outcome(parse_path) == outcome(addresses._parse_path_general)
