@@ -300,3 +300,103 @@ async def test_streaming_a_large_message_over_a_socket() -> None:
     assert sizes == [64 << 20]
     assert digest.hexdigest() == hashlib.sha256(block * 64).hexdigest()
     assert set(held) == {0}
+
+
+# --- the same faults over real sockets ----------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def on_session(self, session: Any) -> None:
+        session.message_received += lambda s, e: self.messages.append(e.message)
+
+
+async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await reader.readline()).startswith(b"220 ")
+    return reader, writer
+
+
+async def test_half_close_and_reset_mid_data_deliver_nothing() -> None:
+    recorder = Recorder()
+    async with SmtpServer("127.0.0.1", 0, on_session=recorder.on_session) as srv:
+        for how in ("half-close", "reset"):
+            reader, writer = await _open(srv.port)
+            writer.write(TRANSACTION + b"a partial message\r\n.")
+            await writer.drain()
+            if how == "half-close":
+                writer.write_eof()
+                assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"250-")
+            else:
+                writer.transport.abort()  # RST
+            writer.close()
+        # The server still serves: a whole message gets through.
+        reader, writer = await _open(srv.port)
+        writer.write(TRANSACTION + b"whole\r\n.\r\nQUIT\r\n")
+        replies = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert replies.endswith(b"250 2.0.0 OK: queued\r\n221 2.0.0 Bye\r\n")
+    assert recorder.messages == [b"whole\r\n"]
+    assert [pool.in_use for pool in srv.buffer_pools] == [0, 0]
+
+
+async def test_a_client_that_never_reads_is_not_read_either() -> None:
+    async with SmtpServer("127.0.0.1", 0) as srv:
+        reader, writer = await _open(srv.port)
+        (session,) = srv.sessions
+        flood = b"NOOP\r\n" * 20000
+        # Keep sending without reading a reply; the server's replies fill the socket
+        # buffers, its transport pauses, and it stops reading our commands.
+        for _ in range(200):
+            writer.write(flood)
+            await asyncio.sleep(0.01)
+            if not session.transport.is_reading():  # type: ignore[union-attr]
+                break
+        assert not session.transport.is_reading()  # type: ignore[union-attr]
+        assert session.transport.get_write_buffer_size() < 1 << 20  # type: ignore[union-attr]
+        writer.transport.abort()
+
+
+async def test_shutdown_lets_a_transaction_in_progress_finish() -> None:
+    recorder = Recorder()
+    srv = SmtpServer("127.0.0.1", 0, on_session=recorder.on_session)
+    await srv.start()
+    reader, writer = await _open(srv.port)
+    writer.write(TRANSACTION + b"first half\r\n")
+    await writer.drain()
+    while len(await reader.readline()) and not srv.sessions:
+        pass
+    for _ in range(100):
+        if next(iter(srv.sessions)).state.value == "data":
+            break
+        await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(srv.stop(grace=10))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ConnectionRefusedError):  # no longer accepting ...
+        await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(b"second half\r\n.\r\n")  # ... but this transaction may finish
+    rest = await asyncio.wait_for(reader.read(), 5)
+    await stopping
+    assert rest.endswith(
+        b"250 2.0.0 OK: queued\r\n421 4.3.2 Service shutting down, closing connection\r\n"
+    )
+    assert recorder.messages == [b"first half\r\nsecond half\r\n"]
+
+
+async def test_tls_handshake_timeout(tmp_path: Any) -> None:
+    trustme = pytest.importorskip("trustme")
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost").configure_cert(context)
+    async with SmtpServer(
+        "127.0.0.1", 0, tls_context=context, implicit_tls=True, tls_handshake_timeout=0.2
+    ) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        # Say nothing: the server gives up on the handshake and closes.
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        # The connection never became a session, so nothing waits for it at shutdown.
+        assert not srv.sessions

@@ -135,12 +135,16 @@ class SmtpServer:
             on_close=self._session_closed,
             admit=self._admit,
         )
-        self.sessions.add(session)
-        self._no_sessions.clear()
         return session
 
     def _admit(self, session: SmtpSession) -> Reply | None:
-        """Connection limits, checked at connect (421 4.7.0, RFC 5321 3.8 / RFC 3463)."""
+        """Connection limits, checked at connect (421 4.7.0, RFC 5321 3.8 / RFC 3463).
+
+        A session counts from here (its ``connection_made``), not from its creation: with
+        implicit TLS a connection whose handshake fails never reaches the session at all.
+        """
+        self.sessions.add(session)
+        self._no_sessions.clear()
         config = self.config
         if config.max_connections and len(self._admitted) >= config.max_connections:
             return _R_TOO_MANY_CONNECTIONS
