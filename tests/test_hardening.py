@@ -344,7 +344,7 @@ async def test_half_close_and_reset_mid_data_deliver_nothing() -> None:
 
 async def test_a_client_that_never_reads_is_not_read_either() -> None:
     async with SmtpServer("127.0.0.1", 0) as srv:
-        reader, writer = await _open(srv.port)
+        _reader, writer = await _open(srv.port)
         (session,) = srv.sessions
         flood = b"NOOP\r\n" * 20000
         # Keep sending without reading a reply; the server's replies fill the socket

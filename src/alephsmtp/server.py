@@ -128,14 +128,13 @@ class SmtpServer:
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
 
     def _new_session(self) -> SmtpSession:
-        session = SmtpSession(
+        return SmtpSession(
             self.config,
             self.on_session,
             pools=self._pools,
             on_close=self._session_closed,
             admit=self._admit,
         )
-        return session
 
     def _admit(self, session: SmtpSession) -> Reply | None:
         """Connection limits, checked at connect (421 4.7.0, RFC 5321 3.8 / RFC 3463).
