@@ -1,55 +1,156 @@
 """``alephsmtp`` / ``python -m alephsmtp``: a working SMTP server from the shell.
 
-By default it listens on 127.0.0.1:8025 and prints every message it receives; ``--maildir``
-stores them in a Maildir instead.
+By default it listens on 127.0.0.1:8025 and prints every message it receives; options store
+them instead (Maildir, mbox, a directory of ``.eml`` files), relay them to another server, or
+discard them. TLS, AUTH, LMTP, limits, workers and the PROXY protocol are all options.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
-from .handlers import MaildirStore, PrintMessage
+from .handlers import EmlDirectory, MaildirStore, MboxStore, PrintMessage, Relay, sink
 from .parser import IMPLEMENTATION
 from .server import SmtpServer
 from .session import SmtpSession
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "load_credentials", "main"]
+
+log = logging.getLogger("alephsmtp.cli")
+
+_EXAMPLES = """\
+examples:
+  alephsmtp                                   print every message (127.0.0.1:8025)
+  alephsmtp --maildir ~/Maildir               store messages in a Maildir
+  alephsmtp --port 587 --tls-cert cert.pem --tls-key key.pem \\
+            --auth-file users.txt --auth-require      submission with STARTTLS and AUTH
+  alephsmtp --lmtp --port 24 --eml-dir /var/spool/lmtp   an LMTP server
+  alephsmtp --host 0.0.0.0 --port 25 --workers 4 --proxy-protocol   behind HAProxy
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
     parser = argparse.ArgumentParser(
         prog="alephsmtp",
-        description="Run an SMTP server that prints (or stores) every message it receives.",
+        description="Run an SMTP (or LMTP) server that prints, stores or relays every message.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    listen = parser.add_argument_group("listening")
+    listen.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="address to listen on; repeat for several (default: 127.0.0.1)",
     )
-    parser.add_argument(
+    listen.add_argument(
         "--port", type=int, default=8025, help="port to listen on (default: %(default)s)"
     )
-    parser.add_argument(
+    listen.add_argument(
         "--hostname",
         default=None,
-        help="name the server gives in its greeting (default: this host's FQDN)",
+        help="name in the greeting and the EHLO reply (default: this host's FQDN)",
     )
-    parser.add_argument(
-        "--maildir",
-        metavar="DIR",
+    listen.add_argument("--lmtp", action="store_true", help="speak LMTP (RFC 2033), not SMTP")
+    listen.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve from N processes sharing the port (SO_REUSEPORT; default: 1)",
+    )
+    listen.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="expect a PROXY protocol v1/v2 header from a load balancer",
+    )
+    listen.add_argument(
+        "--proxy-trusted",
+        action="append",
         default=None,
-        help="store messages in this Maildir instead of printing them",
+        metavar="NETWORK",
+        help="networks the PROXY header may come from; repeatable (default: loopback)",
     )
-    parser.add_argument(
+    listen.add_argument(
+        "--no-uvloop", action="store_true", help="use asyncio's own loop even if uvloop is there"
+    )
+
+    output = parser.add_argument_group(
+        "what happens to each message (default: print it; several may be combined, in order)"
+    )
+    output.add_argument("--maildir", metavar="DIR", help="store in this Maildir")
+    output.add_argument("--mbox", metavar="FILE", help="append to this mbox file")
+    output.add_argument("--eml-dir", metavar="DIR", help="one .eml file per message in DIR")
+    output.add_argument(
+        "--relay", metavar="HOST[:PORT]", help="forward to this SMTP server (port 25)"
+    )
+    output.add_argument("--sink", action="store_true", help="accept and discard")
+    output.add_argument("--relay-starttls", action="store_true", help="use STARTTLS to the relay")
+    output.add_argument("--relay-user", help="AUTH user name at the relay")
+    output.add_argument(
+        "--relay-password-file",
+        metavar="FILE",
+        help="file holding the relay's password (or set ALEPHSMTP_RELAY_PASSWORD)",
+    )
+
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", metavar="PEM", help="certificate chain: offers STARTTLS")
+    tls.add_argument("--tls-key", metavar="PEM", help="private key (default: in --tls-cert)")
+    tls.add_argument(
+        "--implicit-tls", action="store_true", help="TLS from the first byte (port 465 style)"
+    )
+    tls.add_argument("--require-tls", action="store_true", help="refuse MAIL before STARTTLS")
+
+    auth = parser.add_argument_group("AUTH")
+    auth.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="offer AUTH; FILE holds 'user:password' lines ('#' starts a comment)",
+    )
+    auth.add_argument("--auth-require", action="store_true", help="refuse MAIL before AUTH")
+    auth.add_argument(
+        "--auth-plaintext", action="store_true", help="offer AUTH without TLS too (testing)"
+    )
+
+    limits = parser.add_argument_group("limits")
+    limits.add_argument(
         "--max-message-size",
         type=int,
         default=32 << 20,
         metavar="BYTES",
-        help="largest message accepted, 0 for no limit (default: %(default)s)",
+        help="largest message, 0 for no limit (default: %(default)s)",
     )
+    limits.add_argument(
+        "--max-recipients", type=int, default=1000, metavar="N", help="(default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-connections", type=int, default=10000, metavar="N", help="(default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=50,
+        metavar="N",
+        help="loopback exempt (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--idle-timeout", type=float, default=300.0, metavar="SECONDS", help="(default: 300)"
+    )
+    limits.add_argument(
+        "--bare-newline",
+        choices=["reject", "normalize"],
+        default="reject",
+        help="bare CR/LF policy, as Postfix's smtpd_forbid_bare_newline (default: reject)",
+    )
+
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -57,33 +158,167 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging level (default: %(default)s)",
     )
     parser.add_argument(
-        "--version", action="version", version=f"alephsmtp {__version__} ({IMPLEMENTATION} parser)"
+        "--version",
+        action="version",
+        version=f"alephsmtp {__version__} ({IMPLEMENTATION} parser)",
     )
     return parser
 
 
+class CliError(Exception):
+    """A problem with the command line's options or files, reported in one line."""
+
+
+def load_credentials(path: str) -> dict[str, str]:
+    """``user:password`` lines; blank lines and ``#`` comments skipped."""
+    credentials: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            for number, raw in enumerate(file, 1):
+                line = raw.rstrip("\r\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                user, colon, password = line.partition(":")
+                if not colon or not user:
+                    raise CliError(f"{path}:{number}: expected 'user:password'")
+                credentials[user] = password
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error.strerror or error}") from None
+    return credentials
+
+
+def _tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise CliError(f"cannot load the TLS certificate {cert}: {reason}") from None
+    return context
+
+
+def _message_handlers(args: argparse.Namespace) -> list[Callable[..., Any]]:
+    """The outputs asked for, in a fixed order: stores first, the relay last."""
+    handlers: list[Callable[..., Any]] = []
+    if args.maildir:
+        handlers.append(MaildirStore(args.maildir))
+    if args.mbox:
+        handlers.append(MboxStore(args.mbox))
+    if args.eml_dir:
+        handlers.append(EmlDirectory(args.eml_dir))
+    if args.relay:
+        handlers.append(_relay(args))
+    if args.sink:
+        if handlers:
+            raise CliError("--sink discards messages: it cannot go with another output")
+        handlers.append(sink)
+    return handlers or [PrintMessage()]
+
+
+def _relay(args: argparse.Namespace) -> Relay:
+    host, colon, port = args.relay.rpartition(":")
+    if not colon or not port.isdigit():
+        host, port = args.relay, ""
+    password = os.environ.get("ALEPHSMTP_RELAY_PASSWORD") if args.relay_user else None
+    if args.relay_password_file:
+        try:
+            with open(args.relay_password_file, encoding="utf-8") as file:
+                password = file.read().strip()
+        except OSError as error:
+            raise CliError(f"cannot read {args.relay_password_file}: {error}") from None
+    if (args.relay_user is None) != (password is None):
+        raise CliError("--relay-user needs --relay-password-file or ALEPHSMTP_RELAY_PASSWORD")
+    return Relay(
+        host,
+        int(port) if port else 25,
+        starttls=args.relay_starttls,
+        username=args.relay_user,
+        password=password,
+    )
+
+
+def _summary(session: Any, e: Any) -> None:
+    envelope = e.envelope
+    peer = envelope.peer[0] if isinstance(envelope.peer, tuple) else envelope.peer
+    log.info(
+        "message from %s: <%s> -> %s, %d bytes",
+        peer,
+        envelope.return_path or "",
+        ", ".join(f"<{r}>" for r in envelope.recipients),
+        e.size,
+    )
+
+
+def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession], None]]:
+    if args.tls_key and not args.tls_cert:
+        raise CliError("--tls-key needs --tls-cert")
+    if (args.implicit_tls or args.require_tls) and not args.tls_cert:
+        raise CliError("--implicit-tls and --require-tls need --tls-cert")
+    handlers = _message_handlers(args)
+    credentials = load_credentials(args.auth_file) if args.auth_file else None
+    if (args.auth_require or args.auth_plaintext) and credentials is None:
+        raise CliError("--auth-require and --auth-plaintext need --auth-file")
+    options: dict[str, Any] = {
+        "max_message_size": args.max_message_size,
+        "max_recipients": args.max_recipients,
+        "max_connections": args.max_connections,
+        "max_connections_per_ip": args.max_connections_per_ip,
+        "idle_timeout": args.idle_timeout,
+        "bare_newline": args.bare_newline,
+        "lmtp": args.lmtp,
+        "require_tls": args.require_tls,
+        "auth_require": args.auth_require,
+        "auth_over_plaintext": args.auth_plaintext,
+    }
+    if args.hostname:
+        options["hostname"] = args.hostname
+    if args.tls_cert:
+        options["tls_context"] = _tls_context(args.tls_cert, args.tls_key)
+    if args.proxy_trusted:
+        options["proxy_trusted_networks"] = tuple(args.proxy_trusted)
+    hosts = args.host or ["127.0.0.1"]
+    try:
+        server = SmtpServer(
+            hosts[0] if len(hosts) == 1 else hosts,
+            args.port,
+            implicit_tls=args.implicit_tls,
+            workers=args.workers,
+            proxy_protocol=args.proxy_protocol,
+            **options,
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+    def on_session(session: SmtpSession) -> None:
+        if credentials is not None:
+            session.auth += lambda s, e: (
+                e.username in credentials and e.check_password(credentials[e.username])
+            )
+        session.message_received += _summary
+        for handler in handlers:
+            session.message_received += handler
+
+    return server, on_session
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until interrupted; returns the exit status."""
+    """Run the server until interrupted; returns the exit status (2: could not start)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    handler = MaildirStore(args.maildir) if args.maildir else PrintMessage()
-    options = {"max_message_size": args.max_message_size}
-    if args.hostname:
-        options["hostname"] = args.hostname
-    server = SmtpServer(args.host, args.port, **options)
-
-    def on_session(session: SmtpSession) -> None:
-        session.message_received += handler
-
     try:
-        server.run(on_session)
+        server, on_session = _build(args)
+        server.run(on_session, loop="asyncio" if args.no_uvloop else "auto")
+    except CliError as error:
+        print(f"alephsmtp: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
+        where = ", ".join(args.host or ["127.0.0.1"])
         print(
-            f"alephsmtp: cannot listen on {args.host}:{args.port}: {error.strerror or error}",
+            f"alephsmtp: cannot listen on {where} port {args.port}: {error.strerror or error}",
             file=sys.stderr,
         )
         return 2

@@ -34,7 +34,7 @@ __all__ = [
     "MessageReceivedEventArgs",
 ]
 
-HandlerResult = Reply | str | None | Awaitable[Reply | str | None]
+HandlerResult = Reply | str | bool | None | Awaitable[Reply | str | bool | None]
 ArgsT = TypeVar("ArgsT", bound="EventArgs")
 CommandT = TypeVar("CommandT", bound=SmtpCommand)
 Handler = Callable[[Any, ArgsT], HandlerResult]

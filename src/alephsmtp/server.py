@@ -8,6 +8,10 @@ The seed's shape (``SmtpServer(address, port)``, ``listen(on_session)``) on asyn
     async with SmtpServer("127.0.0.1", 0, on_session=on_session) as server:
         print(server.port)               # the port the OS chose
         await server.serve_forever()
+
+At scale: ``run()`` uses uvloop when it is installed, ``workers=N`` runs N processes on one port
+(SO_REUSEPORT), and ``proxy_protocol=True`` reads the PROXY protocol header a load balancer
+sends (:mod:`alephsmtp.proxy`), so sessions see the original client's address.
 """
 
 from __future__ import annotations
@@ -15,22 +19,31 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib
 import ipaddress
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
+from .proxy import ProxyHeader, ProxyProtocolReceiver, address_in_networks
 from .replies import Reply
 from .session import OnSession, SessionConfig, SmtpSession, _Pools
 
-__all__ = ["SmtpServer"]
+__all__ = ["LoopName", "SmtpServer"]
 
 log = logging.getLogger("alephsmtp.server")
 
 Host = str | ipaddress.IPv4Address | ipaddress.IPv6Address | Sequence[str] | None
+LoopName = Literal["auto", "asyncio", "uvloop"]
+_Runner = Callable[[Coroutine[Any, Any, None]], None]
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 class SmtpServer:
@@ -42,6 +55,19 @@ class SmtpServer:
     ``reuse_port``, ``implicit_tls`` (TLS from the first byte, RFC 8314, port 465 style, with
     ``tls_context``) and ``shutdown_grace`` (seconds a transaction in progress may take to
     finish on :meth:`stop`).
+
+    Behind a TCP load balancer, ``proxy_protocol=True`` makes every connection from
+    ``proxy_trusted_networks`` start with a PROXY protocol header (version 1 or 2, told apart
+    by its first byte), read within ``proxy_header_timeout`` seconds before the greeting.
+    The session then sees the original client as ``session.peer`` (and ``envelope.peer``,
+    the per-IP connection limit, the logs) and the whole header as ``session.proxy``; a LOCAL
+    header (a health check) keeps the real peer. A connection from elsewhere, a malformed
+    header or none in time is closed without a greeting. With ``implicit_tls`` the header
+    comes first and the TLS handshake after it, as HAProxy sends them.
+
+    ``workers=N`` (N > 1) makes :meth:`run` serve from N processes sharing the port; see
+    :meth:`run`. The asynchronous API (:meth:`start`, ``async with``) always serves from the
+    calling process.
     """
 
     def __init__(
@@ -54,11 +80,19 @@ class SmtpServer:
         reuse_port: bool = False,
         implicit_tls: bool = False,
         shutdown_grace: float = 30.0,
+        proxy_protocol: bool = False,
+        proxy_trusted_networks: Sequence[str] = ("127.0.0.0/8", "::1/128"),
+        proxy_header_timeout: float = 10.0,
+        workers: int = 1,
         config: SessionConfig | None = None,
         **options: Any,
     ) -> None:
         if config is not None and options:
             raise TypeError("pass either config or session options, not both")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if proxy_header_timeout <= 0:
+            raise ValueError("proxy_header_timeout must be positive")
         self.config = config if config is not None else SessionConfig(**options)
         if implicit_tls and self.config.tls_context is None:
             raise ValueError("implicit_tls needs a tls_context")
@@ -71,7 +105,16 @@ class SmtpServer:
         self.backlog = backlog
         self.reuse_port = reuse_port
         self.shutdown_grace = shutdown_grace
+        self.proxy_protocol = proxy_protocol
+        if isinstance(proxy_trusted_networks, str):  # one network, not its characters
+            proxy_trusted_networks = (proxy_trusted_networks,)
+        self.proxy_trusted_networks = tuple(
+            ipaddress.ip_network(network) for network in proxy_trusted_networks
+        )
+        self.proxy_header_timeout = proxy_header_timeout
+        self.workers = workers
         self.sessions: set[SmtpSession] = set()
+        self._receivers: set[ProxyProtocolReceiver] = set()  # waiting for a PROXY header
         self._admitted: set[SmtpSession] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._exempt = [ipaddress.ip_network(net) for net in self.config.connection_limit_exempt]
@@ -111,29 +154,48 @@ class SmtpServer:
             self.on_session = on_session
         if self._server is not None:
             raise RuntimeError("server already started")
+        if self.workers > 1:
+            log.warning("workers=%d applies to run(); serving from this process", self.workers)
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        # Behind a PROXY header, TLS starts after the header (the receiver runs it).
+        tls = self.implicit_tls and not self.proxy_protocol
         self._server = await loop.create_server(
-            self._new_session,
+            self._new_connection,
             self.host,
             self._port,
             backlog=self.backlog,
             reuse_address=True,
             reuse_port=self.reuse_port or None,
-            ssl=self.config.tls_context if self.implicit_tls else None,
-            ssl_handshake_timeout=(
-                self.config.tls_handshake_timeout if self.implicit_tls else None
-            ),
+            ssl=self.config.tls_context if tls else None,
+            ssl_handshake_timeout=self.config.tls_handshake_timeout if tls else None,
         )
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
 
-    def _new_session(self) -> SmtpSession:
+    def _new_connection(self) -> asyncio.BaseProtocol:
+        if not self.proxy_protocol:
+            return self._new_session()
+        receiver = ProxyProtocolReceiver(
+            self._new_session,
+            trusted_networks=self.proxy_trusted_networks,
+            timeout=self.proxy_header_timeout,
+            tls_context=self.config.tls_context if self.implicit_tls else None,
+            tls_handshake_timeout=self.config.tls_handshake_timeout,
+            on_close=self._receivers.discard,
+        )
+        self._receivers.add(receiver)
+        return receiver
+
+    def _new_session(self, proxy: ProxyHeader | None = None) -> SmtpSession:
         return SmtpSession(
             self.config,
             self.on_session,
             pools=self._pools,
             on_close=self._session_closed,
             admit=self._admit,
+            # The client a PROXY header names; None keeps the socket's peer (LOCAL, UNKNOWN).
+            peer=proxy.source if proxy is not None else None,
+            proxy=proxy,
         )
 
     def _admit(self, session: SmtpSession) -> Reply | None:
@@ -161,11 +223,7 @@ class SmtpServer:
         return None
 
     def _is_exempt(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in network for network in self._exempt)
+        return address_in_networks(ip, self._exempt)
 
     def _session_closed(self, session: SmtpSession) -> None:
         if session in self._admitted:
@@ -194,6 +252,8 @@ class SmtpServer:
         """
         if self._server is not None:
             self._server.close()
+        for receiver in list(self._receivers):
+            receiver.abort()  # no session yet: nothing to say
         for session in list(self.sessions):
             session.shutdown()
         if self._stopped is not None:
@@ -232,9 +292,32 @@ class SmtpServer:
 
     # --- blocking entry points -------------------------------------------------------------
 
-    def run(self, on_session: OnSession | None = None) -> None:
-        """Serve until SIGINT/SIGTERM (or :meth:`close`), then shut down gracefully."""
-        asyncio.run(self._run(on_session))
+    def run(self, on_session: OnSession | None = None, *, loop: LoopName = "auto") -> None:
+        """Serve until SIGINT/SIGTERM (or :meth:`close`), then shut down gracefully.
+
+        ``loop`` chooses the event loop: ``"auto"`` (the default) runs on uvloop when it is
+        installed (``pip install alephsmtp[uvloop]``) and on asyncio's own loop otherwise;
+        ``"uvloop"`` insists on uvloop (``ImportError`` without it); ``"asyncio"`` opts out.
+
+        With ``workers=N`` (N > 1) it runs N worker processes, each with its own event loop
+        and its own listening socket on the same address (``SO_REUSEPORT``: the kernel spreads
+        connections over them). The parent binds the address first, without listening, so
+        that port 0 becomes one concrete port for every worker and an address in use fails
+        here (``OSError``). Workers are forked, not spawned: ``on_session`` may be any
+        callable (a closure, a lambda), nothing is pickled, and the caller should have no
+        other threads running. SIGINT/SIGTERM to the parent stops every worker gracefully
+        (each as :meth:`stop` does) and ``run`` returns once all have exited; a worker that
+        dies is logged, not restarted (if all die unasked, ``RuntimeError``). Without
+        ``SO_REUSEPORT`` or ``fork`` (Windows) one process serves, with a warning.
+        """
+        runner = _loop_runner(loop)
+        if self.workers > 1:
+            if hasattr(socket, "SO_REUSEPORT") and _can_fork():
+                self._run_workers(on_session, runner)
+                return
+            log.warning("workers need SO_REUSEPORT and fork; serving from one process")
+            self.workers = 1
+        runner(self._run(on_session))
 
     def listen(self, on_session: OnSession) -> None:
         """The seed's ``Listen``: accept clients and hand each new session to ``on_session``.
@@ -251,16 +334,101 @@ class SmtpServer:
         task = loop.create_task(self.start())
         task.add_done_callback(_log_failure)
 
-    async def _run(self, on_session: OnSession | None) -> None:
+    async def _run(self, on_session: OnSession | None, *, worker: bool = False) -> None:
         await self.start(on_session)
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows, non-main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.close)
+        log.debug("event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
+        try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows, not main
+                for sig in _STOP_SIGNALS:
+                    loop.add_signal_handler(sig, self.close)
+        finally:
+            if worker:
+                # A worker starts with these blocked (see _run_workers): the loop takes them now.
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         try:
             await self.serve_forever()
         finally:
             await self.stop()
+
+    # --- worker processes ---------------------------------------------------------------------
+
+    def _run_workers(self, on_session: OnSession | None, runner: _Runner) -> None:
+        reservation = self._reserve_port()
+        port = int(reservation.getsockname()[1])
+        context = multiprocessing.get_context("fork")
+        workers: list[BaseProcess] = []
+        stopping = False
+
+        def stop(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+            for worker in workers:
+                if worker.exitcode is None and worker.pid is not None:  # not reaped: still ours
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
+        try:
+            for number in range(1, self.workers + 1):
+                # Forked with SIGINT/SIGTERM blocked: the child inherits ``stop`` and must not
+                # run it; it resets them and lets them in once its loop handles them (_run).
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+                try:
+                    if stopping:
+                        break
+                    worker = context.Process(
+                        target=self._worker_main,
+                        args=(on_session, runner, port, reservation),
+                        name=f"alephsmtp-worker-{number}",
+                    )
+                    worker.start()
+                    workers.append(worker)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                log.info("worker %d started (pid %s) on port %d", number, worker.pid, port)
+            _reap(workers, lambda: stopping)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            reservation.close()
+        if not stopping:
+            raise RuntimeError("every worker exited without being asked to stop")
+
+    def _worker_main(
+        self,
+        on_session: OnSession | None,
+        runner: _Runner,
+        port: int,
+        reservation: socket.socket,
+    ) -> None:
+        """A forked worker: its own loop and listening socket; SIGINT/SIGTERM still blocked."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        reservation.close()  # the parent's; ours is the listening one
+        self._port = port
+        self.reuse_port = True
+        self.workers = 1
+        runner(self._run(on_session, worker=True))
+
+    def _reserve_port(self) -> socket.socket:
+        """Bind (not listen) the first address with SO_REUSEPORT: a concrete port, early."""
+        hosts = [self.host] if self.host is None or isinstance(self.host, str) else self.host
+        host = next(iter(hosts), None) or None  # None, "" or []: every interface
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
 
 _R_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
@@ -276,6 +444,42 @@ def _peer_ip(peer: Any) -> str | None:
 def _format(address: Any) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _loop_runner(loop: str) -> _Runner:
+    """``asyncio.run`` or ``uvloop.run`` (uvloop's loop, same shutdown), as ``loop`` asks."""
+    if loop not in ("auto", "asyncio", "uvloop"):
+        raise ValueError(f"loop must be 'auto', 'asyncio' or 'uvloop', not {loop!r}")
+    if loop != "asyncio":
+        try:
+            uvloop = importlib.import_module("uvloop")
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            run: _Runner = uvloop.run
+            return run
+    return asyncio.run
+
+
+def _can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _reap(workers: list[BaseProcess], stopping: Callable[[], bool]) -> None:
+    """Wait until every worker has exited, logging each exit that was not asked for."""
+    remaining = list(workers)
+    while remaining:  # bounded: every round reaps at least one worker
+        ready = multiprocessing.connection.wait([worker.sentinel for worker in remaining])
+        for worker in [worker for worker in remaining if worker.sentinel in ready]:
+            worker.join()
+            remaining.remove(worker)
+            if worker.exitcode == 0 and stopping():
+                log.info("%s (pid %s) stopped", worker.name, worker.pid)
+            else:
+                log.error(
+                    "%s (pid %s) exited with status %s", worker.name, worker.pid, worker.exitcode
+                )
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -25,7 +25,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from . import _state
 from ._state import State
@@ -72,6 +72,7 @@ from .events import (
 )
 from .extensions import R_TOO_BIG, check_mail_parameters, check_rcpt_parameters, ehlo_keywords
 from .parser import BdatReader, BufferPool, DataReader, LineReader
+from .proxy import ProxyHeader
 from .replies import Reply, coerce_reply, default_enhanced_code
 
 __all__ = ["OnSession", "SessionConfig", "SessionLogger", "SmtpSession", "TlsInfo"]
@@ -237,6 +238,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         on_close: Callable[[SmtpSession], None] | None = None,
         admit: Callable[[SmtpSession], Reply | None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        peer: Any = None,
+        proxy: ProxyHeader | None = None,
     ) -> None:
         self.config = config
         self._admit = admit
@@ -249,7 +252,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         # connection
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = loop  # tests pass a fake clock
-        self.peer: Any = None
+        # The client: the socket's peer, or the one a PROXY protocol header named.
+        self.peer: Any = peer
+        self._peer_override = peer is not None
+        self.proxy = proxy  # the PROXY protocol header (with its TLVs), if any
         self.log = SessionLogger(log, self)
         self.state = State.GREETING
         self.helo_name: str | None = None
@@ -362,11 +368,12 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- asyncio.BufferedProtocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not derive from asyncio's classes: no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        self.peer = transport.get_extra_info("peername")
+        if not self._peer_override:
+            self.peer = transport.get_extra_info("peername")
         if transport.get_extra_info("ssl_object") is not None:
             self.tls = TlsInfo.of(transport)  # implicit TLS (RFC 8314)
         self._last_activity = self._loop.time()
@@ -423,8 +430,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         # read buffer at all, only the few bytes of an incomplete line. It is taken out of
         # the session first: closing from inside may make the TLS layer ask for a new one.
         self._view = self._buffer = None
+        # Only the slice is released here: uvloop still holds an export of ``view`` until
+        # this method returns (releasing it would raise BufferError there).
         try:
-            with view, view[:nbytes] as data:
+            with view[:nbytes] as data:
                 self._receive(data)
         finally:
             owner.release(buffer)
@@ -473,9 +482,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- reading ----------------------------------------------------------------------------
 
     def _release_buffer(self) -> None:
-        if self._view is not None:
-            self._view.release()
-            self._view = None
+        self._view = None  # not released: the event loop may still hold an export of it
         if self._buffer is not None:
             self._buffer_owner.release(self._buffer)
             self._buffer = None
