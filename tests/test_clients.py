@@ -357,3 +357,41 @@ async def test_curl_starttls_and_auth(serve: ServerFactory, ca_file: Path, tmp_p
     await asyncio.wait_for(sink.arrived.wait(), 5)
     assert sink.messages[0].message == b"Subject: curl\r\n\r\nsent by curl\r\n"
     assert sink.auth == ["alice"]
+
+
+def test_the_same_exchanges_on_uvloop(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """uvloop's transports are not asyncio's classes and hold buffer exports differently."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[bytes]:
+        sink = Sink()
+        server = SmtpServer(
+            "127.0.0.1", 0, on_session=sink.on_session, tls_context=server_context,
+            hostname="localhost",
+        )  # fmt: skip
+        async with server:
+            assert "uvloop" in type(asyncio.get_running_loop()).__module__
+            big = b"Subject: big\r\n\r\n" + b"".join(b"%06d .\r\n..x\r\n" % i for i in range(50000))
+            async with aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=server.port, tls_context=client_context,
+                start_tls=True,
+            ) as smtp:  # fmt: skip
+                await smtp.login("alice", "s3cret")
+                await smtp.sendmail("a@example.org", ["b@example.net"], big)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            await reader.readline()
+            writer.write(
+                b"EHLO x\r\n"
+                + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n"
+                * 20
+                + b"QUIT\r\n"
+            )
+            await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        assert [pool.in_use for pool in server.buffer_pools] == [0, 0]
+        assert sink.messages[0].message == big
+        return [e.message for e in sink.messages[1:]]
+
+    assert uvloop.run(main()) == [b"hi\r\n"] * 20
