@@ -609,3 +609,16 @@ async def test_shutdown_lets_a_transaction_finish() -> None:
 
 def test_implementation_is_known() -> None:
     assert IMPLEMENTATION in ("cython", "python")
+
+
+async def test_events_are_made_on_first_use_and_cannot_be_replaced() -> None:
+    h = Harness()
+    assert h.session._events == {}  # an idle session carries no event objects
+    h.session.custom_attribute = "users may keep their own state on a session"
+    h.session.noop += lambda s, e: "250 2.0.0 mine"
+    assert list(h.session._events) == ["noop"]
+    with pytest.raises(AttributeError, match="use \\+= / -= / .connect"):
+        h.session.noop = None  # type: ignore[assignment]
+    h.output()
+    h.send(b"NOOP\r\n")
+    assert h.replies() == ["250 2.0.0 mine"]

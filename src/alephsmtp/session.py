@@ -22,10 +22,9 @@ import inspect
 import itertools
 import logging
 import ssl
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast, overload
 
 from . import _state
 from ._state import State
@@ -85,7 +84,42 @@ Finish = Callable[[str, Any], None]
 Coerce = Callable[[object, str, Reply], Any]
 
 _session_ids = itertools.count(1)
+_REPLY_CACHE_SIZE = 512  # replies kept written per server (handlers' texts may vary)
 _RATE_CHECK_PERIOD = 5.0  # seconds between data-rate checks while a message streams in
+
+
+class _EventAttribute(Generic[ArgsT]):
+    """A session's event, made on first use: a session nobody listens to carries none.
+
+    ``session.helo += handler`` reads the event (making it), adds to it and assigns the same
+    event back, which is all assignment may do.
+    """
+
+    __slots__ = ("name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, session: None, owner: type) -> _EventAttribute[ArgsT]: ...
+
+    @overload
+    def __get__(self, session: SmtpSession, owner: type) -> Event[ArgsT]: ...
+
+    def __get__(
+        self, session: SmtpSession | None, owner: type
+    ) -> Event[ArgsT] | _EventAttribute[ArgsT]:
+        if session is None:
+            return self
+        events = session._events
+        event = events.get(self.name)
+        if event is None:
+            event = events[self.name] = Event(self.name)
+        return event
+
+    def __set__(self, session: SmtpSession, value: Event[ArgsT]) -> None:
+        if value is not session._events.get(self.name):
+            raise AttributeError(f"use += / -= / .connect to change {self.name}'s handlers")
 
 
 class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -107,13 +141,15 @@ class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 class _Pools:
-    """The two buffer pools a server's sessions share: small for commands, large for DATA."""
+    """What a server's sessions share: the buffer pools (small for commands, large for
+    DATA) and the written form of the replies they send."""
 
-    __slots__ = ("command", "data")
+    __slots__ = ("command", "data", "replies")
 
     def __init__(self, config: SessionConfig) -> None:
         self.command = BufferPool(config.command_buffer_size, 64)
         self.data = BufferPool(config.data_buffer_size, 16)
+        self.replies: dict[Reply, bytes] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,28 +242,86 @@ class SmtpSession(asyncio.BufferedProtocol):
     the configured greeting.
     """
 
-    # --- events (instance attributes, created in __init__) ---------------------------------
-    helo: Event[CommandEventArgs[HeloCommand]]
-    ehlo: Event[CommandEventArgs[EhloCommand]]
-    lhlo: Event[CommandEventArgs[LhloCommand]]
-    mail: Event[CommandEventArgs[MailCommand]]
-    rcpt: Event[CommandEventArgs[RcptCommand]]
-    data: Event[CommandEventArgs[DataCommand]]
-    bdat: Event[CommandEventArgs[BdatCommand]]
-    rset: Event[CommandEventArgs[RsetCommand]]
-    noop: Event[CommandEventArgs[NoopCommand]]
-    quit: Event[CommandEventArgs[QuitCommand]]
-    vrfy: Event[CommandEventArgs[VrfyCommand]]
-    expn: Event[CommandEventArgs[ExpnCommand]]
-    help: Event[CommandEventArgs[HelpCommand]]
-    starttls: Event[CommandEventArgs[StarttlsCommand]]
-    auth: Event[AuthEventArgs]
-    message_chunk: Event[MessageChunkEventArgs]
-    message_received: Event[MessageReceivedEventArgs]
-    message_discarded: Event[MessageDiscardedEventArgs]
-    close_requested: Event[EventArgs]
-    unhandled_command: Event[CommandEventArgs[SmtpCommand]]
-    disconnected: Event[ConnectionLostEventArgs]
+    # --- events (made on first use; see _EventAttribute) ------------------------------------
+    helo = _EventAttribute[CommandEventArgs[HeloCommand]]()
+    ehlo = _EventAttribute[CommandEventArgs[EhloCommand]]()
+    lhlo = _EventAttribute[CommandEventArgs[LhloCommand]]()
+    mail = _EventAttribute[CommandEventArgs[MailCommand]]()
+    rcpt = _EventAttribute[CommandEventArgs[RcptCommand]]()
+    data = _EventAttribute[CommandEventArgs[DataCommand]]()
+    bdat = _EventAttribute[CommandEventArgs[BdatCommand]]()
+    rset = _EventAttribute[CommandEventArgs[RsetCommand]]()
+    noop = _EventAttribute[CommandEventArgs[NoopCommand]]()
+    quit = _EventAttribute[CommandEventArgs[QuitCommand]]()
+    vrfy = _EventAttribute[CommandEventArgs[VrfyCommand]]()
+    expn = _EventAttribute[CommandEventArgs[ExpnCommand]]()
+    help = _EventAttribute[CommandEventArgs[HelpCommand]]()
+    starttls = _EventAttribute[CommandEventArgs[StarttlsCommand]]()
+    auth = _EventAttribute[AuthEventArgs]()
+    message_chunk = _EventAttribute[MessageChunkEventArgs]()
+    message_received = _EventAttribute[MessageReceivedEventArgs]()
+    message_discarded = _EventAttribute[MessageDiscardedEventArgs]()
+    close_requested = _EventAttribute[EventArgs]()
+    unhandled_command = _EventAttribute[CommandEventArgs[SmtpCommand]]()
+    disconnected = _EventAttribute[ConnectionLostEventArgs]()
+
+    __slots__ = (
+        "__dict__",  # for attributes of your own (made only when you set one)
+        "_admit",
+        "_bad_commands",
+        "_bdat_command",
+        "_bdat_reader",
+        "_bdat_refusal",
+        "_buffer",
+        "_buffer_owner",
+        "_busy",
+        "_chunks",
+        "_closing",
+        "_commands",
+        "_data_reader",
+        "_events",
+        "_handler_deadline",
+        "_handler_task",
+        "_handler_timed_out",
+        "_held",
+        "_last_activity",
+        "_limit_reply",
+        "_line_reader",
+        "_lines",
+        "_log",
+        "_loop",
+        "_message_bytes",
+        "_message_size",
+        "_message_started",
+        "_next_line",
+        "_on_close",
+        "_on_session",
+        "_out",
+        "_peer_override",
+        "_pools",
+        "_reading",
+        "_sasl",
+        "_sasl_command",
+        "_started",
+        "_stream_failed",
+        "_streamed",
+        "_tasks",
+        "_timer",
+        "_transactions",
+        "_transport",
+        "_view",
+        "_write_paused",
+        "authenticated_as",
+        "config",
+        "envelope",
+        "esmtp",
+        "helo_name",
+        "id",
+        "peer",
+        "proxy",
+        "state",
+        "tls",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -247,8 +341,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._on_session = on_session
         self._on_close = on_close
         self._pools = pools if pools is not None else _Pools(config)
-        for name in _EVENT_NAMES:
-            setattr(self, name, Event(name))
+        self._events: dict[str, Event[Any]] = {}
         # connection
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = loop  # tests pass a fake clock
@@ -256,7 +349,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.peer: Any = peer
         self._peer_override = peer is not None
         self.proxy = proxy  # the PROXY protocol header (with its TLVs), if any
-        self.log = SessionLogger(log, self)
+        self._log: SessionLogger | None = None
         self.state = State.GREETING
         self.helo_name: str | None = None
         self.esmtp = False
@@ -267,7 +360,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._buffer: bytearray | None = None
         self._view: memoryview | None = None
         self._buffer_owner: BufferPool = self._pools.command
-        self._lines: deque[bytes | SmtpError] = deque()
+        self._lines: list[bytes | SmtpError] = []  # scanned, not yet answered ...
+        self._next_line = 0  # ... from this index on
         self._line_reader = LineReader(config.command_line_limit, config.bare_newline)
         self._held = bytearray()  # bytes read while a handler runs, not yet scanned
         self._out: list[bytes] = []
@@ -276,7 +370,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._reading = True
         self._closing = False  # graceful shutdown asked for
         self._started = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._handler_task: asyncio.Task[None] | None = None
@@ -286,7 +380,6 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._commands = 0
         self._transactions = 0
         self._limit_reply: Reply | None = None  # a limit was passed: say it and close
-        self._reply_cache: dict[Reply, bytes] = {}
         # transaction
         self.envelope: SmtpEnvelope | None = None
         self._data_reader: DataReader | None = None
@@ -302,6 +395,17 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def __repr__(self) -> str:
         return f"<SmtpSession #{self.id} {self.peer!r} {self.state.value}>"
+
+    @property
+    def log(self) -> SessionLogger:
+        """This session's logger: every record names the session and the peer."""
+        if self._log is None:
+            self._log = SessionLogger(log, self)
+        return self._log
+
+    def _handlers(self, name: str) -> tuple[Any, ...]:
+        event = self._events.get(name)
+        return event.handlers if event is not None else ()
 
     # --- the public surface ------------------------------------------------------------------
 
@@ -458,15 +562,16 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._sasl = None
         self._chunks = []
         self._lines.clear()
+        self._next_line = 0
         self._line_reader.take_pending()
         self._held.clear()
         if partial:
             self.log.info("connection lost during a message; discarded")
-            if self.message_chunk and self.envelope is not None:
-                self._notify(self.message_discarded, MessageDiscardedEventArgs(self.envelope, None))
+            if self._handlers("message_chunk") and self.envelope is not None:
+                self._notify("message_discarded", MessageDiscardedEventArgs(self.envelope, None))
         self.log.debug("connection lost (%s)", exc or "closed")
-        if self.disconnected:
-            self._notify(self.disconnected, ConnectionLostEventArgs(exc))
+        if self._handlers("disconnected"):
+            self._notify("disconnected", ConnectionLostEventArgs(exc))
         if self._on_close is not None:
             self._on_close(self)
 
@@ -535,8 +640,13 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self.log.info("closing: %s", self._limit_reply)
                 self._send_and_close(self._limit_reply)
                 break
-            if lines:
-                self._handle_line(lines.popleft())
+            if self._next_line < len(lines):
+                line = lines[self._next_line]
+                self._next_line += 1
+                if self._next_line == len(lines):
+                    lines.clear()
+                    self._next_line = 0
+                self._handle_line(line)
             elif self._held:
                 held = bytes(self._held)
                 self._held.clear()
@@ -591,7 +701,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         method = _COMMAND_METHODS.get(command.verb)
         if method is None:
             self._dispatch(
-                self.unhandled_command,
+                "unhandled_command",
                 CommandEventArgs(command),
                 command.verb,
                 _R_UNKNOWN,
@@ -612,7 +722,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _auth_offered(self) -> bool:
         # RFC 4954 4 / 14: no plaintext passwords over a connection without TLS, unless asked.
         return (
-            bool(self.auth)
+            bool(self._handlers("auth"))
             and bool(self.config.auth_mechanisms)
             and (self.tls is not None or self.config.auth_over_plaintext)
         )
@@ -620,17 +730,17 @@ class SmtpSession(asyncio.BufferedProtocol):
     # HELO / EHLO / LHLO
 
     def _on_helo(self, command: HeloCommand) -> None:
-        self._hello(self.helo, command, esmtp=False)
+        self._hello("helo", command, esmtp=False)
 
     def _on_ehlo(self, command: EhloCommand) -> None:
-        self._hello(self.ehlo, command, esmtp=True)
+        self._hello("ehlo", command, esmtp=True)
 
     def _on_lhlo(self, command: LhloCommand) -> None:
-        self._hello(self.lhlo, command, esmtp=True)
+        self._hello("lhlo", command, esmtp=True)
 
     def _hello(
         self,
-        event: Event[Any],
+        event: str,
         command: HeloCommand | EhloCommand | LhloCommand,
         *,
         esmtp: bool,
@@ -686,7 +796,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._write(refusal)
             return
         self._dispatch(
-            self.mail,
+            "mail",
             CommandEventArgs(command),
             "MAIL",
             _R_MAIL_OK,
@@ -725,7 +835,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._write(refusal)
             return
         self._dispatch(
-            self.rcpt,
+            "rcpt",
             CommandEventArgs(command),
             "RCPT",
             _R_RCPT_OK,
@@ -748,7 +858,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if self.envelope is not None and self.envelope.body_type == "BINARYMIME":
             self._write(_R_BINARYMIME_DATA)  # RFC 3030 3
             return
-        self._dispatch(self.data, CommandEventArgs(command), "DATA", _R_DATA_GO, self._finish_data)
+        self._dispatch("data", CommandEventArgs(command), "DATA", _R_DATA_GO, self._finish_data)
 
     def _finish_data(self, verb: str, reply: Reply) -> None:
         self._write(reply)
@@ -796,7 +906,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         Returns true when an async handler took it: reading pauses until it is done
         (back-pressure), and ``then`` runs after it.
         """
-        handlers = self.message_chunk.handlers
+        handlers = self._handlers("message_chunk")
         if not handlers:
             self._chunks.append(chunk)
             return False
@@ -900,7 +1010,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         else:
             self._message_size = reader.size
             self._dispatch(
-                self.bdat,
+                "bdat",
                 CommandEventArgs(command),
                 "BDAT",
                 Reply(250, "2.0.0", f"{command.size} octets received"),
@@ -925,7 +1035,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         message = b"".join(self._chunks)
         self._chunks = []
         envelope = self.envelope
-        streamed = bool(self.message_chunk)
+        streamed = bool(self._handlers("message_chunk"))
         if refusal is None and self._stream_failed:
             refusal = _R_MESSAGE_HANDLER_FAILED
         if refusal is not None or envelope is None:
@@ -933,7 +1043,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             reply = refusal if refusal is not None else _R_HANDLER_FAILED
             self.log.info("message refused: %s", reply)
             if streamed and envelope is not None:
-                self._notify(self.message_discarded, MessageDiscardedEventArgs(envelope, reply))
+                self._notify("message_discarded", MessageDiscardedEventArgs(envelope, reply))
             self._finish_message("DATA", reply)
             return
         envelope.message = None if streamed else message
@@ -941,7 +1051,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if self.config.lmtp:
             # RFC 2033 4.2: one reply per accepted recipient, in order.
             self._dispatch(
-                self.message_received,
+                "message_received",
                 args,
                 "DATA",
                 _R_QUEUED,
@@ -951,7 +1061,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             )
         else:
             self._dispatch(
-                self.message_received,
+                "message_received",
                 args,
                 "DATA",
                 _R_QUEUED,
@@ -984,7 +1094,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     # RSET, NOOP, VRFY, EXPN, HELP, QUIT
 
     def _on_rset(self, command: RsetCommand) -> None:
-        self._dispatch(self.rset, CommandEventArgs(command), "RSET", _R_OK, self._finish_rset)
+        self._dispatch("rset", CommandEventArgs(command), "RSET", _R_OK, self._finish_rset)
 
     def _finish_rset(self, verb: str, reply: Reply) -> None:
         accepted = reply.code // 100 == 2
@@ -994,27 +1104,27 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._write(reply)
 
     def _on_noop(self, command: NoopCommand) -> None:
-        self._dispatch(self.noop, CommandEventArgs(command), "NOOP", _R_OK, self._finish_simple)
+        self._dispatch("noop", CommandEventArgs(command), "NOOP", _R_OK, self._finish_simple)
 
     def _on_vrfy(self, command: VrfyCommand) -> None:
-        self._dispatch(self.vrfy, CommandEventArgs(command), "VRFY", _R_VRFY, self._finish_simple)
+        self._dispatch("vrfy", CommandEventArgs(command), "VRFY", _R_VRFY, self._finish_simple)
 
     def _on_expn(self, command: ExpnCommand) -> None:
-        self._dispatch(self.expn, CommandEventArgs(command), "EXPN", _R_EXPN, self._finish_simple)
+        self._dispatch("expn", CommandEventArgs(command), "EXPN", _R_EXPN, self._finish_simple)
 
     def _on_help(self, command: HelpCommand) -> None:
-        self._dispatch(self.help, CommandEventArgs(command), "HELP", _R_HELP, self._finish_simple)
+        self._dispatch("help", CommandEventArgs(command), "HELP", _R_HELP, self._finish_simple)
 
     def _on_quit(self, command: QuitCommand) -> None:
-        self._dispatch(self.quit, CommandEventArgs(command), "QUIT", _R_BYE, self._finish_quit)
+        self._dispatch("quit", CommandEventArgs(command), "QUIT", _R_BYE, self._finish_quit)
 
     def _finish_quit(self, verb: str, reply: Reply) -> None:
         # RFC 5321 4.1.1.10: the server MUST send an OK reply and then close.
         self._write(reply)
         self._flush()
         self.state = State.CLOSED
-        if self.close_requested:
-            self._notify(self.close_requested, EventArgs())
+        if self._handlers("close_requested"):
+            self._notify("close_requested", EventArgs())
         self.close()
 
     def _finish_simple(self, verb: str, reply: Reply) -> None:
@@ -1037,7 +1147,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._write(_R_NOT_IMPLEMENTED)
             return
         self._dispatch(
-            self.starttls, CommandEventArgs(command), "STARTTLS", _R_TLS_GO, self._finish_starttls
+            "starttls", CommandEventArgs(command), "STARTTLS", _R_TLS_GO, self._finish_starttls
         )
 
     def _finish_starttls(self, verb: str, reply: Reply) -> None:
@@ -1049,6 +1159,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         # handshake, may be read as a command. The line reader stopped right after STARTTLS.
         self._line_reader.take_pending()
         self._lines.clear()
+        self._next_line = 0
         self._held.clear()
         self._busy = True
         self._update_reading()
@@ -1093,7 +1204,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._write(_R_AUTH_TWICE)
             return
         if not self._auth_offered:
-            if self.auth and self.tls is None and self._starttls_offered:
+            if self._handlers("auth") and self.tls is None and self._starttls_offered:
                 self._write(_R_AUTH_ENCRYPTION)
             else:
                 self._write(_R_AUTH_NOT_ENABLED)
@@ -1129,7 +1240,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._end_sasl()
         # Never log credentials: the mechanism and the identity only.
         self._dispatch(
-            self.auth,
+            "auth",
             AuthEventArgs(command, result),
             "AUTH",
             _R_AUTH_FAILED,
@@ -1161,7 +1272,7 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _dispatch(
         self,
-        event: Event[ArgsT],
+        event: str,
         args: ArgsT,
         verb: str,
         default: Reply,
@@ -1169,7 +1280,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         failure: Reply = _R_HANDLER_FAILED,
         coerce: Coerce | None = None,
     ) -> None:
-        """Run ``event``'s handlers and ``finish(verb, reply)`` with the reply they chose.
+        """Run the handlers of the event named ``event``; ``finish(verb, reply)`` with theirs.
 
         Synchronous handlers run inline. The first awaitable moves the rest into a task; the
         session stops reading until it is done, so replies stay in order (RFC 2920 3.1).
@@ -1177,7 +1288,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         its traceback and the client gets ``failure`` (451 4.3.0; 554 5.3.0 after DATA).
         """
         to_reply = coerce if coerce is not None else self._to_reply
-        handlers = event.handlers
+        handlers = self._handlers(event)
         if not handlers:
             finish(verb, to_reply(None, verb, default))
             return
@@ -1206,7 +1317,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                 result = None
             reply = to_reply(result, verb, default)
         except Exception:
-            self.log.exception("%s handler failed", event.name)
+            self.log.exception("%s handler failed", event)
             reply = to_reply(failure, verb, failure)
         finish(verb, reply)
 
@@ -1262,19 +1373,22 @@ class SmtpSession(asyncio.BufferedProtocol):
             reply = reply.with_enhanced(default_enhanced_code(verb, reply.code))
         return reply
 
-    def _notify(self, event: Event[ArgsT], args: ArgsT) -> None:
+    def _notify(self, event: str, args: EventArgs) -> None:
         """Raise an event whose handlers' results are not replies (close, disconnect)."""
-        for handler in event.handlers:
+        for handler in self._handlers(event):
             try:
                 result = handler(self, args)
                 if inspect.isawaitable(result):
-                    self._spawn(_ignore_result(result, self.log, event.name))
+                    self._spawn(_ignore_result(result, self.log, event))
             except Exception:
-                self.log.exception("%s handler failed", event.name)
+                self.log.exception("%s handler failed", event)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         assert self._loop is not None
         task = self._loop.create_task(coroutine)
+        # Held here: the loop keeps only weak references to tasks.
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -1307,15 +1421,18 @@ class SmtpSession(asyncio.BufferedProtocol):
             if limit and self._bad_commands >= limit and self._limit_reply is None:
                 self._limit_reply = _R_TOO_MANY_ERRORS
         key = reply if enhanced else Reply(reply.code, "", reply.text)
+        # The written form of a reply is kept for all the server's sessions: most replies are
+        # the same few, and rendering one is far dearer than a lookup.
+        cache = self._pools.replies
         try:
-            data = self._reply_cache.get(key)
+            data = cache.get(key)
         except TypeError:  # unhashable text (a list): not cached
             data = None
         if data is None:
             data = key.to_bytes(self.config.enhanced_status_codes)
-            if len(self._reply_cache) < 64:
+            if len(cache) < _REPLY_CACHE_SIZE:
                 with contextlib.suppress(TypeError):
-                    self._reply_cache[key] = data
+                    cache[key] = data
         self._out.append(data)
 
     def _flush(self) -> None:
@@ -1408,30 +1525,6 @@ async def _ignore_result(awaitable: Awaitable[Any], logger: SessionLogger, name:
     except Exception:
         logger.exception("%s handler failed", name)
 
-
-_EVENT_NAMES = (
-    "helo",
-    "ehlo",
-    "lhlo",
-    "mail",
-    "rcpt",
-    "data",
-    "bdat",
-    "rset",
-    "noop",
-    "quit",
-    "vrfy",
-    "expn",
-    "help",
-    "starttls",
-    "auth",
-    "message_chunk",
-    "message_received",
-    "message_discarded",
-    "close_requested",
-    "unhandled_command",
-    "disconnected",
-)
 
 _COMMAND_METHODS: dict[str, Callable[[SmtpSession, Any], None]] = {
     "HELO": SmtpSession._on_helo,
