@@ -617,7 +617,7 @@ async def test_events_are_made_on_first_use_and_cannot_be_replaced() -> None:
     h.session.custom_attribute = "users may keep their own state on a session"
     h.session.noop += lambda s, e: "250 2.0.0 mine"
     assert list(h.session._events) == ["noop"]
-    with pytest.raises(AttributeError, match="use \\+= / -= / .connect"):
+    with pytest.raises(AttributeError, match=r"use \+= / -= / \.connect"):
         h.session.noop = None  # type: ignore[assignment]
     h.output()
     h.send(b"NOOP\r\n")
