@@ -13,41 +13,55 @@ Every SMTP command raises an event on its session; the handler's return value is
 """
 
 from .addresses import Address
+from .auth import Credentials
 from .commands import (
+    AuthCommand,
+    BdatCommand,
     DataCommand,
     EhloCommand,
     ExpnCommand,
     HeloCommand,
     HelpCommand,
+    LhloCommand,
     MailCommand,
     NoopCommand,
     QuitCommand,
     RcptCommand,
     RsetCommand,
     SmtpCommand,
+    StarttlsCommand,
     VrfyCommand,
 )
+from .config import SessionConfig
 from .envelope import SmtpEnvelope
 from .errors import SmtpError
 from .events import (
+    AuthEventArgs,
     CommandEventArgs,
     ConnectionLostEventArgs,
     Event,
     EventArgs,
+    MessageChunkEventArgs,
+    MessageDiscardedEventArgs,
     MessageReceivedEventArgs,
 )
 from .parser import IMPLEMENTATION
+from .proxy import ProxyHeader, ProxyProtocolError
 from .replies import Reply
 from .server import SmtpServer
-from .session import SessionConfig, SmtpSession
+from .session import SmtpSession, TlsInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IMPLEMENTATION",
     "Address",
+    "AuthCommand",
+    "AuthEventArgs",
+    "BdatCommand",
     "CommandEventArgs",
     "ConnectionLostEventArgs",
+    "Credentials",
     "DataCommand",
     "EhloCommand",
     "Event",
@@ -55,9 +69,14 @@ __all__ = [
     "ExpnCommand",
     "HeloCommand",
     "HelpCommand",
+    "LhloCommand",
     "MailCommand",
+    "MessageChunkEventArgs",
+    "MessageDiscardedEventArgs",
     "MessageReceivedEventArgs",
     "NoopCommand",
+    "ProxyHeader",
+    "ProxyProtocolError",
     "QuitCommand",
     "RcptCommand",
     "Reply",
@@ -68,6 +87,8 @@ __all__ = [
     "SmtpError",
     "SmtpServer",
     "SmtpSession",
+    "StarttlsCommand",
+    "TlsInfo",
     "VrfyCommand",
     "__version__",
 ]
