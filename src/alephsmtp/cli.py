@@ -200,12 +200,16 @@ def _tls_context(cert: str, key: str | None) -> ssl.SSLContext:
 def _message_handlers(args: argparse.Namespace) -> list[Callable[..., Any]]:
     """The outputs asked for, in a fixed order: stores first, the relay last."""
     handlers: list[Callable[..., Any]] = []
-    if args.maildir:
-        handlers.append(MaildirStore(args.maildir))
-    if args.mbox:
-        handlers.append(MboxStore(args.mbox))
-    if args.eml_dir:
-        handlers.append(EmlDirectory(args.eml_dir))
+    try:
+        if args.maildir:
+            handlers.append(MaildirStore(args.maildir))
+        if args.mbox:
+            handlers.append(MboxStore(args.mbox))
+        if args.eml_dir:
+            handlers.append(EmlDirectory(args.eml_dir))
+    except OSError as error:
+        # Said as what it is, not as "cannot listen on ..." by main's OSError branch.
+        raise CliError(f"cannot open {error.filename}: {error.strerror or error}") from None
     if args.relay:
         handlers.append(_relay(args))
     if args.sink:
@@ -215,10 +219,22 @@ def _message_handlers(args: argparse.Namespace) -> list[Callable[..., Any]]:
     return handlers or [PrintMessage()]
 
 
+def _host_port(text: str, default_port: int = 25) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``[IPv6]`` or ``[IPv6]:PORT`` (a bare IPv6 address: no port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise CliError(f"--relay wants HOST[:PORT] or [IPv6]:PORT, not {text!r}")
+    return host, int(port) if port else default_port
+
+
 def _relay(args: argparse.Namespace) -> Relay:
-    host, colon, port = args.relay.rpartition(":")
-    if not colon or not port.isdigit():
-        host, port = args.relay, ""
+    host, port = _host_port(args.relay)
     password = os.environ.get("ALEPHSMTP_RELAY_PASSWORD") if args.relay_user else None
     if args.relay_password_file:
         try:
@@ -230,7 +246,7 @@ def _relay(args: argparse.Namespace) -> Relay:
         raise CliError("--relay-user needs --relay-password-file or ALEPHSMTP_RELAY_PASSWORD")
     return Relay(
         host,
-        int(port) if port else 25,
+        port,
         starttls=args.relay_starttls,
         username=args.relay_user,
         password=password,

@@ -1,24 +1,59 @@
-"""Ready-made ``message_received`` handlers: print, store in a Maildir, or discard.
+"""Ready-made ``message_received`` handlers: print, store (Maildir, mbox, .eml files), relay.
 
 Each is a callable ``handler(session, e)`` to add to a session's ``message_received`` event::
 
     store = MaildirStore("~/Maildir")
     def on_session(session):
         session.message_received += store
+
+A handler that stores or relays returns ``None`` when it succeeded, so the next handler of the
+event runs too (store *and* relay), and a reply when it did not (a temporary ``4xx`` for a
+local problem such as a busy mailbox or an unreachable upstream, so the client tries again; the
+upstream's own refusal for a message the upstream refused). The first reply decides.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import email.utils
+import errno
+import logging
 import mailbox
 import os
+import re
+import secrets
+import smtplib
+import ssl
 import sys
+import tempfile
 import threading
-from typing import Any, TextIO
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TextIO
 
 from .envelope import SmtpEnvelope
 from .events import MessageReceivedEventArgs
+from .replies import Reply
 
-__all__ = ["MaildirStore", "PrintMessage", "envelope_headers", "sink"]
+__all__ = [
+    "EmlDirectory",
+    "MaildirStore",
+    "MboxStore",
+    "PrintMessage",
+    "Relay",
+    "envelope_headers",
+    "sink",
+]
+
+log = logging.getLogger("alephsmtp.handlers")
+
+# Local trouble is temporary (RFC 5321 4.2.1: 4yz, the client keeps the message and retries);
+# a 554 from a raising handler would make the client bounce a message we simply failed to store.
+_R_MAILBOX_BUSY = Reply(451, "4.2.0", "Mailbox busy, try again later")
+_R_STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+_R_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 
 
 def envelope_headers(envelope: SmtpEnvelope) -> bytes:
@@ -71,3 +106,451 @@ class MaildirStore:
         data = (envelope_headers(e.envelope) + e.message).replace(b"\r\n", b"\n")
         with self._lock:
             self.maildir.add(data)
+
+
+def _storage_failure(what: str, error: OSError) -> Reply:
+    """The reply for a message that could not be stored: a full disk is said as such."""
+    log.error("cannot store message in %s: %s", what, error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _R_STORAGE_FULL
+    return _R_LOCAL_ERROR
+
+
+class MboxStore:
+    """Append each message to an mbox file (created if missing), locked while writing.
+
+    The file is written by the standard library's :class:`mailbox.mbox`: a ``From `` line with
+    the envelope sender (``MAILER-DAEMON`` for the null sender) and the time, the message with
+    LF line endings and body lines that start with ``From `` written as ``>From `` (the mbox
+    convention, so they cannot start a message), and a blank line. With ``trace_headers``
+    (the default) ``Return-Path`` and ``Delivered-To`` come first (RFC 5321 4.4).
+
+    The mbox is locked as mail readers expect (``fcntl`` and a ``.lock`` file) and never
+    waited for: while another program holds the lock the client gets ``451 4.2.0`` and tries
+    again later. If the file is replaced (a mail reader rewrote it) or removed, it is opened
+    again, so nothing is appended to a file nobody will read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, trace_headers: bool = True) -> None:
+        self.path = os.path.expanduser(os.fspath(path))
+        self.trace_headers = trace_headers
+        self._lock = threading.Lock()
+        self._mbox: mailbox.mbox | None = None
+        self._identity: tuple[int, int] | None = None
+        with self._lock:
+            self._open()
+
+    def _open(self) -> mailbox.mbox:
+        if self._mbox is not None:
+            self._mbox.close()
+        self._mbox = mailbox.mbox(self.path, create=True)
+        stat = os.stat(self.path)
+        self._identity = (stat.st_dev, stat.st_ino)
+        return self._mbox
+
+    def _current(self) -> mailbox.mbox:
+        """The open mbox, reopened if the file at ``path`` is no longer the one we hold."""
+        try:
+            stat = os.stat(self.path)
+            same = (stat.st_dev, stat.st_ino) == self._identity
+        except FileNotFoundError:
+            same = False
+        if self._mbox is None or not same:
+            return self._open()
+        return self._mbox
+
+    def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Reply | None:
+        envelope = e.envelope
+        body = envelope_headers(envelope) + e.message if self.trace_headers else e.message
+        sender = str(envelope.return_path) if envelope.return_path else "MAILER-DAEMON"
+        # The From_ line is ours (RFC 4155: envelope sender and date); mailbox.mbox takes a
+        # leading "From " line as given and mangles every later line that starts with "From ".
+        from_line = f"From {sender} {time.asctime(time.gmtime())}\n".encode()
+        data = from_line + body.replace(b"\r\n", b"\n")
+        with self._lock:
+            try:
+                box = self._current()
+                try:
+                    box.lock()
+                except mailbox.ExternalClashError:
+                    log.warning("mbox %s is locked by another program", self.path)
+                    return _R_MAILBOX_BUSY
+                try:
+                    box.add(data)
+                    box.flush()
+                finally:
+                    box.unlock()
+            except OSError as error:
+                return _storage_failure(self.path, error)
+        return None
+
+    def close(self) -> None:
+        """Close the mbox file."""
+        with self._lock:
+            if self._mbox is not None:
+                self._mbox.close()
+                self._mbox = None
+
+
+class EmlDirectory:
+    """Write each message to its own ``.eml`` file in a directory (created if missing).
+
+    The file holds the message exactly as received, CRLF line endings kept, after the
+    ``Return-Path`` and ``Delivered-To`` trace headers unless ``trace_headers=False``. Names
+    sort in arrival order and are unique (``<nanoseconds>-<random>.eml``). A file appears
+    whole or not at all: it is written under a hidden temporary name in the same directory
+    and renamed (atomic on POSIX and Windows). ``fsync=True`` also forces it to disk before
+    the client is told the message is accepted, at the cost of a disk flush per message.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        trace_headers: bool = True,
+        fsync: bool = False,
+    ) -> None:
+        self.path = os.path.expanduser(os.fspath(path))
+        self.trace_headers = trace_headers
+        self.fsync = fsync
+        os.makedirs(self.path, exist_ok=True)
+        self._last_stamp = 0
+        self._stamp_lock = threading.Lock()
+
+    def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Reply | None:
+        data = envelope_headers(e.envelope) + e.message if self.trace_headers else e.message
+        try:
+            self.write(data)
+        except OSError as error:
+            return _storage_failure(self.path, error)
+        return None
+
+    def write(self, data: bytes) -> str:
+        """Write ``data`` to a new ``.eml`` file atomically; returns its path."""
+        with self._stamp_lock:
+            # Strictly increasing, so names sort in arrival order even where the clock is
+            # coarse (Windows); the random part keeps other processes' names apart.
+            self._last_stamp = stamp = max(time.time_ns(), self._last_stamp + 1)
+        name = f"{stamp:020d}-{secrets.token_hex(6)}.eml"
+        fd, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                if self.fsync:
+                    file.flush()
+                    os.fsync(file.fileno())
+            final = os.path.join(self.path, name)
+            os.replace(temporary, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        if self.fsync and hasattr(os, "O_DIRECTORY"):
+            # The rename is durable only once the directory entry is (POSIX).
+            directory = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        return final
+
+
+# --- relaying ----------------------------------------------------------------------------
+
+_R_UPSTREAM_UNREACHABLE = Reply(451, "4.4.1", "Upstream server unreachable, try again later")
+_R_UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to upstream server lost, try again later")
+_R_UPSTREAM_SECURITY = Reply(451, "4.7.0", "Upstream server refused TLS or authentication")
+_R_UPSTREAM_NO_UTF8 = Reply(553, "5.6.7", "Upstream server does not support SMTPUTF8")
+_R_BINARYMIME = Reply(554, "5.6.3", "Conversion required: cannot relay a BINARYMIME message")
+_R_STREAMED = Reply(451, "4.3.0", "Local error in processing")
+_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3}) ")
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+
+RelayClient = Literal["auto", "aiosmtplib", "smtplib"]
+
+
+@dataclass(slots=True)
+class _Upstream:
+    """What the upstream made of one message: refused whole, or recipients refused."""
+
+    failure: Reply | None = None
+    refused: dict[str, Reply] = field(default_factory=dict)
+
+
+def _upstream_reply(code: int, text: str, prefix: str) -> Reply:
+    """The upstream's refusal, as our reply: its code and enhanced code, its text."""
+    if not 400 <= code <= 599:
+        return _R_UPSTREAM_LOST  # not a refusal any client could act on
+    enhanced: str | None = None
+    match = _ENHANCED.match(text + " ")
+    if match is not None and match.group(1)[0] == str(code)[0]:
+        enhanced = match.group(1)
+        text = text[match.end() :]
+    return Reply(code, enhanced, f"{prefix}{' '.join(text.split())}".strip())
+
+
+def _have_aiosmtplib() -> bool:
+    try:
+        import aiosmtplib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Relay:
+    """Forward each message to an upstream SMTP server (a smarthost).
+
+    ``Relay("smtp.example.org", 587, starttls=True, username="u", password="p")`` sends each
+    message on, over a connection of its own, with the same envelope (SMTPUTF8 and
+    ``BODY=8BITMIME`` carried over) and a ``Received:`` trace header on top (RFC 5321 4.4).
+    It is an ``async`` handler: with ``aiosmtplib`` installed it uses it, else the standard
+    library's :mod:`smtplib` in a worker thread, so the event loop never blocks
+    (``client="smtplib"`` or ``"aiosmtplib"`` chooses).
+
+    The client's reply says what the upstream did:
+
+    - accepted for every recipient: ``None``, the default ``250`` (and later handlers run);
+    - refused (at MAIL, RCPT or after DATA): the upstream's own code, enhanced code and text,
+      so ``550 5.1.1`` upstream is ``550 5.1.1`` here. When only some recipients were refused
+      the first refusal is the reply: the client reports (5xx) or retries (4xx) the message,
+      and the recipients who got it may get it again on a retry — a duplicate rather than a
+      lost message. In an LMTP session each recipient gets its own reply instead;
+    - no connection (refused, unreachable, no greeting within ``timeout``): ``451 4.4.1``;
+      the connection lost or timed out later: ``451 4.4.2``; STARTTLS or AUTH refused
+      upstream: ``451 4.7.0`` — the relay's trouble, never a bounce.
+
+    ``starttls=True`` requires STARTTLS and verifies the upstream's certificate against
+    ``tls_context`` (default: the system's trusted CAs). ``timeout`` bounds each step.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 25,
+        *,
+        starttls: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 30.0,
+        tls_context: ssl.SSLContext | None = None,
+        local_hostname: str | None = None,
+        received_header: bool = True,
+        client: RelayClient = "auto",
+    ) -> None:
+        if (username is None) != (password is None):
+            raise ValueError("username and password go together")
+        if client not in ("auto", "aiosmtplib", "smtplib"):
+            raise ValueError("client must be 'auto', 'aiosmtplib' or 'smtplib'")
+        self.host = host
+        self.port = port
+        self.starttls = starttls
+        self.username = username
+        self.password = password
+        self.timeout = timeout
+        self.tls_context = tls_context
+        self.local_hostname = local_hostname
+        self.received_header = received_header
+        if client == "auto":
+            client = "aiosmtplib" if _have_aiosmtplib() else "smtplib"
+        self.client: RelayClient = client
+
+    def __repr__(self) -> str:
+        # Never the password: reprs end up in logs.
+        return f"<Relay {self.host}:{self.port} via {self.client}>"
+
+    # Returns Reply | list[Reply] | None; typed Any because events.HandlerResult does not list
+    # LMTP's per-recipient lists yet, and `session.message_received += Relay(...)` must check.
+    async def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Any:
+        envelope = e.envelope
+        if e.streamed:
+            log.error("Relay needs the whole message; it cannot relay streamed messages")
+            return _R_STREAMED
+        if envelope.body_type == "BINARYMIME":
+            # RFC 3030 3: DATA cannot carry it, and we do not convert (5.6.3).
+            return _R_BINARYMIME
+        message = e.message
+        # BDAT bodies follow no line rules; DATA needs CRLF lines, so a bare CR or LF is sent
+        # as CRLF rather than as a bare line end some upstream could read as an end of data.
+        if message.count(b"\n") != message.count(b"\r\n") or message.count(b"\r") != (
+            message.count(b"\r\n")
+        ):
+            message = _LINE_ENDING.sub(b"\r\n", message)
+        if self.received_header:
+            message = _received_header(session, envelope) + message
+        sender = str(envelope.return_path or "")
+        recipients = [str(recipient) for recipient in envelope.recipients]
+        options = ["SMTPUTF8"] if envelope.smtputf8 else []
+        if envelope.body_type == "8BITMIME":
+            options.append("BODY=8BITMIME")
+        if self.client == "aiosmtplib":
+            outcome = await self._send_aiosmtplib(sender, recipients, message, options)
+        else:
+            outcome = await asyncio.to_thread(
+                self._send_smtplib, sender, recipients, message, options
+            )
+        return self._reply(session, recipients, outcome)
+
+    def _reply(
+        self, session: Any, recipients: Sequence[str], outcome: _Upstream
+    ) -> Reply | list[Reply] | None:
+        if outcome.failure is not None:
+            log.info("relay to %s:%s refused: %s", self.host, self.port, outcome.failure)
+            return outcome.failure
+        if not outcome.refused:
+            return None
+        log.info(
+            "relay to %s:%s refused %d recipient(s)", self.host, self.port, len(outcome.refused)
+        )
+        if getattr(session, "lmtp", False):
+            relayed = Reply(250, "2.0.0", "OK: relayed")
+            return [outcome.refused.get(recipient, relayed) for recipient in recipients]
+        return next(iter(outcome.refused.values()))
+
+    async def _send_aiosmtplib(
+        self, sender: str, recipients: list[str], message: bytes, options: list[str]
+    ) -> _Upstream:
+        import aiosmtplib
+
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            timeout=self.timeout,
+            start_tls=self.starttls,
+            tls_context=self.tls_context,
+            local_hostname=self.local_hostname,
+        )
+        try:
+            try:
+                await client.connect()
+            except aiosmtplib.SMTPConnectResponseError as error:
+                log.warning("upstream %s:%s greeted with %s", self.host, self.port, error)
+                return _Upstream(_R_UPSTREAM_UNREACHABLE)
+            except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as error:
+                log.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
+                return _Upstream(_R_UPSTREAM_UNREACHABLE)
+            except (aiosmtplib.SMTPException, ssl.SSLError) as error:
+                # EHLO or STARTTLS refused, or the TLS handshake failed.
+                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                return _Upstream(_R_UPSTREAM_SECURITY)
+            if self.username is not None and self.password is not None:
+                try:
+                    await client.login(self.username, self.password)
+                except aiosmtplib.SMTPResponseException as error:
+                    log.warning("upstream %s:%s refused AUTH: %s", self.host, self.port, error.code)
+                    return _Upstream(_R_UPSTREAM_SECURITY)
+                except aiosmtplib.SMTPException as error:  # no AUTH offered
+                    log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                    return _Upstream(_R_UPSTREAM_SECURITY)
+            try:
+                refused, _ = await client.sendmail(
+                    sender, recipients, message, mail_options=options
+                )
+            except aiosmtplib.SMTPRecipientsRefused as error:
+                return _Upstream(
+                    refused={
+                        each.recipient: _upstream_reply(
+                            each.code, each.message, f"<{each.recipient}>: "
+                        )
+                        for each in error.recipients
+                    }
+                )
+            except aiosmtplib.SMTPNotSupported:
+                return _Upstream(_R_UPSTREAM_NO_UTF8)
+            except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError) as error:
+                return _Upstream(_upstream_reply(error.code, error.message, ""))
+            except aiosmtplib.SMTPResponseException as error:
+                return _Upstream(_upstream_reply(error.code, error.message, ""))
+            except (aiosmtplib.SMTPException, OSError) as error:
+                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                return _Upstream(_R_UPSTREAM_LOST)
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()
+            return _Upstream(
+                refused={
+                    recipient: _upstream_reply(response.code, response.message, f"<{recipient}>: ")
+                    for recipient, response in refused.items()
+                }
+            )
+        finally:
+            client.close()
+
+    def _send_smtplib(
+        self, sender: str, recipients: list[str], message: bytes, options: list[str]
+    ) -> _Upstream:
+        try:
+            client = smtplib.SMTP(
+                self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
+            )
+        except smtplib.SMTPConnectError as error:
+            log.warning("upstream %s:%s greeted with %s", self.host, self.port, error.smtp_code)
+            return _Upstream(_R_UPSTREAM_UNREACHABLE)
+        except (smtplib.SMTPException, OSError) as error:
+            log.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
+            return _Upstream(_R_UPSTREAM_UNREACHABLE)
+        try:
+            try:
+                if self.starttls:
+                    # smtplib's own default context checks no certificate; ours does.
+                    client.starttls(context=self.tls_context or ssl.create_default_context())
+                if self.username is not None and self.password is not None:
+                    client.login(self.username, self.password)
+            except (smtplib.SMTPException, ssl.SSLError) as error:
+                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                return _Upstream(_R_UPSTREAM_SECURITY)
+            except OSError as error:
+                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                return _Upstream(_R_UPSTREAM_LOST)
+            try:
+                refused = client.sendmail(sender, recipients, message, mail_options=options)
+            except smtplib.SMTPRecipientsRefused as error:
+                return _Upstream(
+                    refused={
+                        recipient: _upstream_reply(code, _text(text), f"<{recipient}>: ")
+                        for recipient, (code, text) in error.recipients.items()
+                    }
+                )
+            except smtplib.SMTPNotSupportedError:
+                return _Upstream(_R_UPSTREAM_NO_UTF8)
+            except smtplib.SMTPResponseException as error:  # MAIL or DATA refused
+                return _Upstream(_upstream_reply(error.smtp_code, _text(error.smtp_error), ""))
+            except (smtplib.SMTPException, OSError) as error:
+                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                return _Upstream(_R_UPSTREAM_LOST)
+            # The message is delivered: what QUIT gets back changes nothing (RFC 5321 4.1.1.10).
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                client.quit()
+        finally:
+            client.close()
+        return _Upstream(
+            refused={
+                recipient: _upstream_reply(code, _text(text), f"<{recipient}>: ")
+                for recipient, (code, text) in refused.items()
+            }
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _received_header(session: Any, envelope: SmtpEnvelope) -> bytes:
+    """A ``Received:`` trace header for a message passed on (RFC 5321 4.4, RFC 3848)."""
+    peer = envelope.peer
+    ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
+    literal = f"[IPv6:{ip}]" if ip and ":" in ip else f"[{ip}]" if ip else None
+    source = f"{envelope.helo_name or 'unknown'}" + (f" ({literal})" if literal else "")
+    config = getattr(session, "config", None)
+    by = getattr(config, "hostname", None) or "localhost"
+    # RFC 3848: ESMTP, plus S for TLS and A for AUTH; LMTP likewise; HELO is plain SMTP.
+    if getattr(session, "lmtp", False):
+        protocol = "LMTP"
+    else:
+        protocol = "ESMTP" if getattr(session, "esmtp", True) else "SMTP"
+    if protocol != "SMTP":
+        suffix = ("S" if envelope.tls else "") + ("A" if envelope.auth_identity else "")
+        protocol += suffix
+    # One recipient may be named (RFC 5321 4.4 "for"); several would disclose each other.
+    for_clause = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+    date = email.utils.formatdate(localtime=True)
+    header = f"Received: from {source}\r\n\tby {by} with {protocol}{for_clause}; {date}\r\n"
+    return header.encode("utf-8")

@@ -165,7 +165,9 @@ class SmtpServer:
             self.host,
             self._port,
             backlog=self.backlog,
-            reuse_address=True,
+            # asyncio's default: on for POSIX (TIME_WAIT); on Windows SO_REUSEADDR would let
+            # a second server bind the same port instead of failing with "address in use".
+            reuse_address=None,
             reuse_port=self.reuse_port or None,
             ssl=self.config.tls_context if tls else None,
             ssl_handshake_timeout=self.config.tls_handshake_timeout if tls else None,
