@@ -377,3 +377,28 @@ async def test_logs_name_the_session_and_never_hold_bodies_or_credentials(
     assert re.search(r"session \d+ \[127\.0\.0\.1:\d+\]", text)
     for secret in ("hunter2-secret", "wrong-secret", "the-secret-body-text", "aHVudGVy"):
         assert secret not in text
+
+
+async def test_metrics_count_and_the_hook_sees_each_change() -> None:
+    seen: list[tuple[str, int, int | None]] = []
+
+    def hook(name: str, amount: int, code: int | None) -> None:
+        seen.append((name, amount, code))
+        if name == "connections_closed":
+            raise RuntimeError("a broken exporter must not break the server")
+
+    async with SmtpServer("127.0.0.1", 0, metrics_hook=hook) as srv:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.port) as smtp:
+            await smtp.sendmail("a@example.org", ["b@example.net"], b"x" * 98 + b"\r\n")
+            await smtp.execute_command(b"BOGUS")
+            await smtp.execute_command(b"RCPT", b"TO:<b@example.net>")
+        for _ in range(100):
+            if srv.metrics.connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        metrics = srv.metrics
+    assert (metrics.connections_opened, metrics.connections_closed) == (1, 1)
+    assert (metrics.messages, metrics.message_bytes) == (1, 100)
+    assert metrics.rejections == {500: 1, 503: 1}
+    assert ("messages", 1, None) in seen
+    assert ("rejections", 1, 503) in seen

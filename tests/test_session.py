@@ -622,3 +622,10 @@ async def test_events_are_made_on_first_use_and_cannot_be_replaced() -> None:
     h.output()
     h.send(b"NOOP\r\n")
     assert h.replies() == ["250 2.0.0 mine"]
+
+
+async def test_message_size_is_reported() -> None:
+    h = Harness()
+    messages = received(h)
+    h.send(TRANSACTION + b"12345678\r\n.\r\n")
+    assert (messages[0].size, messages[0].streamed) == (10, False)

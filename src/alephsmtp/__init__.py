@@ -45,6 +45,7 @@ from .events import (
     MessageDiscardedEventArgs,
     MessageReceivedEventArgs,
 )
+from .metrics import Metrics
 from .parser import IMPLEMENTATION
 from .proxy import ProxyHeader, ProxyProtocolError
 from .replies import Reply
@@ -74,6 +75,7 @@ __all__ = [
     "MessageChunkEventArgs",
     "MessageDiscardedEventArgs",
     "MessageReceivedEventArgs",
+    "Metrics",
     "NoopCommand",
     "ProxyHeader",
     "ProxyProtocolError",

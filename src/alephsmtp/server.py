@@ -32,6 +32,7 @@ from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, Literal
 
+from .metrics import Metrics, MetricsHook
 from .proxy import ProxyHeader, ProxyProtocolReceiver, address_in_networks
 from .replies import Reply
 from .session import OnSession, SessionConfig, SmtpSession, _Pools
@@ -68,6 +69,9 @@ class SmtpServer:
     ``workers=N`` (N > 1) makes :meth:`run` serve from N processes sharing the port; see
     :meth:`run`. The asynchronous API (:meth:`start`, ``async with``) always serves from the
     calling process.
+
+    ``server.metrics`` counts connections, accepted messages and their bytes, and refusals by
+    reply code; ``metrics_hook=hook`` sees every change (:mod:`alephsmtp.metrics`).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class SmtpServer:
         proxy_trusted_networks: Sequence[str] = ("127.0.0.0/8", "::1/128"),
         proxy_header_timeout: float = 10.0,
         workers: int = 1,
+        metrics_hook: MetricsHook | None = None,
         config: SessionConfig | None = None,
         **options: Any,
     ) -> None:
@@ -118,7 +123,8 @@ class SmtpServer:
         self._admitted: set[SmtpSession] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._exempt = [ipaddress.ip_network(net) for net in self.config.connection_limit_exempt]
-        self._pools = _Pools(self.config)
+        self.metrics = Metrics(hook=metrics_hook)  # see alephsmtp.metrics
+        self._pools = _Pools(self.config, self.metrics)
         self._server: asyncio.Server | None = None
         self._stopped: asyncio.Event | None = None
         self._no_sessions = asyncio.Event()

@@ -70,6 +70,7 @@ from .events import (
     MessageReceivedEventArgs,
 )
 from .extensions import R_TOO_BIG, check_mail_parameters, check_rcpt_parameters, ehlo_keywords
+from .metrics import Metrics
 from .parser import BdatReader, BufferPool, DataReader, LineReader
 from .proxy import ProxyHeader
 from .replies import Reply, coerce_reply, default_enhanced_code
@@ -144,12 +145,13 @@ class _Pools:
     """What a server's sessions share: the buffer pools (small for commands, large for
     DATA) and the written form of the replies they send."""
 
-    __slots__ = ("command", "data", "replies")
+    __slots__ = ("command", "data", "metrics", "replies")
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, metrics: Metrics | None = None) -> None:
         self.command = BufferPool(config.command_buffer_size, 64)
         self.data = BufferPool(config.data_buffer_size, 16)
         self.replies: dict[Reply, bytes] = {}
+        self.metrics = metrics if metrics is not None else Metrics()
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +486,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._reading = True
         self._set_reading(False)  # nothing is read before the greeting (RFC 5321 3.1)
         self.log.debug("connected")
+        self._pools.metrics.connection_opened()
         refusal = self._admit(self) if self._admit is not None else None
         if refusal is not None:
             # Over a connection limit: say so before the greeting and close (RFC 5321 3.1).
@@ -550,6 +553,7 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release_buffer()
+        self._pools.metrics.connection_closed()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -1047,40 +1051,32 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._finish_message("DATA", reply)
             return
         envelope.message = None if streamed else message
-        args = MessageReceivedEventArgs(envelope, message, streamed, self._streamed)
-        if self.config.lmtp:
-            # RFC 2033 4.2: one reply per accepted recipient, in order.
-            self._dispatch(
-                "message_received",
-                args,
-                "DATA",
-                _R_QUEUED,
-                self._finish_message,
-                failure=_R_MESSAGE_HANDLER_FAILED,
-                coerce=self._to_recipient_replies,
-            )
-        else:
-            self._dispatch(
-                "message_received",
-                args,
-                "DATA",
-                _R_QUEUED,
-                self._finish_message,
-                failure=_R_MESSAGE_HANDLER_FAILED,
-            )
+        size = self._streamed if streamed else len(message)
+        args = MessageReceivedEventArgs(envelope, message, streamed, size)
+        self._dispatch(
+            "message_received",
+            args,
+            "DATA",
+            _R_QUEUED,
+            lambda verb, reply: self._finish_message(verb, reply, size),
+            failure=_R_MESSAGE_HANDLER_FAILED,
+            # RFC 2033 4.2: in LMTP, one reply per accepted recipient, in order.
+            coerce=self._to_recipient_replies if self.config.lmtp else None,
+        )
 
-    def _finish_message(self, verb: str, reply: Reply | list[Reply]) -> None:
+    def _finish_message(self, verb: str, reply: Reply | list[Reply], size: int = 0) -> None:
         recipients = len(self.envelope.recipients) if self.envelope is not None else 1
         self._reset_transaction()
         self.state = _state.end_of_message(self.state)
-        if isinstance(reply, list):
-            for each in reply:
-                self._write(each)
-        elif self.config.lmtp:
-            for _ in range(max(recipients, 1)):
-                self._write(reply)
-        else:
-            self._write(reply)
+        replies = (
+            reply
+            if isinstance(reply, list)
+            else [reply] * (max(recipients, 1) if self.config.lmtp else 1)
+        )
+        if any(each.code // 100 == 2 for each in replies):
+            self._pools.metrics.message_accepted(size)
+        for each in replies:
+            self._write(each)
 
     def _to_recipient_replies(self, result: object, verb: str, default: Reply) -> list[Reply]:
         envelope = self.envelope
@@ -1415,6 +1411,8 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- writing ----------------------------------------------------------------------------
 
     def _write(self, reply: Reply, enhanced: bool = True) -> None:
+        if reply.code >= 400:
+            self._pools.metrics.rejected(reply.code)
         if reply.code in _BAD_COMMAND_CODES:
             self._bad_commands += 1
             limit = self.config.max_bad_commands
