@@ -10,7 +10,6 @@ import re
 import smtplib
 import socket
 import ssl
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,8 +19,8 @@ import aiosmtplib
 import pytest
 import trustme
 
+from _cli import start_cli, stop_cli
 from alephsmtp import SmtpEnvelope, SmtpServer
-from alephsmtp.cli import build_parser
 from alephsmtp.handlers import (
     EmlDirectory,
     MaildirStore,
@@ -514,33 +513,6 @@ def test_relay_arguments() -> None:
 
 # --- the handlers from the command line ----------------------------------------------------
 
-CLI_HELP = build_parser().format_help()
-
-
-def run_cli(*args: str) -> tuple[subprocess.Popen[str], int]:
-    """Start ``python -m alephsmtp`` on a free port; returns the process and its port."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "alephsmtp", "--port", "0", "--hostname", "cli.test", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
-    process.kill()
-    raise AssertionError(f"the CLI did not start: {process.communicate()}")
-
-
-def stop_cli(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    process.communicate(timeout=10)
-    if sys.platform != "win32":  # terminate() is SIGTERM (a graceful stop) only on POSIX
-        assert process.returncode == 0
-
 
 @pytest.mark.parametrize(
     ("option", "stored"),
@@ -550,10 +522,8 @@ def stop_cli(process: subprocess.Popen[str]) -> None:
     ],
 )
 def test_cli_stores(tmp_path: Path, option: str, stored: Callable[[Path], bool]) -> None:
-    if option not in CLI_HELP:
-        pytest.skip(f"the CLI has no {option}")
     target = tmp_path / "store"
-    process, port = run_cli(option, str(target))
+    process, port = start_cli(option, str(target))
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
@@ -562,14 +532,11 @@ def test_cli_stores(tmp_path: Path, option: str, stored: Callable[[Path], bool])
     assert stored(target)
 
 
-@pytest.mark.skipif(
-    "--relay-password-file" not in CLI_HELP, reason="the CLI has no --relay-password-file"
-)
 def test_cli_relays_with_auth(tmp_path: Path) -> None:
     password_file = tmp_path / "password"
     password_file.write_text("pw\n", encoding="utf-8")
     with SmtpTestServer(credentials={"relay": "pw"}) as upstream:
-        process, port = run_cli(
+        process, port = start_cli(
             "--relay",
             f"127.0.0.1:{upstream.port}",
             "--relay-user",

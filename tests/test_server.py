@@ -7,7 +7,6 @@ import email
 import email.policy
 import logging
 import mailbox
-import os
 import re
 import smtplib
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
+from _cli import start_cli, stop_cli
 from alephsmtp import SmtpServer
 from alephsmtp.parser import IMPLEMENTATION
 
@@ -228,33 +228,8 @@ async def test_listen_inside_a_running_loop() -> None:
     assert got == [b"x\r\n"]
 
 
-def _start_cli(*args: str) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "alephsmtp", "--port", "0", "--hostname", "cli.test", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
-    process.kill()
-    raise AssertionError("the CLI did not start")
-
-
-def _stop_cli(process: subprocess.Popen[str]) -> str:
-    process.terminate()
-    out, _ = process.communicate(timeout=10)
-    # SIGTERM stops it gracefully (exit 0); Windows has no SIGTERM, terminate() kills (1).
-    assert process.returncode == (1 if sys.platform == "win32" else 0)
-    return out
-
-
 def test_cli_prints_messages() -> None:
-    process, port = _start_cli()
+    process, port = start_cli()
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             code, banner = smtp.ehlo()
@@ -264,7 +239,7 @@ def test_cli_prints_messages() -> None:
                 "from@example.org", ["to@example.net"], b"Subject: cli\r\n\r\nprinted body\r\n"
             )
     finally:
-        out = _stop_cli(process)
+        out = stop_cli(process)
     assert "MAIL FROM: <from@example.org>" in out
     assert "RCPT TO: <to@example.net>" in out
     assert "Subject: cli\n\nprinted body\n" in out
@@ -272,14 +247,14 @@ def test_cli_prints_messages() -> None:
 
 def test_cli_maildir(tmp_path: Path) -> None:
     maildir = tmp_path / "Maildir"
-    process, port = _start_cli("--maildir", str(maildir))
+    process, port = start_cli("--maildir", str(maildir))
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             smtp.sendmail(
                 "from@example.org", ["to@example.net"], b"Subject: stored\r\n\r\nin a maildir\r\n"
             )
     finally:
-        _stop_cli(process)
+        stop_cli(process)
     (message,) = list(mailbox.Maildir(maildir, create=False))
     assert message["Subject"] == "stored"
     assert message["Return-Path"] == "<from@example.org>"
@@ -288,7 +263,7 @@ def test_cli_maildir(tmp_path: Path) -> None:
 
 
 def test_cli_reports_a_port_in_use() -> None:
-    process, port = _start_cli()
+    process, port = start_cli()
     try:
         result = subprocess.run(
             [sys.executable, "-m", "alephsmtp", "--port", str(port)],
@@ -297,7 +272,7 @@ def test_cli_reports_a_port_in_use() -> None:
             timeout=20,
         )
     finally:
-        _stop_cli(process)
+        stop_cli(process)
     assert result.returncode == 2
     assert "cannot listen" in result.stderr
 
