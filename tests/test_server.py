@@ -377,3 +377,17 @@ async def test_metrics_count_and_the_hook_sees_each_change() -> None:
     assert metrics.rejections == {500: 1, 503: 1}
     assert ("messages", 1, None) in seen
     assert ("rejections", 1, 503) in seen
+
+
+def test_cli_reports_a_bad_certificate(tmp_path: Path) -> None:
+    bad = tmp_path / "cert.pem"
+    bad.write_text("not a certificate\n", encoding="ascii")
+    result = subprocess.run(
+        [sys.executable, "-m", "alephsmtp", "--port", "0", "--tls-cert", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"alephsmtp: cannot load the TLS certificate {bad}")
+    assert "Traceback" not in result.stderr
