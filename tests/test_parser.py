@@ -774,3 +774,55 @@ def test_split_command(parser: ModuleType, line: bytes, expected: tuple[bytes, b
 def test_split_command_type(parser: ModuleType) -> None:
     with pytest.raises(TypeError):
         parser.split_command("NOOP")
+
+
+# --- long streams: the compiled core's block kernel (64-byte blocks) ------------------------
+# Short vectors never reach the bulk path; these put dot lines, bare CR/LF and the end mark at
+# every offset modulo 64 inside long bodies, and demand the twin's exact results.
+
+from alephsmtp import _parser_py  # noqa: E402
+
+try:
+    compiled: ModuleType | None = (
+        None
+        if os.environ.get("ALEPHSMTP_NO_EXTENSIONS")
+        else importlib.import_module("alephsmtp._parser")
+    )
+except ImportError:  # pragma: no cover - not built
+    compiled = None
+
+
+def _long_stream(offset: int, variant: int) -> bytes:
+    filler = bytes((ord("a") + i % 26) for i in range(64 + offset))
+    lines = [filler[: 40 + (i * 7 + offset) % 90] for i in range(12)]
+    lines[3] = b"." + lines[3]  # a dot line: stuffed
+    lines[7] = b".." + lines[7]
+    if variant == 1:
+        lines[5] = lines[5][:10] + b"\r" + lines[5][10:]  # a bare CR
+    elif variant == 2:
+        lines[9] = lines[9][:20] + b"\n." + lines[9][20:]  # a bare LF and a dot after it
+    elif variant == 3:
+        lines[6] = b"x" * (150 + offset)  # past a 130-octet line limit
+    return b"\r\n".join(lines) + b"\r\n.\r\nNOOP\r\n"
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled parser unavailable")
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+@pytest.mark.parametrize("policy", ["reject", "normalize"])
+@pytest.mark.parametrize("limit", [0, 130, 1000])
+def test_long_streams_at_every_block_offset(variant: int, policy: str, limit: int) -> None:
+    assert compiled is not None
+    for offset in range(64):
+        stream = b"x" * offset + _long_stream(offset, variant)
+        for split in (len(stream), 64, 97):
+            results = []
+            for module in (compiled, _parser_py):
+                reader = module.DataReader(0, limit, policy)
+                out = []
+                for start in range(0, len(stream), split):
+                    if reader.done:
+                        break
+                    out.append(reader.feed(stream[start : start + split]))
+                state = (reader.size, repr(reader.error), reader.done)
+                results.append((b"".join(out), state, reader.trailing if reader.done else None))
+            assert results[0] == results[1], (offset, split)

@@ -5,9 +5,15 @@ The CONTRACT is the docstring of :mod:`alephsmtp._parser_py`, the pure-Python tw
 also the type source; both give the same results to the byte (the tests compare them).
 
 Input is read in place through the buffer protocol (no copy); output is written straight into
-a new ``bytes`` object, shrunk to size at the end. There is one crossing into Python per
-``feed`` call (creating the result), never one per line or byte, except for the error
-instances, made once per broken rule.
+a new ``bytes`` object, sized at the end. There is one crossing into Python per ``feed`` call
+(creating the result), never one per line or byte, except for the error instances, made once
+per broken rule.
+
+DataReader's common case, lines that end in CRLF and have no bare CR, goes through a C kernel
+(below) that checks and copies 64 bytes per step (SSE2, NEON, AVX2 or AVX-512, or 8 in
+portable C) and drops stuffed dots in the same pass; the exact line-by-line scan takes what
+it leaves: the end mark, the lines with a bare CR or LF or near the line limit, the last line
+of a read. LineReader finds a line's CRLF, and that it has no other CR, in one pass.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -30,6 +36,7 @@ __all__ = ["BdatReader", "BufferPool", "DataReader", "LineReader", "split_comman
 
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject **bytes, Py_ssize_t newsize) except -1
+    void Py_SET_SIZE(object o, Py_ssize_t size)
 
 cdef bytes EMPTY = b""
 
@@ -54,6 +61,511 @@ cdef enum:
     E_TOO_LONG = 2
     E_BARE_LF = 3
     E_TOO_LARGE = 4
+
+
+cdef extern from *:
+    """
+    /* DataReader's bulk kernel: the clean part of a read, copied to the output in blocks.
+     *
+     * Clean means: every CR is followed by LF, every LF is preceded by CR, and a line that
+     * starts with a dot has a byte other than CR or LF after it (so the dot is a stuffed one, to
+     * drop). Per block of W bytes at p + i, with a = p[i:i+W] and b = p[i+1:i+W+1] (the same
+     * bytes, one further on): bad = (a == CR) ^ (b == LF) flags a bare CR at i+k or a bare LF at
+     * i+k+1; dot = (a == LF) & (b == '.') flags a line-start dot at i+k+1. A block with neither
+     * is stored as it is. A dot is dropped by storing what follows it one byte lower: for a lone
+     * dot, one more copy of W bytes; else the blocks go on from the byte after the dot.
+     *
+     * aleph_data_fast(p, start, lim, out, &o, limit): start is a line start after a real CRLF
+     * and p[start] is neither '.' nor LF; reads stay below lim; p[start] goes to out[o]; writes
+     * stay below out + lim + 2. Returns the line start L where the exact scan must go on (the
+     * line with something that is not clean, a line that may be too long, or the last line in
+     * reach) and sets o to where p[L] goes. The bytes before L are output; none of them breaks a
+     * rule, and every line that they end is ended by a real CRLF. limit 0: no line length
+     * accounting at all; else every line ended before L is at most limit bytes, CRLF included.
+     *
+     * Variants: portable C (SWAR: 8 bytes in a uint64), SSE2 (every x86-64), NEON (every
+     * AArch64), and, chosen at run time with GCC or Clang on x86-64, AVX2 and AVX-512 (VBMI2's
+     * byte compress drops any number of dots per 64 bytes without a branch). For their tests,
+     * ALEPH_FORCE at compile time picks the portable one (1), SSE2 (2) or at most AVX2 (3). */
+    #include <stdint.h>
+    #include <string.h>
+
+    #if defined(__GNUC__) || defined(__clang__)
+    #  define ALEPH_INLINE static inline __attribute__((always_inline))
+    #  define ALEPH_CTZ(x) ((int)__builtin_ctzll(x))
+    #  define ALEPH_MSB(x) (63 - (int)__builtin_clzll(x))
+    #elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_ARM64))
+    #  include <intrin.h>
+    #  define ALEPH_INLINE static __forceinline
+    ALEPH_INLINE int aleph_ctz(uint64_t x) {
+        unsigned long k;
+        _BitScanForward64(&k, x);
+        return (int)k;
+    }
+    ALEPH_INLINE int aleph_msb(uint64_t x) {
+        unsigned long k;
+        _BitScanReverse64(&k, x);
+        return (int)k;
+    }
+    #  define ALEPH_CTZ(x) aleph_ctz(x)
+    #  define ALEPH_MSB(x) aleph_msb(x)
+    #else
+    #  define ALEPH_INLINE static
+    static int aleph_ctz(uint64_t x) { int k = 0; while (!(x & 1)) { x >>= 1; k++; } return k; }
+    static int aleph_msb(uint64_t x) { int k = -1; while (x) { x >>= 1; k++; } return k; }
+    #  define ALEPH_CTZ(x) aleph_ctz(x)
+    #  define ALEPH_MSB(x) aleph_msb(x)
+    #endif
+
+    #ifndef ALEPH_FORCE
+    #  define ALEPH_FORCE 0
+    #endif
+    #if ALEPH_FORCE != 1 && (defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64))
+    #  include <emmintrin.h>
+    #  define ALEPH_SSE2 1
+    #  if ALEPH_FORCE != 2 && defined(__x86_64__) \
+            && (defined(__clang__) ? __clang_major__ >= 11 : defined(__GNUC__) && __GNUC__ >= 8)
+    #    include <immintrin.h>
+    #    include <cpuid.h>
+    #    define ALEPH_X86_RUNTIME 1
+    #  endif
+    #elif ALEPH_FORCE != 1 && (defined(__aarch64__) || defined(_M_ARM64))
+    #  include <arm_neon.h>
+    #  define ALEPH_NEON 1
+    #endif
+
+    /* Software prefetch, ahead of the blocks but never past the read (lim): a read that was not
+     * just received (so not in the cache already) streams at about twice the speed with it. */
+    #if defined(__GNUC__) || defined(__clang__)
+    #  define ALEPH_PREFETCH(a) __builtin_prefetch(a)
+    #elif ALEPH_SSE2
+    #  define ALEPH_PREFETCH(a) _mm_prefetch((const char *)(a), _MM_HINT_T0)
+    #else
+    #  define ALEPH_PREFETCH(a) ((void)0)
+    #endif
+    #define ALEPH_AHEAD(start, lim) ((lim) - (start) < 32768 ? ((lim) - (start)) >> 2 : 8192)
+
+    typedef Py_ssize_t (*aleph_fast_fn)(const unsigned char *, Py_ssize_t, Py_ssize_t,
+                                        unsigned char *, Py_ssize_t *, Py_ssize_t);
+
+    /* The start of the line that holds p[pos] (start is a line start, start <= pos). */
+    ALEPH_INLINE Py_ssize_t aleph_line_start(const unsigned char *p, Py_ssize_t start,
+                                             Py_ssize_t pos) {
+        while (pos > start && p[pos - 1] != 10) {
+            pos--;
+        }
+        return pos;
+    }
+
+    /* A kernel from a block function: BLOCK(s, d, track, &bad, &dot, &lfs) stores W bytes of s
+     * at d and returns nonzero when bad or dot has a bit (else they are not set); lfs (when
+     * track) gets the LF bits of a. A mask has 1 << SHIFT bits per byte: LANE is byte 0's.
+     * COPY(s, d) copies W bytes. */
+    #define ALEPH_KERNEL(NAME, ATTR, W, SHIFT, LANE, BLOCK, COPY, TRACK)                     \
+    ATTR static Py_ssize_t NAME(const unsigned char *p, Py_ssize_t start, Py_ssize_t lim,     \
+                                unsigned char *out, Py_ssize_t *po, Py_ssize_t limit) {       \
+        Py_ssize_t i = start, delta = *po - start, dot_at = -1, last_lf = start - 1, line, d; \
+        Py_ssize_t ahead = ALEPH_AHEAD(start, lim);                                           \
+        uint64_t bad, dot, lfs = 0;                                                           \
+        int kb, kd;                                                                           \
+        (void)limit;                                                                          \
+        while (i + (W) + 2 <= lim) {                                                          \
+            if (TRACK && i + (W) - 1 - last_lf > limit) {                                     \
+                break; /* an LF in this block could end a line that is too long */            \
+            }                                                                                 \
+            if ((W) >= 16) {                                                                  \
+                ALEPH_PREFETCH(p + (i + ahead < lim ? i + ahead : lim - 1));                  \
+            }                                                                                 \
+            if (!BLOCK(p + i, out + i + delta, TRACK, &bad, &dot, &lfs)) {                    \
+                if (TRACK) {                                                                  \
+                    last_lf = lfs ? i + (ALEPH_MSB(lfs | 1) >> (SHIFT)) : last_lf;            \
+                }                                                                             \
+                i += (W);                                                                     \
+                continue;                                                                     \
+            }                                                                                 \
+            kb = bad ? ALEPH_CTZ(bad) >> (SHIFT) : (W);                                       \
+            kd = dot ? ALEPH_CTZ(dot) >> (SHIFT) : (W);                                       \
+            if (kd >= kb) {                                                                   \
+                /* A bare CR at i + kb or a bare LF at i + kb + 1: the exact scan's. */       \
+                line = aleph_line_start(p, start, i + kb + 1);                                \
+                goto done;                                                                    \
+            }                                                                                 \
+            d = i + kd + 1; /* a line-start dot */                                            \
+            if (p[d + 1] == 13 || p[d + 1] == 10) {                                           \
+                line = d; /* perhaps the end mark: the exact scan decides */                  \
+                goto done;                                                                    \
+            }                                                                                 \
+            dot_at = d;                                                                       \
+            delta--;                                                                          \
+            if (!bad && (dot >> (kd << (SHIFT))) == (LANE) && kd < (W) - 1                    \
+                    && i + 2 * (W) + 1 <= lim) {                                              \
+                /* The only thing in the block: the rest of it, one byte lower. */            \
+                COPY(p + d + 1, out + d + 1 + delta);                                         \
+                if (TRACK) {                                                                  \
+                    last_lf = i + (ALEPH_MSB(lfs) >> (SHIFT));                                \
+                }                                                                             \
+                i += (W);                                                                     \
+            } else {                                                                          \
+                last_lf = d - 1;                                                              \
+                i = d + 1;                                                                    \
+            }                                                                                 \
+        }                                                                                     \
+        line = TRACK ? last_lf + 1 : aleph_line_start(p, start, i);                           \
+    done:                                                                                     \
+        *po = line + delta + (line == dot_at);                                                \
+        return line;                                                                          \
+    }
+
+    /* Portable: 8 bytes per step in a uint64 (SWAR); 0x80 in each byte lane that matches. */
+    #define ALEPH_ONES 0x0101010101010101ULL
+    #define ALEPH_LOW7 0x7f7f7f7f7f7f7f7fULL
+
+    ALEPH_INLINE uint64_t aleph_word(const unsigned char *s) {
+        /* Byte k in lane k whatever the byte order (compilers make it one load). */
+        return (uint64_t)s[0] | (uint64_t)s[1] << 8 | (uint64_t)s[2] << 16
+            | (uint64_t)s[3] << 24 | (uint64_t)s[4] << 32 | (uint64_t)s[5] << 40
+            | (uint64_t)s[6] << 48 | (uint64_t)s[7] << 56;
+    }
+
+    ALEPH_INLINE uint64_t aleph_eq(uint64_t x, uint64_t c) {
+        uint64_t y = x ^ (c * ALEPH_ONES);
+        return ~(((y & ALEPH_LOW7) + ALEPH_LOW7) | y | ALEPH_LOW7);
+    }
+
+    ALEPH_INLINE int aleph_block_swar(const unsigned char *s, unsigned char *d, int track,
+                                      uint64_t *bad, uint64_t *dot, uint64_t *lfs) {
+        uint64_t a = aleph_word(s), b = aleph_word(s + 1), lf = aleph_eq(a, 10);
+        memcpy(d, s, 8);
+        *bad = aleph_eq(a, 13) ^ aleph_eq(b, 10);
+        *dot = lf & aleph_eq(b, 46);
+        if (track) {
+            *lfs = lf;
+        }
+        return (*bad | *dot) != 0;
+    }
+
+    ALEPH_INLINE void aleph_copy_swar(const unsigned char *s, unsigned char *d) {
+        memcpy(d, s, 8);
+    }
+
+    ALEPH_KERNEL(aleph_fast_swar, , 8, 3, 0x80, aleph_block_swar, aleph_copy_swar, 0)
+    ALEPH_KERNEL(aleph_fast_swar_track, , 8, 3, 0x80, aleph_block_swar, aleph_copy_swar, 1)
+
+    #if ALEPH_SSE2
+    /* SSE2 (every x86-64): 32 bytes per step, in two halves. */
+    ALEPH_INLINE int aleph_block_sse2(const unsigned char *s, unsigned char *d, int track,
+                                      uint64_t *bad, uint64_t *dot, uint64_t *lfs) {
+        const __m128i cr = _mm_set1_epi8(13), lf = _mm_set1_epi8(10), dt = _mm_set1_epi8(46);
+        __m128i a0 = _mm_loadu_si128((const __m128i *)s);
+        __m128i a1 = _mm_loadu_si128((const __m128i *)(s + 16));
+        __m128i b0 = _mm_loadu_si128((const __m128i *)(s + 1));
+        __m128i b1 = _mm_loadu_si128((const __m128i *)(s + 17));
+        __m128i l0 = _mm_cmpeq_epi8(a0, lf), l1 = _mm_cmpeq_epi8(a1, lf);
+        __m128i x0 = _mm_xor_si128(_mm_cmpeq_epi8(a0, cr), _mm_cmpeq_epi8(b0, lf));
+        __m128i x1 = _mm_xor_si128(_mm_cmpeq_epi8(a1, cr), _mm_cmpeq_epi8(b1, lf));
+        __m128i t0 = _mm_and_si128(l0, _mm_cmpeq_epi8(b0, dt));
+        __m128i t1 = _mm_and_si128(l1, _mm_cmpeq_epi8(b1, dt));
+        _mm_storeu_si128((__m128i *)d, a0);
+        _mm_storeu_si128((__m128i *)(d + 16), a1);
+        if (track) {
+            *lfs = (uint64_t)(unsigned)_mm_movemask_epi8(l0)
+                | (uint64_t)(unsigned)_mm_movemask_epi8(l1) << 16;
+        }
+        if (!_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(x0, x1), _mm_or_si128(t0, t1)))) {
+            return 0;
+        }
+        *bad = (uint64_t)(unsigned)_mm_movemask_epi8(x0)
+            | (uint64_t)(unsigned)_mm_movemask_epi8(x1) << 16;
+        *dot = (uint64_t)(unsigned)_mm_movemask_epi8(t0)
+            | (uint64_t)(unsigned)_mm_movemask_epi8(t1) << 16;
+        return 1;
+    }
+
+    ALEPH_INLINE void aleph_copy_sse2(const unsigned char *s, unsigned char *d) {
+        __m128i x = _mm_loadu_si128((const __m128i *)s);
+        __m128i y = _mm_loadu_si128((const __m128i *)(s + 16));
+        _mm_storeu_si128((__m128i *)d, x);
+        _mm_storeu_si128((__m128i *)(d + 16), y);
+    }
+
+    ALEPH_KERNEL(aleph_fast_sse2, , 32, 0, 1, aleph_block_sse2, aleph_copy_sse2, 0)
+    ALEPH_KERNEL(aleph_fast_sse2_track, , 32, 0, 1, aleph_block_sse2, aleph_copy_sse2, 1)
+    #endif
+
+    #if ALEPH_X86_RUNTIME
+    /* AVX2: 64 bytes per step, in two halves. */
+    #define ALEPH_AVX2 __attribute__((target("avx2")))
+
+    ALEPH_AVX2 ALEPH_INLINE int aleph_block_avx2(const unsigned char *s, unsigned char *d,
+                                                 int track, uint64_t *bad, uint64_t *dot,
+                                                 uint64_t *lfs) {
+        const __m256i cr = _mm256_set1_epi8(13), lf = _mm256_set1_epi8(10);
+        const __m256i dt = _mm256_set1_epi8(46);
+        __m256i a0 = _mm256_loadu_si256((const __m256i *)s);
+        __m256i a1 = _mm256_loadu_si256((const __m256i *)(s + 32));
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)(s + 1));
+        __m256i b1 = _mm256_loadu_si256((const __m256i *)(s + 33));
+        __m256i l0 = _mm256_cmpeq_epi8(a0, lf), l1 = _mm256_cmpeq_epi8(a1, lf);
+        __m256i x0 = _mm256_xor_si256(_mm256_cmpeq_epi8(a0, cr), _mm256_cmpeq_epi8(b0, lf));
+        __m256i x1 = _mm256_xor_si256(_mm256_cmpeq_epi8(a1, cr), _mm256_cmpeq_epi8(b1, lf));
+        __m256i t0 = _mm256_and_si256(l0, _mm256_cmpeq_epi8(b0, dt));
+        __m256i t1 = _mm256_and_si256(l1, _mm256_cmpeq_epi8(b1, dt));
+        __m256i any = _mm256_or_si256(_mm256_or_si256(x0, x1), _mm256_or_si256(t0, t1));
+        _mm256_storeu_si256((__m256i *)d, a0);
+        _mm256_storeu_si256((__m256i *)(d + 32), a1);
+        if (track) {
+            *lfs = (uint64_t)(unsigned)_mm256_movemask_epi8(l0)
+                | (uint64_t)(unsigned)_mm256_movemask_epi8(l1) << 32;
+        }
+        if (_mm256_testz_si256(any, any)) {
+            return 0;
+        }
+        *bad = (uint64_t)(unsigned)_mm256_movemask_epi8(x0)
+            | (uint64_t)(unsigned)_mm256_movemask_epi8(x1) << 32;
+        *dot = (uint64_t)(unsigned)_mm256_movemask_epi8(t0)
+            | (uint64_t)(unsigned)_mm256_movemask_epi8(t1) << 32;
+        return 1;
+    }
+
+    ALEPH_AVX2 ALEPH_INLINE void aleph_copy_avx2(const unsigned char *s, unsigned char *d) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)s);
+        __m256i y = _mm256_loadu_si256((const __m256i *)(s + 32));
+        _mm256_storeu_si256((__m256i *)d, x);
+        _mm256_storeu_si256((__m256i *)(d + 32), y);
+    }
+
+    ALEPH_KERNEL(aleph_fast_avx2, ALEPH_AVX2, 64, 0, 1, aleph_block_avx2, aleph_copy_avx2, 0)
+    ALEPH_KERNEL(aleph_fast_avx2_track, ALEPH_AVX2, 64, 0, 1, aleph_block_avx2, aleph_copy_avx2,
+                 1)
+
+    /* AVX-512 with VBMI2: 64 bytes per step, the tests in mask registers. A block with
+     * line-start dots is output by one compress that drops them all (a dot at i + 64 is carried
+     * into the next block). Where dots are many (two within 16 blocks), every block goes that
+     * way, with no branch per dot; after 64 blocks without one, plain stores again (a compress
+     * costs more than a plain store). */
+    #define ALEPH_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt")))
+    #define ALEPH_KERNEL_AVX512(NAME, TRACK)                                                  \
+    ALEPH_AVX512 static Py_ssize_t NAME(const unsigned char *p, Py_ssize_t start,             \
+                                        Py_ssize_t lim, unsigned char *out, Py_ssize_t *po,   \
+                                        Py_ssize_t limit) {                                   \
+        const __m512i cr = _mm512_set1_epi8(13), lf = _mm512_set1_epi8(10);                   \
+        const __m512i dt = _mm512_set1_epi8(46);                                              \
+        Py_ssize_t i = start, o = *po, last_lf = start - 1, last_drop = start - 4096, line;   \
+        Py_ssize_t ahead = ALEPH_AHEAD(start, lim);                                           \
+        uint64_t carry = 0; /* p[i] is a line-start dot, to drop */                           \
+        uint64_t drop, brk, carry2;                                                           \
+        __mmask64 lfa, lfb, bad, dot;                                                         \
+        int dense = 0; /* blocks to compress whatever they hold */                            \
+        int held = 0; /* dense, or a carried dot */                                           \
+        int got;                                                                              \
+        __m512i a, b;                                                                         \
+        (void)limit;                                                                          \
+        while (i + 66 <= lim) {                                                               \
+            if (TRACK && i + 63 - last_lf > limit) {                                          \
+                break; /* an LF in this block could end a line that is too long */            \
+            }                                                                                 \
+            ALEPH_PREFETCH(p + (i + ahead < lim ? i + ahead : lim - 1));                      \
+            a = _mm512_loadu_si512((const void *)(p + i));                                    \
+            b = _mm512_loadu_si512((const void *)(p + i + 1));                                \
+            lfa = _mm512_cmpeq_epi8_mask(a, lf);                                              \
+            lfb = _mm512_cmpeq_epi8_mask(b, lf);                                              \
+            bad = _kxor_mask64(_mm512_cmpeq_epi8_mask(a, cr), lfb);                           \
+            dot = _mm512_mask_cmpeq_epi8_mask(lfa, b, dt);                                    \
+            if (!held && _kortestz_mask64_u8(bad, dot)) {                                     \
+                _mm512_storeu_si512((void *)(out + o), a); /* nothing to drop */             \
+                o += 64;                                                                      \
+            } else {                                                                          \
+                brk = _cvtmask64_u64(lfb) | _cvtmask64_u64(_mm512_cmpeq_epi8_mask(b, cr));    \
+                drop = _cvtmask64_u64(dot);                                                   \
+                if (_cvtmask64_u64(bad) | (drop & (brk >> 1)) | (carry & brk)) {              \
+                    break; /* a bare CR or LF, or a dot line that may be the end mark */      \
+                }                                                                             \
+                carry2 = drop >> 63;                                                          \
+                drop = (drop << 1) | carry;                                                   \
+                carry = carry2;                                                               \
+                if (dense) {                                                                  \
+                    got = -(int)(drop != 0); /* no branch on it: dots come as they come */    \
+                    dense = ((dense - 1) & ~got) | (64 & got);                                \
+                } else {                                                                      \
+                    dense = i - last_drop < 1024 ? 64 : 0;                                    \
+                    last_drop = i;                                                            \
+                }                                                                             \
+                held = dense | (int)carry;                                                    \
+                _mm512_storeu_si512((void *)(out + o),                                        \
+                                    _mm512_maskz_compress_epi8(_cvtu64_mask64(~drop), a));    \
+                o += 64 - (Py_ssize_t)_mm_popcnt_u64(drop);                                   \
+            }                                                                                 \
+            if (TRACK) {                                                                      \
+                drop = _cvtmask64_u64(lfa);                                                   \
+                last_lf = drop ? i + ALEPH_MSB(drop | 1) : last_lf;                           \
+            }                                                                                 \
+            i += 64;                                                                          \
+        }                                                                                     \
+        line = TRACK ? last_lf + 1 : aleph_line_start(p, start, i);                           \
+        /* Every line-start dot before i was dropped but a carried one (which is at i). */    \
+        *po = o - (i - line) + (line < i && p[line] == 46);                                   \
+        return line;                                                                          \
+    }
+
+    ALEPH_KERNEL_AVX512(aleph_fast_avx512, 0)
+    ALEPH_KERNEL_AVX512(aleph_fast_avx512_track, 1)
+
+    /* 2: AVX2, 3: AVX-512 with BW and VBMI2 (each with the OS saving its registers), else 0. */
+    static int aleph_x86_level(void) {
+        unsigned a, b, c, d, lo, hi, level = 0;
+        if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27)) || !(c & (1u << 28))) {
+            return 0; /* no OSXSAVE or no AVX */
+        }
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        if ((lo & 6) != 6 || __get_cpuid_max(0, NULL) < 7) {
+            return 0; /* the OS does not save the YMM registers */
+        }
+        __cpuid_count(7, 0, a, b, c, d);
+        if (b & (1u << 5)) {
+            level = 2;
+            if ((lo & 0xe0) == 0xe0 && (b & (1u << 16)) && (b & (1u << 30)) && (c & (1u << 6))) {
+                level = 3;
+            }
+        }
+        return (int)level;
+    }
+    #endif
+
+    #if ALEPH_NEON
+    /* NEON (every AArch64): 16 bytes per step; masks have 4 bits per byte. */
+    #define ALEPH_NEON_MASK(v) vget_lane_u64(vreinterpret_u64_u8(                             \
+        vshrn_n_u16(vreinterpretq_u16_u8(v), 4)), 0)
+    ALEPH_INLINE int aleph_block_neon(const unsigned char *s, unsigned char *d, int track,
+                                      uint64_t *bad, uint64_t *dot, uint64_t *lfs) {
+        uint8x16_t a = vld1q_u8(s), b = vld1q_u8(s + 1);
+        uint8x16_t l = vceqq_u8(a, vdupq_n_u8(10));
+        uint8x16_t x = veorq_u8(vceqq_u8(a, vdupq_n_u8(13)), vceqq_u8(b, vdupq_n_u8(10)));
+        uint8x16_t t = vandq_u8(l, vceqq_u8(b, vdupq_n_u8(46)));
+        vst1q_u8(d, a);
+        if (track) {
+            *lfs = ALEPH_NEON_MASK(l);
+        }
+        if (!vmaxvq_u8(vorrq_u8(x, t))) {
+            return 0;
+        }
+        *bad = ALEPH_NEON_MASK(x);
+        *dot = ALEPH_NEON_MASK(t);
+        return 1;
+    }
+
+    ALEPH_INLINE void aleph_copy_neon(const unsigned char *s, unsigned char *d) {
+        vst1q_u8(d, vld1q_u8(s));
+    }
+
+    ALEPH_KERNEL(aleph_fast_neon, , 16, 2, 0xf, aleph_block_neon, aleph_copy_neon, 0)
+    ALEPH_KERNEL(aleph_fast_neon_track, , 16, 2, 0xf, aleph_block_neon, aleph_copy_neon, 1)
+    #endif
+
+    static aleph_fast_fn aleph_fast = aleph_fast_swar;
+    static aleph_fast_fn aleph_fast_track = aleph_fast_swar_track;
+
+    static void aleph_pick(void) {
+    #if ALEPH_SSE2
+        aleph_fast = aleph_fast_sse2;
+        aleph_fast_track = aleph_fast_sse2_track;
+    #endif
+    #if ALEPH_X86_RUNTIME
+        switch (ALEPH_FORCE == 3 && aleph_x86_level() == 3 ? 2 : aleph_x86_level()) {
+        case 3:
+            aleph_fast = aleph_fast_avx512;
+            aleph_fast_track = aleph_fast_avx512_track;
+            break;
+        case 2:
+            aleph_fast = aleph_fast_avx2;
+            aleph_fast_track = aleph_fast_avx2_track;
+            break;
+        default:
+            break;
+        }
+    #endif
+    #if ALEPH_NEON
+        aleph_fast = aleph_fast_neon;
+        aleph_fast_track = aleph_fast_neon_track;
+    #endif
+    }
+
+    /* The kernel; then, if it stopped short of lim only because its blocks read ahead, once
+     * more on a copy of the last bytes padded with zeros (neither CR, LF nor a dot), so that the
+     * exact scan gets the last line only, not the last block and more. */
+    #define ALEPH_TAIL 192
+    static Py_ssize_t aleph_data_fast(const unsigned char *p, Py_ssize_t start, Py_ssize_t lim,
+                                      unsigned char *out, Py_ssize_t *po, Py_ssize_t limit) {
+        aleph_fast_fn fast = limit ? aleph_fast_track : aleph_fast;
+        unsigned char tail[ALEPH_TAIL + 128], tail_out[ALEPH_TAIL + 128];
+        Py_ssize_t line = fast(p, start, lim, out, po, limit), m = lim - line, o = 0;
+        if (m <= 0 || m > ALEPH_TAIL || p[line] == 46 || p[line] == 10) {
+            return line;
+        }
+        memcpy(tail, p + line, m);
+        memset(tail + m, 0, sizeof(tail) - m);
+        m = fast(tail, 0, m + 126, tail_out, &o, limit);
+        memcpy(out + *po, tail_out, o);
+        *po += o;
+        return line + m;
+    }
+
+    /* LineReader: the first CR or LF in p[pos:n], or n when there is none. */
+    ALEPH_INLINE Py_ssize_t aleph_find_crlf(const unsigned char *p, Py_ssize_t pos,
+                                            Py_ssize_t n) {
+    #if ALEPH_SSE2
+        const __m128i cr = _mm_set1_epi8(13), lf = _mm_set1_epi8(10);
+        __m128i v;
+        unsigned m;
+        for (; pos + 16 <= n; pos += 16) {
+            v = _mm_loadu_si128((const __m128i *)(p + pos));
+            m = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, cr),
+                                                         _mm_cmpeq_epi8(v, lf)));
+            if (m) {
+                return pos + ALEPH_CTZ(m);
+            }
+        }
+    #elif ALEPH_NEON
+        uint8x16_t v;
+        uint64_t m;
+        for (; pos + 16 <= n; pos += 16) {
+            v = vld1q_u8(p + pos);
+            m = ALEPH_NEON_MASK(vorrq_u8(vceqq_u8(v, vdupq_n_u8(13)), vceqq_u8(v, vdupq_n_u8(10))));
+            if (m) {
+                return pos + (ALEPH_CTZ(m) >> 2);
+            }
+        }
+    #else
+        uint64_t w, m;
+        for (; pos + 8 <= n; pos += 8) {
+            w = aleph_word(p + pos);
+            m = aleph_eq(w, 13) | aleph_eq(w, 10);
+            if (m) {
+                return pos + (ALEPH_CTZ(m) >> 3);
+            }
+        }
+    #endif
+        while (pos < n && p[pos] != 13 && p[pos] != 10) {
+            pos++;
+        }
+        return pos;
+    }
+    """
+    void aleph_pick() nogil
+    Py_ssize_t aleph_data_fast(
+        const unsigned char* p, Py_ssize_t start, Py_ssize_t lim, unsigned char* out,
+        Py_ssize_t* po, Py_ssize_t limit
+    ) nogil
+    Py_ssize_t aleph_find_crlf(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) nogil
+
+aleph_pick()
+
+# The kernel needs this many bytes to be worth a call, and a line limit (if any) of at least
+# this much (with a smaller one, the blocks are longer than a line may be). After a run of
+# fewer than FAST_BACKOFF bytes, the exact scan takes the next FAST_BACKOFF bytes.
+cdef enum:
+    FAST_MIN = 160
+    FAST_MIN_LIMIT = 128
+    FAST_BACKOFF = 256
 
 
 cdef Py_ssize_t _check_size(object value, str name) except -1:
@@ -256,7 +768,7 @@ cdef class LineReader:
         """Scan ``p[:n]`` (the held bytes themselves when ``from_held``)."""
         cdef list out = []
         cdef Py_ssize_t pos = 0
-        cdef Py_ssize_t start, lf, line_end
+        cdef Py_ssize_t start, lf, line_end, k
         cdef Py_ssize_t limit = self._limit
         cdef bint normalize = self._normalize
         cdef bint stopped = False
@@ -270,26 +782,39 @@ cdef class LineReader:
             self._discard = False
             pos = q - p + 1
         while pos < n:
-            q = <const unsigned char*>memchr(p + pos, LF, n - pos)
-            if q == NULL:
-                break
-            lf = q - p
             start = pos
-            pos = lf + 1
-            if limit and pos - start > limit:
-                out.append(LineTooLong())
-                continue
-            if lf > start and p[lf - 1] == CR:
-                line_end = lf - 1
-            elif normalize:
-                line_end = lf
+            k = aleph_find_crlf(p, pos, n)
+            if k + 1 < n and p[k] == CR and p[k + 1] == LF:
+                # The common case, in one pass: the line's first CR or LF is its CRLF.
+                line_end = k
+                pos = k + 2
+                if limit and pos - start > limit:
+                    out.append(LineTooLong())
+                    continue
             else:
-                out.append(BareLineFeed())
-                continue
-            if not normalize and line_end > start \
-                    and memchr(p + start, CR, line_end - start) != NULL:
-                out.append(BareCarriageReturn())
-                continue
+                # No LF yet, or a bare LF or CR on the way: the first LF ends the line.
+                if k < n and p[k] == LF:
+                    lf = k
+                else:
+                    q = <const unsigned char*>memchr(p + k, LF, n - k) if k < n else NULL
+                    if q == NULL:
+                        break
+                    lf = q - p
+                pos = lf + 1
+                if limit and pos - start > limit:
+                    out.append(LineTooLong())
+                    continue
+                if lf > start and p[lf - 1] == CR:
+                    line_end = lf - 1
+                elif normalize:
+                    line_end = lf
+                else:
+                    out.append(BareLineFeed())
+                    continue
+                if not normalize and line_end > start \
+                        and memchr(p + start, CR, line_end - start) != NULL:
+                    out.append(BareCarriageReturn())
+                    continue
             out.append(PyBytes_FromStringAndSize(<const char*>p + start, line_end - start))
             if _stops(p + start, line_end - start):
                 stopped = True
@@ -389,16 +914,23 @@ cdef class DataReader:
         cdef Py_ssize_t cap, length
         if n == 0:
             return EMPTY
-        if self._error is not None:
-            self._scan(p, n, NULL)
-            return EMPTY
         # Output <= input + a held dot and CR (+ one CR per bare LF in normalize mode).
         cap = n + 2 + (n if self._normalize else 0)
         result = PyBytes_FromStringAndSize(NULL, cap)
+        if self._error is not None:
+            # Only the end mark and the size matter now, but the output goes somewhere all
+            # the same, so that the bulk kernel can do the scanning.
+            self._scan(p, n, <unsigned char*>PyBytes_AS_STRING(result))
+            return EMPTY
         length = self._scan(p, n, <unsigned char*>PyBytes_AS_STRING(result))
         if self._error is not None or length == 0:
             return EMPTY
-        if length < cap:
+        if cap - length <= 64 or cap - length <= cap >> 5:
+            # A little slack is not worth a realloc (which splits the block and leaves a
+            # sliver for malloc to consolidate at the next read): the object is new and ours.
+            Py_SET_SIZE(result, length)
+            PyBytes_AS_STRING(result)[length] = 0
+        else:
             # Shrink in place: the only reference must be the one the resize owns.
             raw = <PyObject*>result
             Py_INCREF(result)
@@ -416,7 +948,8 @@ cdef class DataReader:
         cdef Py_ssize_t pos = 0
         cdef Py_ssize_t run = 0  # p[run:pos] is output not yet copied
         cdef Py_ssize_t o = 0
-        cdef Py_ssize_t end, best, j
+        cdef Py_ssize_t end, best, j, o0, lim
+        cdef Py_ssize_t fast_from = 0  # where the kernel may be tried again
         cdef long long rem
         cdef const unsigned char* q
         cdef const unsigned char* r
@@ -432,7 +965,26 @@ cdef class DataReader:
         cdef Py_ssize_t limit = self._limit
         cdef long long size = self._size
         cdef long long max_size = self._max_size
+        cdef bint fast = limit == 0 or limit >= FAST_MIN_LIMIT
         while pos < n:
+            if state == ST_START and out != NULL and fast and eligible and pos >= fast_from \
+                    and n - pos >= FAST_MIN and p[pos] != DOT and p[pos] != LF:
+                # The bulk kernel, up to a line it cannot take (or the last line of the read);
+                # it never reads or takes bytes whose output could take size past max_size.
+                lim = n
+                if ok and max_size and max_size - size < n - pos:
+                    lim = pos + <Py_ssize_t>(max_size - size)
+                memcpy(out + o, p + run, pos - run)
+                o += pos - run
+                o0 = o
+                j = pos
+                pos = aleph_data_fast(p, pos, lim, out, &o, limit)
+                size += o - o0
+                run = pos
+                # The line at pos is this loop's; after a short run (bare CRs or LFs here and
+                # there, in normalize mode), the next FAST_BACKOFF bytes too.
+                fast_from = pos + 1 if pos - j >= FAST_BACKOFF else pos + FAST_BACKOFF
+                continue
             if state != ST_MID:
                 c = p[pos]
                 if state == ST_START:
@@ -676,6 +1228,8 @@ cdef class BdatReader:
                 self._error = MessageTooLarge()
             if self._error is not None or take == 0:
                 return EMPTY
+            if take == view.len and type(data) is bytes:
+                return data  # all of it, and immutable: no copy
             return PyBytes_FromStringAndSize(p, take)
         finally:
             PyBuffer_Release(&view)
