@@ -45,7 +45,6 @@ PARSED: list[tuple[bytes, SmtpCommand]] = [
     (b"EHLO mx.example.org", EhloCommand("mx.example.org", parameter="mx.example.org")),
     (b"ehlo [192.0.2.1]", EhloCommand("[192.0.2.1]", parameter="[192.0.2.1]")),
     (b"EhLo  mx  extra words ", EhloCommand("mx", parameter="mx  extra words")),
-    (b"   EHLO mx", EhloCommand("mx", parameter="mx")),
     (b"LHLO client.example", LhloCommand("client.example", parameter="client.example")),
     (b"EHLO h\xc3\xa9llo", EhloCommand("héllo", parameter="héllo")),
     # MAIL
@@ -269,6 +268,9 @@ ERRORS: list[tuple[bytes, bool, type[CommandSyntaxError], int, str, str]] = [
     # line, smtputf8 transaction, error type, code, enhanced, text
     (b"", False, CommandSyntaxError, 500, "5.5.2", "Error: bad syntax"),
     (b"    ", False, CommandSyntaxError, 500, "5.5.2", "Error: bad syntax"),
+    # A verb must start the line (the line reader's DATA/BDAT stop rule depends on it).
+    (b"   EHLO mx", False, CommandSyntaxError, 500, "5.5.2", "Error: bad syntax"),
+    (b" DATA", False, CommandSyntaxError, 500, "5.5.2", "Error: bad syntax"),
     (b"HELO", False, CommandSyntaxError, 501, S, "Syntax: HELO hostname"),
     (b"HELO   ", False, CommandSyntaxError, 501, S, "Syntax: HELO hostname"),
     (b"ehlo", False, CommandSyntaxError, 501, S, "Syntax: EHLO hostname"),

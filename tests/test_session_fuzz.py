@@ -1,200 +1,215 @@
-"""Whole sessions fuzzed through the fake transport, over both parsing cores.
+"""Whole sessions fuzzed through the fake transport, over both parsing cores (hypothesis).
 
-Two properties, both with arbitrary split points:
-- a modelled stream (transactions by DATA and BDAT with random bodies, interleaved with junk that
-  must not disturb them): every message the model accepts is delivered byte-exact, in order,
-  and nothing else is;
-- arbitrary bytes: nothing escapes the session, every reply line is a well-formed reply, and the
-  buffers are back in their pools when the connection ends.
+The generators, the runner and the checks are in ``tests/fuzz/session_model.py``, shared with
+the long run ``tests/fuzz/fuzz_session.py``. Three properties, every stream cut at arbitrary
+points (sometimes one byte at a time):
 
-``ALEPHSMTP_FUZZ_EXAMPLES`` raises the example count; ``tests/fuzz/fuzz_session.py`` is the long
-run of the same model.
+- a modelled client (transactions by DATA with bodies it dot-stuffs itself and by BDAT, junk
+  between and inside them that must not disturb them, AUTH exchanges, STARTTLS with no TLS,
+  pipelined to the end): each reply has the code the model allows, and the messages delivered
+  are exactly those of the transactions that got 250 after their end of data, byte-exact, with
+  their envelopes, in order; and those are exactly the ones the model says must be accepted;
+- arbitrary bytes: nothing escapes ``send``, every reply line is well formed, nothing is written
+  after close, the buffers go back to their pools, and the replies and deliveries are the same
+  whatever the split points and whichever core;
+- arbitrary bytes while the fake clock jumps past timeouts: the same, minus the comparison.
+
+``ALEPHSMTP_FUZZ_EXAMPLES=N`` sets the examples per property and core (default 150).
+
+The tests at the end reproduce what the fuzzing found in ``src``, now fixed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import importlib
 import os
-import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _harness import Harness
-from alephsmtp import _parser_py, session
+from _harness import Harness, MockLoop
+from alephsmtp import session
+from fuzz.session_model import (
+    Outcome,
+    Variant,
+    check_model,
+    check_noise,
+    clock_steps,
+    cut_points,
+    model_script,
+    noise_script,
+    run_script,
+    run_stream,
+    use_core,
+)
+
+T = TypeVar("T")
 
 EXAMPLES = int(os.environ.get("ALEPHSMTP_FUZZ_EXAMPLES", "150"))
-REPLY_LINE = re.compile(rb"[2-5][0-9][0-9]([ -][^\r\n]*)?\r\n")
-
-try:
-    from alephsmtp import _parser as _compiled
-except ImportError:  # pragma: no cover - not built
-    _compiled = None  # type: ignore[assignment]
-
-CORES: list[Any] = [pytest.param(_parser_py, id="python")]
-CORES.append(
-    pytest.param(_compiled, id="cython")
-    if _compiled is not None and not os.environ.get("ALEPHSMTP_NO_EXTENSIONS")
-    else pytest.param(None, id="cython", marks=pytest.mark.skip(reason="compiled core unavailable"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 
+PYTHON_CORE = importlib.import_module("alephsmtp._parser_py")
 
-@pytest.fixture(params=CORES)
-def core(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
-    """Run the session on one parsing core (whatever alephsmtp.parser chose at import)."""
-    module = request.param
-    saved = {name: getattr(session, name) for name in ("LineReader", "DataReader", "BdatReader")}
-    saved_pool = session.BufferPool
-    for name in saved:
-        setattr(session, name, getattr(module, name))
-    session.BufferPool = module.BufferPool  # type: ignore[misc]
+
+def _compiled_core() -> tuple[ModuleType | None, str]:
+    if os.environ.get("ALEPHSMTP_NO_EXTENSIONS"):
+        return None, "ALEPHSMTP_NO_EXTENSIONS is set"
     try:
+        return importlib.import_module("alephsmtp._parser"), ""
+    except ImportError as exc:  # not built
+        return None, f"alephsmtp._parser is not built ({exc})"
+
+
+COMPILED_CORE, NO_COMPILED_REASON = _compiled_core()
+
+
+@pytest.fixture(params=["cython", "python"])
+def core(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
+    """The session's readers and buffer pools from one core, whatever alephsmtp.parser chose."""
+    if request.param == "cython" and COMPILED_CORE is None:
+        pytest.skip(f"compiled core unavailable: {NO_COMPILED_REASON}")
+    module = COMPILED_CORE if request.param == "cython" else PYTHON_CORE
+    assert module is not None
+    with use_core(module):
         yield module
-    finally:
-        for name, value in saved.items():
-            setattr(session, name, value)
-        session.BufferPool = saved_pool  # type: ignore[misc]
 
 
-# --- the model ----------------------------------------------------------------------------
-
-_line_bytes = st.binary(max_size=90).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
-_body = st.lists(
-    st.one_of(_line_bytes, st.sampled_from([b".", b"..", b".x", b"", b"\xff\xfe", b" ."])),
-    max_size=12,
-).map(lambda lines: b"".join(line + b"\r\n" for line in lines))
-_junk_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40).map(
-    str.encode
-)
-_junk = st.one_of(
-    _junk_text.map(lambda t: b"XFOO " + t + b"\r\n"),
-    _junk_text.map(lambda t: b"NOOP " + t + b"\r\n"),
-    _junk_text.map(lambda t: b"VRFY x" + t + b"\r\n"),
-    st.just(b"NOOP\n"),  # a bare LF line: refused, and still one line
-    st.just(b"MAIL FROM:<not an address>\r\n"),
-    st.just(b"RCPT TO:<a@b.example>\r\n"),  # out of order: 503
-    st.just(b"DATA\r\n"),  # out of order: 503
-    st.just(b"BDAT 4\r\nQUIT"),  # out of order: 503, and the chunk is still read
-    st.just(b"AUTH PLAIN\r\n"),  # not offered: 503
-    st.just(b"STARTTLS\r\n"),  # not offered: 502
-    st.integers(1000, 3000).map(lambda n: b"NOOP " + b"x" * n + b"\r\n"),  # too long
-    st.just(b"RSET\r\n"),
-)
+def _other(core: ModuleType) -> ModuleType | None:
+    return PYTHON_CORE if core is COMPILED_CORE else COMPILED_CORE
 
 
-def _stuff(body: bytes) -> bytes:
-    return b"".join(
-        (b"." + line if line.startswith(b".") else line) + b"\r\n"
-        for line in body.split(b"\r\n")[:-1]
+class HypothesisDraw:
+    """The model's choices, drawn by hypothesis (so failures shrink)."""
+
+    def __init__(self, data: st.DataObject) -> None:
+        self.data = data
+
+    def integer(self, low: int, high: int) -> int:
+        return self.data.draw(st.integers(low, high))
+
+    def chance(self, percent: int) -> bool:
+        return self.data.draw(st.integers(0, 99)) >= 100 - percent
+
+    def pick(self, options: Sequence[T]) -> T:
+        return self.data.draw(st.sampled_from(list(options)))
+
+    def raw(self, max_size: int) -> bytes:
+        return self.data.draw(st.binary(max_size=max_size))
+
+
+def test_the_core_under_test_is_the_one_the_session_uses(core: ModuleType) -> None:
+    h = Harness(loop=MockLoop())
+    assert type(h.session._line_reader) is core.LineReader
+    assert vars(session)["DataReader"] is core.DataReader
+    assert vars(session)["BdatReader"] is core.BdatReader
+    assert type(h.session._pools.command) is core.BufferPool
+    if core is COMPILED_CORE:
+        assert core.__file__ is not None
+        assert not core.__file__.endswith(".py")
+
+
+@FUZZ
+@given(st.data())
+def test_modelled_sessions_deliver_exactly_the_accepted_messages(
+    core: ModuleType, data: st.DataObject
+) -> None:
+    draw = HypothesisDraw(data)
+    script = model_script(draw)
+    cuts = cut_points(draw, len(script.stream))
+    out = asyncio.run(run_script(script, cuts))
+    assert check_model(script, out) == []
+
+
+@FUZZ
+@given(st.data())
+def test_arbitrary_bytes_never_escape_and_never_depend_on_the_splits(
+    core: ModuleType, data: st.DataObject
+) -> None:
+    draw = HypothesisDraw(data)
+    variant, stream = noise_script(draw)
+    cuts = cut_points(draw, len(stream))
+
+    async def runs() -> list[Outcome]:
+        outs = [await run_stream(variant, stream, []), await run_stream(variant, stream, cuts)]
+        other = _other(core)
+        if other is not None:
+            with use_core(other):
+                outs.append(await run_stream(variant, stream, cuts))
+        return outs
+
+    assert check_noise(variant, stream, asyncio.run(runs())) == []
+
+
+@FUZZ
+@given(st.data())
+def test_timeouts_at_arbitrary_points_close_cleanly(core: ModuleType, data: st.DataObject) -> None:
+    draw = HypothesisDraw(data)
+    variant, stream = noise_script(draw)
+    cuts = cut_points(draw, len(stream))
+    clock = clock_steps(draw, len(cuts) + 1 + len(stream) // 4096)
+    out = asyncio.run(run_stream(variant, stream, cuts, clock=clock))
+    assert check_noise(variant, stream, [out]) == []
+
+
+# --- what the fuzzing found (reproducers; each passes once src is fixed) --------------------
+
+ENVELOPE = b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+
+
+def _replies_and_deliveries(variant: Variant, stream: bytes, cuts: list[int]) -> Any:
+    out = asyncio.run(run_stream(variant, stream, cuts))
+    assert out.problems == []
+    return out.written.split(b"\r\n"), out.delivered
+
+
+@pytest.mark.parametrize("command", [b" DATA", b"  BDAT 9 LAST"], ids=["space-DATA", "space-BDAT"])
+def test_leading_space_data_or_bdat_does_not_depend_on_the_splits(
+    core: ModuleType, command: bytes
+) -> None:
+    stream = ENVELOPE + command + b"\r\nRSET\r\n.\r\nQUIT\r\n"
+    at = len(ENVELOPE + command) + 2  # right after the command line
+    assert _replies_and_deliveries(Variant(), stream, []) == _replies_and_deliveries(
+        Variant(), stream, [at]
     )
 
 
-@st.composite
-def _transaction(draw: st.DrawFn) -> tuple[bytes, bytes]:
-    body = draw(_body)
-    envelope = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
-    if draw(st.booleans()):
-        return envelope + b"DATA\r\n" + _stuff(body) + b".\r\n", body
-    data = draw(st.binary(max_size=300))
-    cut = draw(st.integers(0, len(data)))
-    chunks = [data[:cut], data[cut:]]
-    framed = b"BDAT %d\r\n%s" % (len(chunks[0]), chunks[0])
-    framed += b"BDAT %d LAST\r\n%s" % (len(chunks[1]), chunks[1])
-    return envelope + framed, data
+@pytest.mark.parametrize("after_auth", [True, False], ids=["command-after", "response-with"])
+def test_auth_line_limits_do_not_depend_on_the_splits(core: ModuleType, after_auth: bool) -> None:
+    variant = Variant(auth=True)
+    if after_auth:
+        stream = b"EHLO x\r\nAUTH PLAIN\r\n*\r\nNOOP " + b"a" * 3000 + b"\r\nQUIT\r\n"
+    else:
+        response = b"AHVzZXIA" + b"cHBw" * 500  # base64 of "\0user\0ppp...": 2,008 octets
+        stream = b"EHLO x\r\nAUTH PLAIN\r\n" + response + b"\r\nQUIT\r\n"
+    at = stream.index(b"AUTH PLAIN\r\n") + 12  # the next read starts after the AUTH command
+    assert _replies_and_deliveries(variant, stream, []) == _replies_and_deliveries(
+        variant, stream, [at]
+    )
 
 
-@st.composite
-def _session_stream(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
-    parts = [b"EHLO fuzz.test\r\n"]
-    expected: list[bytes] = []
-    for _ in range(draw(st.integers(0, 5))):
-        if draw(st.booleans()):
-            parts.append(draw(_junk))
-        framed, body = draw(_transaction())
-        parts.append(framed)
-        expected.append(body)
-    parts.append(b"QUIT\r\n")
-    return b"".join(parts), expected
-
-
-def _feed(h: Harness, data: bytes, cuts: list[int]) -> None:
-    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    for start, end in itertools.pairwise(points):
-        h.send(data[start:end])
-
-
-def _check_replies(written: bytes) -> list[bytes]:
-    lines = written.split(b"\r\n")
-    assert lines[-1] == b"", written[-200:]
-    for line in lines[:-1]:
-        assert REPLY_LINE.fullmatch(line + b"\r\n"), line
-    return lines[:-1]
-
-
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-@given(_session_stream(), st.lists(st.integers(0, 10**6), max_size=12))
-def test_every_accepted_message_arrives_byte_exact(
-    core: ModuleType, stream: tuple[bytes, list[bytes]], cuts: list[int]
+@pytest.mark.parametrize("reset", [b"RSET", b"EHLO again"])
+def test_streamed_chunks_of_a_reset_transaction_are_discarded(
+    core: ModuleType, reset: bytes
 ) -> None:
-    data, expected = stream
-
-    async def run() -> None:
-        h = Harness(max_bad_commands=0, idle_timeout=0)
-        delivered: list[bytes] = []
-        h.session.message_received += lambda s, e: delivered.append(e.message)
-        _feed(h, data, cuts)
-        lines = _check_replies(bytes(h.transport.written))
-        assert lines[-1] == b"221 2.0.0 Bye"
-        assert h.transport.closed
-        assert delivered == expected
-        pools = h.session._pools
-        assert (pools.command.in_use, pools.data.in_use) == (0, 0)
-
-    asyncio.run(run())
-
-
-_noise = st.lists(
-    st.one_of(
-        st.sampled_from(
-            [b"\r", b"\n", b"\r\n", b".", b"\r\n.\r\n", b"\n.\n", b"\x00", b" ", b"DATA\r\n",
-             b"BDAT 5\r\n", b"BDAT 2 LAST\r\n", b"MAIL FROM:<a@b.example>\r\n",
-             b"RCPT TO:<c@d.example>\r\n",
-             b"AUTH LOGIN\r\n", b"*\r\n", b"EHLO x\r\n", b"RSET\r\n", b"\xff", b"LHLO y\r\n"]
-        ),
-        st.binary(max_size=30),
-    ),
-    max_size=40,
-).map(b"".join)  # fmt: skip
-
-
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-@given(
-    _noise, st.lists(st.integers(0, 10**6), max_size=12), st.sampled_from(["reject", "normalize"])
-)
-def test_arbitrary_bytes_never_escape(
-    core: ModuleType, noise: bytes, cuts: list[int], policy: str
-) -> None:
-    async def run() -> None:
-        h = Harness(bare_newline=policy, auth_over_plaintext=True, idle_timeout=0)
-        h.session.auth += lambda s, e: e.check_password("pw")
-        h.session.message_received += lambda s, e: None
-        _feed(h, b"EHLO fuzz.test\r\n" + noise, cuts)
-        _check_replies(bytes(h.transport.written))
-        h.transport.close()
-        pools = h.session._pools
-        assert (pools.command.in_use, pools.data.in_use) == (0, 0)
-
-    asyncio.run(run())
+    h = Harness(loop=MockLoop())
+    events: list[str] = []
+    h.session.message_chunk += lambda s, e: events.append(f"chunk {e.offset} {e.chunk!r}")
+    h.session.message_discarded += lambda s, e: events.append("discarded")
+    h.session.message_received += lambda s, e: events.append(f"received {e.size}")
+    h.send(ENVELOPE + b"BDAT 3\r\nabc" + reset + b"\r\n")
+    h.send(ENVELOPE[8:] + b"BDAT 2 LAST\r\nde")
+    assert events == ["chunk 0 b'abc'", "discarded", "chunk 0 b'de'", "received 2"]

@@ -419,7 +419,7 @@ _PARSERS: dict[bytes, _Parser] = {
 def parse_command(line: bytes, *, smtputf8: bool = False) -> SmtpCommand:
     """The command in ``line``, one command line without its CRLF (RFC 5321 4.1.1).
 
-    The verb is what comes before the first space (leading spaces skipped), ASCII-uppercased;
+    The verb is what comes before the first space, ASCII-uppercased;
     the argument is the rest without surrounding spaces. ``smtputf8`` says the transaction was
     begun with ``MAIL FROM:... SMTPUTF8`` (RFC 6531), which lets RCPT name non-ASCII addresses.
 
@@ -427,7 +427,10 @@ def parse_command(line: bytes, *, smtputf8: bool = False) -> SmtpCommand:
     5.5.2`` for an empty line or a known verb whose line is not UTF-8, ``501`` for a bad
     argument, ``553 5.6.7`` for a non-ASCII address outside SMTPUTF8.
     """
-    verb, _, argument = line.lstrip(b" ").partition(b" ")
+    # RFC 5321 4.1.1: a command line starts with its verb. One that starts with a space is a
+    # syntax error: taken as a verb, it would get past the line reader's stop rule for DATA
+    # and BDAT, and what follows would be read differently by how it was split.
+    verb, _, argument = line.partition(b" ")
     if not verb:
         raise CommandSyntaxError("Error: bad syntax", code=500, enhanced="5.5.2")
     verb = verb.upper()  # bytes.upper(): ASCII letters only

@@ -134,8 +134,9 @@ class MessageChunkEventArgs(EventArgs):
 
 @dataclass(slots=True)
 class MessageDiscardedEventArgs(EventArgs):
-    """A message whose chunks were streamed was not accepted; ``reply`` is why (or ``None``
-    when the connection dropped)."""
+    """A message whose chunks were streamed was not accepted; ``reply`` is why, or ``None``
+    when it was abandoned (the connection dropped, or RSET / a new EHLO ended a BDAT
+    transaction)."""
 
     envelope: SmtpEnvelope
     reply: Reply | None

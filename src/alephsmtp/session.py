@@ -203,6 +203,7 @@ _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
 _R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 _R_UNAVAILABLE = Reply(421, "4.3.0", "Service not available, closing connection")
 _R_DATA_BARE = Reply(554, "5.5.2", "Error: message contains bare <CR> or <LF>")
+_R_LINE_TOO_LONG = Reply(LineTooLong.code, LineTooLong.enhanced, LineTooLong.text)
 _R_DATA_LINE = Reply(500, "5.5.6", "Error: message line too long")
 _R_TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
 _R_TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
@@ -364,7 +365,16 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._buffer_owner: BufferPool = self._pools.command
         self._lines: list[bytes | SmtpError] = []  # scanned, not yet answered ...
         self._next_line = 0  # ... from this index on
-        self._line_reader = LineReader(config.command_line_limit, config.bare_newline)
+        # The reader's limit is the longest line any state may take (an AUTH exchange's,
+        # RFC 4954 4, when AUTH may be offered); command lines are held to their own limit
+        # in _handle_line. A limit that changed with the state would apply to lines already
+        # scanned, and so depend on how the client's bytes happened to be split.
+        self._line_reader = LineReader(
+            max(config.command_line_limit, MAX_RESPONSE_LENGTH)
+            if config.auth_mechanisms
+            else config.command_line_limit,
+            config.bare_newline,
+        )
         self._held = bytearray()  # bytes read while a handler runs, not yet scanned
         self._out: list[bytes] = []
         self._busy = False  # an async handler (or the TLS handshake) is running
@@ -685,10 +695,14 @@ class SmtpSession(asyncio.BufferedProtocol):
         if not isinstance(line, bytes):
             self._write(_error_reply(line))
             return
+        if len(line) + 2 > self.config.command_line_limit and not line[:5].upper() == b"AUTH ":
+            # RFC 5321 4.5.3.1.4 (an AUTH line may be longer: RFC 4954 4).
+            self._write(_R_LINE_TOO_LONG)
+            return
         try:
             command = parse_command(line, smtputf8=self._smtputf8_transaction)
         except CommandSyntaxError as error:
-            verb = line.lstrip(b" ").partition(b" ")[0].upper()
+            verb = line.partition(b" ")[0].upper()
             # A command out of order is told so before its syntax is judged (503 over 501).
             refusal = _state.check(self.state, verb.decode("ascii", "replace"))
             self._write(refusal if refusal is not None else _error_reply(error))
@@ -768,7 +782,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if accepted:
             # RFC 5321 4.1.4: HELO/EHLO resets the transaction. The EHLO reply lists exactly
             # the extensions this session serves, whatever the handler's text (4.1.1.1).
-            self._reset_transaction()
+            self._abandon_transaction()
             self.helo_name = command.client_hostname
             self.esmtp = esmtp
             lines: tuple[str, ...] = reply.lines
@@ -1095,7 +1109,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _finish_rset(self, verb: str, reply: Reply) -> None:
         accepted = reply.code // 100 == 2
         if accepted:
-            self._reset_transaction()
+            self._abandon_transaction()
         self.state = _state.advance(self.state, "RSET", accepted)
         self._write(reply)
 
@@ -1125,6 +1139,14 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _finish_simple(self, verb: str, reply: Reply) -> None:
         self._write(reply)
+
+    def _abandon_transaction(self) -> None:
+        """RSET, a new HELO/EHLO or TLS ends an open transaction: what was streamed of its
+        message (BDAT chunks) is discarded, and its handlers are told so."""
+        envelope = self.envelope
+        if envelope is not None and self._streamed and self._handlers("message_chunk"):
+            self._notify("message_discarded", MessageDiscardedEventArgs(envelope, None))
+        self._reset_transaction()
 
     def _reset_transaction(self) -> None:
         self.envelope = None
@@ -1183,7 +1205,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.tls = TlsInfo.of(tls_transport)
         self.log.debug("TLS up (%s, %s)", self.tls.version, self.tls.cipher)
         # RFC 3207 4.2: forget everything learnt from the client before TLS.
-        self._reset_transaction()
+        self._abandon_transaction()
         self.state = State.NEED_HELO
         self.helo_name = None
         self.esmtp = False
@@ -1229,8 +1251,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._write(_error_reply(error))
             return
         if isinstance(result, bytes):
-            # A challenge: the next line is the client's answer, which may be long.
-            self._line_reader.max_line_length = MAX_RESPONSE_LENGTH
+            # A challenge: the next line is the client's answer.
             self._write(Reply(334, "", base64.b64encode(result).decode("ascii")))
             return
         self._end_sasl()
@@ -1247,7 +1268,6 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _end_sasl(self) -> None:
         self._sasl = None
         self._sasl_command = None
-        self._line_reader.max_line_length = self.config.command_line_limit
 
     def _to_auth_reply(self, result: object, verb: str, default: Reply) -> Reply:
         if result is True:
