@@ -695,7 +695,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if not isinstance(line, bytes):
             self._write(_error_reply(line))
             return
-        if len(line) + 2 > self.config.command_line_limit and not line[:5].upper() == b"AUTH ":
+        if len(line) + 2 > self.config.command_line_limit and line[:5].upper() != b"AUTH ":
             # RFC 5321 4.5.3.1.4 (an AUTH line may be longer: RFC 4954 4).
             self._write(_R_LINE_TOO_LONG)
             return
