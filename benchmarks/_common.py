@@ -28,6 +28,17 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KiB = 1024
+
+
+def postfix_tool(name: str) -> str | None:
+    """Path of one of Postfix's programs (``smtp-source``, ``smtp-sink``), or ``None``.
+
+    Debian puts them in /usr/sbin, which a non-root user's PATH often lacks.
+    """
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    return shutil.which(name, path=path)
+
+
 MiB = 1024 * 1024
 
 # --- test data -------------------------------------------------------------------------------
@@ -248,13 +259,13 @@ class ServerSpec:
     """A server under test: a name, how to start it, and what it is."""
 
     name: str
-    kind: str  # "alephsmtp", "aiosmtpd" or "smtp-sink"
+    kind: str  # "alephsmtp", "aiosmtpd", "floor" (a reference protocol) or "smtp-sink"
     loop: str = "asyncio"  # "asyncio", "uvloop" or "-" (not Python)
     pure: bool = False  # alephsmtp with ALEPHSMTP_NO_EXTENSIONS=1
 
     def command(self, port: int) -> list[str]:
         if self.kind == "smtp-sink":
-            sink = shutil.which("smtp-sink")
+            sink = postfix_tool("smtp-sink")
             assert sink is not None
             user = ["-u", "nobody"] if os.geteuid() == 0 else []
             # -m: its default of 256 simultaneous sessions would queue the rest (memory.py)
@@ -302,7 +313,11 @@ def all_servers() -> tuple[list[ServerSpec], list[str]]:
         notes.append("aiosmtpd is not installed: skipped (pip install aiosmtpd)")
     if not uv:
         notes.append("uvloop is not installed: the uvloop variants are skipped")
-    if shutil.which("smtp-sink"):
+    # The event loop's own cost: no SMTP server on that loop can spend less (see _servers.py).
+    specs.append(ServerSpec("floor-asyncio", "floor"))
+    if uv:
+        specs.append(ServerSpec("floor-uvloop", "floor", "uvloop"))
+    if postfix_tool("smtp-sink"):
         specs.append(ServerSpec("postfix-smtp-sink", "smtp-sink", "-"))
     else:
         notes.append("Postfix smtp-sink is not installed: skipped (Debian package postfix)")

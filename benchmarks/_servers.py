@@ -5,6 +5,11 @@ Started by ``server.py`` and ``memory.py``, one process per server, but usable b
     python benchmarks/_servers.py alephsmtp --loop uvloop --port 2525
     ALEPHSMTP_NO_EXTENSIONS=1 python benchmarks/_servers.py alephsmtp --port 2525   # pure twin
     python benchmarks/_servers.py aiosmtpd --loop asyncio --port 2526
+    python benchmarks/_servers.py floor --loop asyncio --port 2527
+
+``floor`` is not an SMTP server: a few lines of ``asyncio.Protocol`` with canned replies and
+``bytes.find`` for the end of data, no parsing, no checks, no events. It measures what the event
+loop and the transport cost by themselves, the floor under any Python server on that loop.
 
 It prints ``READY <port> <implementation>`` on stdout once it listens, logs warnings and
 errors (tracebacks included) to stderr, and serves until SIGTERM/SIGINT.
@@ -70,6 +75,59 @@ async def serve_aiosmtpd(port: int, ready: Callable[[int, str], None]) -> None:
     server.close()
 
 
+class FloorProtocol(asyncio.Protocol):
+    """Canned replies in order; the end of data found with ``bytes.find``. A reference only."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buffer = b""
+        self.in_data = False
+        transport.write(b"220 " + HOSTNAME.encode() + b" ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        replies = []
+        while True:
+            if self.in_data:
+                end = buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    buffer = buffer[-4:]
+                    break
+                buffer = buffer[end + 5 :]
+                self.in_data = False
+                replies.append(b"250 2.0.0 OK\r\n")
+                continue
+            eol = buffer.find(b"\r\n")
+            if eol < 0:
+                break
+            verb = buffer[:4].upper()
+            buffer = buffer[eol + 2 :]
+            if verb == b"DATA":
+                self.in_data = True
+                buffer = b"\r\n" + buffer  # so that an empty body's ".\r\n" ends it too
+                replies.append(b"354 go on\r\n")
+            elif verb == b"QUIT":
+                replies.append(b"221 bye\r\n")
+                self.transport.write(b"".join(replies))
+                self.transport.close()
+                return
+            elif verb == b"EHLO":
+                replies.append(b"250-" + HOSTNAME.encode() + b"\r\n250 PIPELINING\r\n")
+            else:
+                replies.append(b"250 OK\r\n")
+        self.buffer = buffer
+        if replies:
+            self.transport.write(b"".join(replies))
+
+
+async def serve_floor(port: int, ready: Callable[[int, str], None]) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(FloorProtocol, "127.0.0.1", port, backlog=BACKLOG)
+    ready(server.sockets[0].getsockname()[1], "floor")
+    await _until_signalled()
+    server.close()
+
+
 async def _until_signalled() -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -84,7 +142,7 @@ def _ready(port: int, implementation: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("server", choices=["alephsmtp", "aiosmtpd"])
+    parser.add_argument("server", choices=["alephsmtp", "aiosmtpd", "floor"])
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--port", type=int, default=0, help="0: the OS chooses")
     args = parser.parse_args()
@@ -93,7 +151,9 @@ def main() -> int:
     )
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    serve = serve_alephsmtp if args.server == "alephsmtp" else serve_aiosmtpd
+    serve = {"alephsmtp": serve_alephsmtp, "aiosmtpd": serve_aiosmtpd, "floor": serve_floor}[
+        args.server
+    ]
     coroutine: Coroutine[Any, Any, None] = serve(args.port, _ready)
     if args.loop == "uvloop":
         import uvloop

@@ -34,7 +34,6 @@ import argparse
 import json
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from _common import (
     machine_info,
     message_size,
     message_text,
+    postfix_tool,
     ratio,
     run_main,
     select_servers,
@@ -129,7 +129,7 @@ def run_smtp_source(
     port: int, path: Path, scenario: Scenario, count: int, time_limit: float
 ) -> LoadResult:
     """Postfix's smtp-source; killed past ``time_limit`` (its counter says what got through)."""
-    source = shutil.which("smtp-source")
+    source = postfix_tool("smtp-source")
     assert source is not None
     command = [source, "-c", "-s", str(scenario.sessions), "-m", str(count)]
     if scenario.persistent:
@@ -288,6 +288,8 @@ def report(scenarios: list[Scenario], runs: dict[tuple[str, str], Run], names: l
         ("asyncio / uvloop, alephsmtp", "alephsmtp-cython-asyncio", "alephsmtp-cython-uvloop"),
         ("alephsmtp asyncio / smtp-sink", "alephsmtp-cython-asyncio", "postfix-smtp-sink"),
         ("alephsmtp uvloop / smtp-sink", "alephsmtp-cython-uvloop", "postfix-smtp-sink"),
+        ("alephsmtp asyncio / floor", "alephsmtp-cython-asyncio", "floor-asyncio"),
+        ("alephsmtp uvloop / floor", "alephsmtp-cython-uvloop", "floor-uvloop"),
     ]
     rows = []
     for label, a, b in pairs:
@@ -314,8 +316,8 @@ def main() -> int:
 
     loadgen = args.loadgen
     if loadgen == "auto":
-        loadgen = "smtp-source" if shutil.which("smtp-source") else "python"
-    elif loadgen == "smtp-source" and not shutil.which("smtp-source"):
+        loadgen = "smtp-source" if postfix_tool("smtp-source") else "python"
+    elif loadgen == "smtp-source" and not postfix_tool("smtp-source"):
         parser.error("smtp-source is not installed (Debian package postfix)")
     specs, notes = all_servers()
     specs = select_servers(specs, args.servers)
@@ -324,7 +326,7 @@ def main() -> int:
         keys = {k.strip() for k in args.scenarios.split(",")}
         scenarios = [s for s in SCENARIOS if s.key in keys]
     time_limit = args.time_limit or (15.0 if args.quick else 60.0)
-    if loadgen == "python" and shutil.which("smtp-source") is None:
+    if loadgen == "python" and postfix_tool("smtp-source") is None:
         notes.append("smtp-source is not installed: the bundled Python load client is used")
     for note in notes:
         print(f"note: {note}")
