@@ -221,6 +221,7 @@ def main() -> int:
         print(f"note: open files limit {limit}: at most {limit - 64} connections")
         args.connections = limit - 64
     specs, notes = all_servers()
+    specs = [s for s in specs if s.kind != "floor"]  # a CPU reference, not a memory one
     specs = select_servers(specs, args.servers)
     for note in notes:
         print(f"note: {note}")

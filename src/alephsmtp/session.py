@@ -493,9 +493,12 @@ class SmtpSession(asyncio.BufferedProtocol):
         if transport.get_extra_info("ssl_object") is not None:
             self.tls = TlsInfo.of(transport)  # implicit TLS (RFC 8314)
         self._last_activity = self._loop.time()
+        # Nothing is read before the greeting (RFC 5321 3.1). A greeting sent from here, the
+        # usual case, comes before the transport's first read; only an asynchronous
+        # ``on_session`` needs reading paused (which costs a system call or two on asyncio).
         self._reading = True
-        self._set_reading(False)  # nothing is read before the greeting (RFC 5321 3.1)
-        self.log.debug("connected")
+        if log.isEnabledFor(logging.DEBUG):  # the session's logger is made on first use
+            self.log.debug("connected")
         self._pools.metrics.connection_opened()
         refusal = self._admit(self) if self._admit is not None else None
         if refusal is not None:
@@ -515,6 +518,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._send_and_close(_R_UNAVAILABLE)
             return
         if inspect.isawaitable(result):
+            self._set_reading(False)
             self._spawn(self._start_after(result))
         else:
             self.start_transaction()
@@ -583,7 +587,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             self.log.info("connection lost during a message; discarded")
             if self._handlers("message_chunk") and self.envelope is not None:
                 self._notify("message_discarded", MessageDiscardedEventArgs(self.envelope, None))
-        self.log.debug("connection lost (%s)", exc or "closed")
+        if log.isEnabledFor(logging.DEBUG):
+            self.log.debug("connection lost (%s)", exc or "closed")
         if self._handlers("disconnected"):
             self._notify("disconnected", ConnectionLostEventArgs(exc))
         if self._on_close is not None:
