@@ -282,6 +282,23 @@ async def test_pipelined_group_is_answered_in_order_in_one_write() -> None:
     ]
 
 
+def test_reply_strings_are_parsed_once_and_the_cache_is_bounded() -> None:
+    from alephsmtp import replies
+
+    first = replies.coerce_reply("250 2.0.0 fine")
+    assert first == Reply(250, "2.0.0", ("fine",))
+    assert replies.coerce_reply("250 2.0.0 fine") is first  # parsed once, shared (immutable)
+    long = "250 " + "x" * replies._PARSED_MAX_LENGTH
+    assert replies.coerce_reply(long) == replies.coerce_reply(long)
+    assert long not in replies._PARSED  # long texts are parsed every time, never kept
+    for i in range(replies._PARSED_MAX_ENTRIES + 10):
+        replies.coerce_reply(f"250 reply number {i}")
+    assert len(replies._PARSED) <= replies._PARSED_MAX_ENTRIES
+    with pytest.raises(ValueError, match="different codes"):
+        replies.coerce_reply("250-a\r\n550 b")  # refused every time, never cached
+    assert "250-a\r\n550 b" not in replies._PARSED
+
+
 async def test_handler_reply_forms() -> None:
     def on_session(s: Any) -> None:
         s.helo += lambda sender, e: Reply(250, None, "hello there")

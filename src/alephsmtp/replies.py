@@ -121,12 +121,25 @@ class Reply:
 ReplyLike = Reply | str | None
 
 
+# Handlers mostly answer with the same few strings ("250 ok", a session's greeting): each is
+# parsed once. Replies are immutable, so one parsed reply serves every session. Bounded in
+# entries and in length, so handlers that answer with ever new text cannot grow it.
+_PARSED: dict[str, Reply] = {}
+_PARSED_MAX_ENTRIES = 1024
+_PARSED_MAX_LENGTH = 512
+
+
 def coerce_reply(value: Reply | str) -> Reply:
     """A callback's answer as a :class:`Reply` (``ValueError``/``TypeError`` if it is not one)."""
     if isinstance(value, Reply):
         return value
     if isinstance(value, str):
-        return Reply.parse(value)
+        reply = _PARSED.get(value)
+        if reply is None:
+            reply = Reply.parse(value)
+            if len(value) <= _PARSED_MAX_LENGTH and len(_PARSED) < _PARSED_MAX_ENTRIES:
+                _PARSED[value] = reply
+        return reply
     raise TypeError(f"a reply must be a str or a Reply, not {type(value).__name__}")
 
 

@@ -280,6 +280,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_busy",
         "_chunks",
         "_closing",
+        "_command_limit",
         "_commands",
         "_data_reader",
         "_events",
@@ -369,10 +370,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         # RFC 4954 4, when AUTH may be offered); command lines are held to their own limit
         # in _handle_line. A limit that changed with the state would apply to lines already
         # scanned, and so depend on how the client's bytes happened to be split.
+        self._command_limit = config.command_line_limit
         self._line_reader = LineReader(
-            max(config.command_line_limit, MAX_RESPONSE_LENGTH)
+            max(self._command_limit, MAX_RESPONSE_LENGTH)
             if config.auth_mechanisms
-            else config.command_line_limit,
+            else self._command_limit,
             config.bare_newline,
         )
         self._held = bytearray()  # bytes read while a handler runs, not yet scanned
@@ -700,7 +702,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if not isinstance(line, bytes):
             self._write(_error_reply(line))
             return
-        if len(line) + 2 > self.config.command_line_limit and line[:5].upper() != b"AUTH ":
+        if len(line) + 2 > self._command_limit and line[:5].upper() != b"AUTH ":
             # RFC 5321 4.5.3.1.4 (an AUTH line may be longer: RFC 4954 4).
             self._write(_R_LINE_TOO_LONG)
             return
