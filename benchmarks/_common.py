@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KiB = 1024
+MiB = 1024 * 1024
 
 
 def postfix_tool(name: str) -> str | None:
@@ -38,8 +39,6 @@ def postfix_tool(name: str) -> str | None:
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
     return shutil.which(name, path=path)
 
-
-MiB = 1024 * 1024
 
 # --- test data -------------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ class FloorProtocol(asyncio.BufferedProtocol):
         return self.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        buffer = self.pending + self.memory[:nbytes]
+        buffer = self.pending + self.memory[:nbytes]  # bytes (bytes + bytearray)
         replies = []
         while True:
             if self.in_data:
@@ -111,7 +111,7 @@ class FloorProtocol(asyncio.BufferedProtocol):
             eol = buffer.find(b"\r\n")
             if eol < 0:
                 break
-            verb = bytes(buffer[:4]).upper()
+            verb = buffer[:4].upper()
             buffer = buffer[eol + 2 :]
             if verb == b"DATA":
                 self.in_data = True
@@ -126,7 +126,7 @@ class FloorProtocol(asyncio.BufferedProtocol):
                 replies.append(b"250-" + HOSTNAME.encode() + b"\r\n250 PIPELINING\r\n")
             else:
                 replies.append(b"250 OK\r\n")
-        self.pending = bytes(buffer)
+        self.pending = buffer
         if replies:
             self.transport.write(b"".join(replies))
 

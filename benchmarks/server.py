@@ -315,9 +315,10 @@ def main() -> int:
     args = parser.parse_args()
 
     loadgen = args.loadgen
+    have_source = postfix_tool("smtp-source") is not None
     if loadgen == "auto":
-        loadgen = "smtp-source" if postfix_tool("smtp-source") else "python"
-    elif loadgen == "smtp-source" and not postfix_tool("smtp-source"):
+        loadgen = "smtp-source" if have_source else "python"
+    elif loadgen == "smtp-source" and not have_source:
         parser.error("smtp-source is not installed (Debian package postfix)")
     specs, notes = all_servers()
     specs = select_servers(specs, args.servers)
@@ -326,7 +327,7 @@ def main() -> int:
         keys = {k.strip() for k in args.scenarios.split(",")}
         scenarios = [s for s in SCENARIOS if s.key in keys]
     time_limit = args.time_limit or (15.0 if args.quick else 60.0)
-    if loadgen == "python" and postfix_tool("smtp-source") is None:
+    if loadgen == "python" and not have_source:
         notes.append("smtp-source is not installed: the bundled Python load client is used")
     for note in notes:
         print(f"note: {note}")
