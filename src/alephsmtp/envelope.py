@@ -36,6 +36,10 @@ class SmtpEnvelope:
     auth_submitter: str | None = None  # MAIL ... AUTH=, decoded (RFC 4954 5)
     tls: bool = False  # the transaction came over TLS
     message: bytes | None = None
+    # What optional subsystems found, when they are in use (None otherwise): the milters'
+    # verdicts and edits (alephsmtp.milter), SPF/DKIM/DMARC/ARC results (alephsmtp.mailauth).
+    milter: Any = None
+    auth_results: Any = None
 
     @property
     def mail_from(self) -> Address | None:
