@@ -80,8 +80,10 @@ _ORDER: dict[str, dict[State, Reply | None]] = {
         _S.RCPT: None,
         _S.BDAT: None,
     },
-    # RFC 3207 4 / RFC 4954 4: after EHLO, outside a mail transaction.
-    "STARTTLS": _OUTSIDE_TRANSACTION,
+    # RFC 4954 4: AUTH after EHLO, outside a mail transaction. RFC 3207 4: STARTTLS after EHLO;
+    # inside a transaction too (Postfix, aiosmtpd and smtp-server take it there): the
+    # handshake resets the session, transaction included (4.2).
+    "STARTTLS": {_S.NEED_HELO: _HELO_FIRST, **dict.fromkeys((_S.READY, _S.MAIL, _S.RCPT, _S.BDAT))},
     "AUTH": _OUTSIDE_TRANSACTION,
 }
 

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from .tls import HANDSHAKE_ERRORS, upgrade
+
 __all__ = [
     "PP2_CLIENT_CERT_CONN",
     "PP2_CLIENT_CERT_SESS",
@@ -688,24 +690,20 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
     async def _start_tls(self, header: ProxyHeader) -> None:
         transport, context = self._transport, self._tls_context
         assert transport is not None and context is not None
-        loop = asyncio.get_running_loop()
         try:
-            tls_transport = await loop.start_tls(
-                transport,
-                self,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=self._tls_handshake_timeout,
+            tls_transport = await upgrade(
+                transport, self, context, handshake_timeout=self._tls_handshake_timeout
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as error:
-            log.info("[%s] TLS handshake failed: %s", _where(header.source or self.peer), error)
-            transport.abort()
+        except HANDSHAKE_ERRORS as error:
+            reason = str(error) or type(error).__name__
+            log.info("[%s] TLS handshake failed: %s", _where(header.source or self.peer), reason)
             self._finish()
             return
-        if tls_transport is None or self._phase is _Phase.DONE:
-            # Gone (or dropped by a shutdown) while the handshake ran.
-            if tls_transport is not None:
-                tls_transport.abort()
+        finally:
+            self._tls_task = None
+        if self._phase is _Phase.DONE:
+            # Dropped by a shutdown while the handshake ran.
+            tls_transport.abort()
             return
         self._hand_over(header, tls_transport)
 

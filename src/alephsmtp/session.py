@@ -21,9 +21,7 @@ import contextlib
 import inspect
 import itertools
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast, overload
 
 from . import _state
@@ -74,6 +72,7 @@ from .metrics import Metrics
 from .parser import BdatReader, BufferPool, DataReader, LineReader
 from .proxy import ProxyHeader
 from .replies import Reply, coerce_reply, default_enhanced_code
+from .tls import HANDSHAKE_ERRORS, TlsInfo, looks_like_tls, upgrade
 
 __all__ = ["OnSession", "SessionConfig", "SessionLogger", "SmtpSession", "TlsInfo"]
 
@@ -152,29 +151,6 @@ class _Pools:
         self.data = BufferPool(config.data_buffer_size, 16)
         self.replies: dict[Reply, bytes] = {}
         self.metrics = metrics if metrics is not None else Metrics()
-
-
-@dataclass(frozen=True, slots=True)
-class TlsInfo:
-    """What TLS the connection uses: protocol version, cipher, the client's certificate."""
-
-    version: str | None
-    cipher: str | None
-    bits: int | None
-    peer_certificate: dict[str, Any] | None
-
-    @classmethod
-    def of(cls, transport: asyncio.BaseTransport) -> TlsInfo:
-        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
-        if ssl_object is None:
-            return cls(None, None, None, None)
-        cipher = ssl_object.cipher()
-        return cls(
-            ssl_object.version(),
-            cipher[0] if cipher else None,
-            cipher[2] if cipher else None,
-            ssl_object.getpeercert() or None,
-        )
 
 
 # Replies the session sends on its own. Handlers may send any reply instead.
@@ -283,6 +259,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_command_limit",
         "_commands",
         "_data_reader",
+        "_ended",
         "_events",
         "_handler_deadline",
         "_handler_task",
@@ -383,6 +360,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._write_paused = False
         self._reading = True
         self._closing = False  # graceful shutdown asked for
+        self._ended = False  # the connection is gone and everything released
         self._started = False
         self._tasks: set[asyncio.Task[None]] | None = None
         self._last_activity = 0.0
@@ -568,6 +546,15 @@ class SmtpSession(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+
+    def _end(self, exc: BaseException | None) -> None:
+        """The connection is gone: release what the session holds, tell the handlers and the
+        server. Runs once, from ``connection_lost`` or from a failed TLS upgrade (whose
+        connection never reaches ``connection_lost``: the TLS layer never adopted us)."""
+        if self._ended:
+            return
+        self._ended = True
         self._release_buffer()
         self._pools.metrics.connection_closed()
         if self._timer is not None:
@@ -1181,32 +1168,43 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self._flush()
         # RFC 3207 5 / CVE-2011-0411: nothing the client sent after STARTTLS, before the
-        # handshake, may be read as a command. The line reader stopped right after STARTTLS.
-        self._line_reader.take_pending()
+        # handshake, may be read as a command; the line reader stopped right after STARTTLS.
+        # A client that did not wait for our 220 may have sent its ClientHello with the
+        # command: TLS bytes go to the TLS layer, plaintext is dropped.
+        early = self._line_reader.take_pending() + bytes(self._held)
         self._lines.clear()
         self._next_line = 0
         self._held.clear()
+        if early and not looks_like_tls(early):
+            self.log.info("discarded %d bytes sent after STARTTLS", len(early))
+            early = b""
         self._busy = True
         self._update_reading()
-        self._spawn(self._start_tls())
+        self._spawn(self._start_tls(early))
 
-    async def _start_tls(self) -> None:
-        loop, transport, context = self._loop, self._transport, self.config.tls_context
-        assert loop is not None and transport is not None and context is not None
+    async def _start_tls(self, early_data: bytes) -> None:
+        transport, context = self._transport, self.config.tls_context
+        assert transport is not None and context is not None
         try:
-            tls_transport = await loop.start_tls(
+            tls_transport = await upgrade(
                 transport,
                 self,
                 context,
-                server_side=True,
-                ssl_handshake_timeout=self.config.tls_handshake_timeout,
+                handshake_timeout=self.config.tls_handshake_timeout,
+                early_data=early_data,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as error:
-            self.log.info("TLS handshake failed: %s", error)
+        except HANDSHAKE_ERRORS as error:
+            self.log.info("TLS handshake failed: %s", str(error) or type(error).__name__)
             self._busy = False
-            self.abort()
+            self.state = State.CLOSED
+            self._end(error)
             return
-        if tls_transport is None or self.state is State.CLOSED:  # pragma: no cover
+        except BaseException:
+            self._busy = False
+            self._end(None)
+            raise
+        if self._ended:  # pragma: no cover - aborted as the handshake finished
+            tls_transport.abort()
             return
         self._transport = tls_transport
         self.tls = TlsInfo.of(tls_transport)

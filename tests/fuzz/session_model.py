@@ -377,10 +377,9 @@ class _Builder:
                 _codes(501, 503),
             )
         elif kind == 12:
-            # STARTTLS with no TLS configured: 502, or 503 in a transaction.
-            self.line(
-                draw.pick([b"STARTTLS", b"starttls"]), _codes(502 if phase == "ready" else 503)
-            )
+            # STARTTLS with no TLS configured: 502, in a transaction too (RFC 3207 4.2 lets
+            # it come there).
+            self.line(draw.pick([b"STARTTLS", b"starttls"]), _codes(502))
         elif kind == 13:
             # The greeting of the other protocol: 500 (501 without an argument).
             verb = draw.pick([b"EHLO", b"HELO"]) if self.v.lmtp else b"LHLO"
@@ -413,12 +412,9 @@ class _Builder:
             elif kind == 1:
                 self.line(draw.pick([b"DATA", b"MAIL FROM:<again@example.org>"]), _codes(503))
             else:
-                self.line(draw.pick([b"AUTH PLAIN", b"AUTH LOGIN", b"STARTTLS"]), _codes(503))
+                self.line(draw.pick([b"AUTH PLAIN", b"AUTH LOGIN"]), _codes(503))
         elif phase == "rcpt":
-            self.line(
-                draw.pick([b"MAIL FROM:<again@example.org>", b"AUTH PLAIN", b"STARTTLS"]),
-                _codes(503),
-            )
+            self.line(draw.pick([b"MAIL FROM:<again@example.org>", b"AUTH PLAIN"]), _codes(503))
         else:  # bdat: a chunk was accepted, LAST not yet
             self.line(
                 draw.pick([b"DATA", b"RCPT TO:<late@example.net>", b"MAIL FROM:<m@example.org>"]),
