@@ -103,7 +103,8 @@ async def test_smtplib_starttls_then_auth(
 
 
 async def test_smtplib_wrong_password(serve: ServerFactory, client_context: ssl.SSLContext) -> None:
-    server, _ = await serve()
+    # smtplib tries each mechanism offered: three failures, the last two delayed.
+    server, _ = await serve(auth_failure_delay=0.1)
 
     def client() -> None:
         with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as smtp:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from _harness import Harness, settle
+from _harness import Harness, MockLoop, settle
 from alephsmtp import Reply
 from alephsmtp.auth import Credentials, SaslExchange
 
@@ -255,6 +255,46 @@ async def test_auth_errors(lines: list[bytes], expected: str) -> None:
     assert attempts == []
     h.send(b"NOOP\r\n")  # the exchange is over: lines are commands again
     assert h.replies() == ["250 2.0.0 OK"]
+
+
+async def test_auth_failures_are_slowed_down_then_cut() -> None:
+    """Each failed AUTH counts; from the second on the 535 comes after auth_failure_delay,
+    and max_auth_failures ends the session (421 4.7.0): no password guessing at wire speed."""
+    loop = MockLoop()
+    h, attempts = auth_harness(loop=loop, max_auth_failures=3, auth_failure_delay=2.0)
+    wrong = f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'guess')}\r\n".encode()
+    h.send(wrong)
+    assert h.replies() == ["535 5.7.8 Authentication credentials invalid"]
+    h.send(wrong)
+    assert h.replies() == []  # held back
+    assert not h.transport.reading  # and nothing more is read meanwhile
+    loop.advance(2)
+    assert h.replies() == ["535 5.7.8 Authentication credentials invalid"]
+    h.send(wrong)
+    loop.advance(2)
+    assert h.replies() == [
+        "535 5.7.8 Authentication credentials invalid",
+        "421 4.7.0 Error: too many authentication failures",
+    ]
+    assert h.transport.closed
+    assert len(attempts) == 3
+
+
+async def test_auth_failures_count_towards_max_bad_commands() -> None:
+    h, _ = auth_harness(max_bad_commands=2, max_auth_failures=10, auth_failure_delay=0)
+    h.send(b"FOO\r\n")
+    h.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'guess')}\r\n".encode())
+    assert h.replies()[-1] == "421 4.7.0 Error: too many errors"
+
+
+async def test_a_successful_auth_after_failures_is_accepted() -> None:
+    h, _ = auth_harness(max_auth_failures=3, auth_failure_delay=0)
+    h.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'guess')}\r\n".encode())
+    h.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode())
+    assert h.replies() == [
+        "535 5.7.8 Authentication credentials invalid",
+        "235 2.7.0 Authentication successful",
+    ]
 
 
 async def test_auth_not_offered_over_plaintext_by_default() -> None:

@@ -107,6 +107,52 @@ async def test_hanging_message_handler_times_out_and_nothing_is_accepted() -> No
     assert h.replies() == ["451 4.3.0 Error: timeout while processing, try again later"]
 
 
+async def test_a_command_line_trickled_byte_by_byte_is_cut() -> None:
+    """Postfix's smtpd_per_record_deadline: a line must be complete within idle_timeout of
+    when the session began waiting for it, however often its bytes arrive."""
+    loop = MockLoop()
+    h = Harness(loop=loop, idle_timeout=10)
+    h.output()
+    for byte in b"NOOP and more and more":
+        loop.advance(1)
+        if h.transport.closed:
+            break
+        h.send(bytes([byte]))
+    assert h.replies() == ["421 4.4.2 Error: timeout exceeded"]
+    assert h.transport.closed
+
+
+async def test_a_client_with_complete_lines_is_not_cut_by_the_record_deadline() -> None:
+    loop = MockLoop()
+    h = Harness(loop=loop, idle_timeout=10)
+    h.output()
+    for _ in range(5):
+        loop.advance(4)
+        h.send(b"NO")
+        loop.advance(4)
+        h.send(b"OP\r\n")
+    assert h.replies() == ["250 2.0.0 OK"] * 5
+    assert not h.transport.closed
+
+
+async def test_an_auth_exchange_line_has_the_same_deadline() -> None:
+    loop = MockLoop()
+    h = Harness(
+        lambda s: s.auth.connect(lambda sender, e: False),
+        loop=loop,
+        idle_timeout=10,
+        auth_over_plaintext=True,
+    )
+    h.send(b"EHLO x\r\nAUTH LOGIN\r\n")
+    h.output()
+    for _ in range(12):
+        loop.advance(1)
+        if h.transport.closed:
+            break
+        h.send(b"Y")
+    assert h.replies() == ["421 4.4.2 Error: timeout exceeded"]
+
+
 # --- limits -------------------------------------------------------------------------------
 
 
@@ -121,6 +167,38 @@ async def test_too_many_bad_commands() -> None:
         "500 5.5.1 Error: command not recognized",
         "421 4.7.0 Error: too many errors",
     ]
+    assert h.transport.closed
+
+
+async def test_junk_commands_past_their_limit_count_as_errors() -> None:
+    """Postfix's smtpd_junk_command_limit: NOOP, RSET, VRFY, EXPN and HELP past the limit each
+    count as an error, so a flood ends at max_bad_commands."""
+    h = Harness(max_junk_commands=5, max_bad_commands=3)
+    h.output()
+    h.send(b"NOOP\r\nRSET\r\nVRFY a\r\nHELP\r\nNOOP\r\n" + b"NOOP\r\n" * 10)
+    replies = h.replies()
+    assert replies[-1] == "421 4.7.0 Error: too many errors"
+    assert len(replies) == 5 + 3 + 1
+    assert h.transport.closed
+
+
+async def test_an_accepted_message_resets_the_junk_count() -> None:
+    h = Harness(max_junk_commands=3, max_bad_commands=1)
+    messages = received(h)
+    h.send(b"NOOP\r\n" * 3 + TRANSACTION + b"hi\r\n.\r\n" + b"NOOP\r\n" * 3)
+    assert h.replies()[-3:] == ["250 2.0.0 OK"] * 3
+    assert len(messages) == 1
+    h.send(b"NOOP\r\n")
+    assert h.replies() == ["250 2.0.0 OK", "421 4.7.0 Error: too many errors"]
+
+
+async def test_a_pipelined_noop_flood_is_cut() -> None:
+    h = Harness()
+    h.output()
+    h.send(b"NOOP\r\n" * 20000)
+    replies = h.replies()
+    assert replies[-1] == "421 4.7.0 Error: too many errors"
+    assert len(replies) == 100 + 20 + 1  # the junk limit, then max_bad_commands
     assert h.transport.closed
 
 
@@ -346,7 +424,7 @@ async def test_a_client_that_never_reads_is_not_read_either() -> None:
     async with SmtpServer("127.0.0.1", 0) as srv:
         _reader, writer = await _open(srv.port)
         (session,) = srv.sessions
-        flood = b"NOOP\r\n" * 20000
+        flood = b"EHLO x\r\n" * 20000  # not junk: NOOP floods are cut (junk limit)
         # Keep sending without reading a reply; the server's replies fill the socket
         # buffers, its transport pauses, and it stops reading our commands.
         for _ in range(200):

@@ -10,18 +10,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import ssl
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from .events import AuthEventArgs
 from .handlers import EmlDirectory, MaildirStore, MboxStore, PrintMessage, Relay, sink
 from .parser import IMPLEMENTATION
 from .server import SmtpServer
 from .session import SmtpSession
 
-__all__ = ["build_parser", "load_credentials", "main"]
+__all__ = ["build_parser", "check_credentials", "load_credentials", "main"]
 
 log = logging.getLogger("alephsmtp.cli")
 
@@ -187,6 +189,18 @@ def load_credentials(path: str) -> dict[str, str]:
     return credentials
 
 
+# Checked for a user name the file does not know, so that an unknown user costs the same
+# HMAC or comparison as a wrong password: no timing tells them apart (CRAM-MD5 would by 9 us).
+_DUMMY_SECRET = secrets.token_urlsafe(24)
+
+
+def check_credentials(credentials: dict[str, str], e: AuthEventArgs) -> bool:
+    """Whether the AUTH exchange proved a password of ``credentials`` (user: password)."""
+    secret = credentials.get(e.username)
+    proved = e.check_password(_DUMMY_SECRET if secret is None else secret)
+    return proved and secret is not None
+
+
 def _tls_context(cert: str, key: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
@@ -307,9 +321,7 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
 
     def on_session(session: SmtpSession) -> None:
         if credentials is not None:
-            session.auth += lambda s, e: (
-                e.username in credentials and e.check_password(credentials[e.username])
-            )
+            session.auth += lambda s, e: check_credentials(credentials, e)
         session.message_received += _summary
         for handler in handlers:
             session.message_received += handler

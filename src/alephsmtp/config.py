@@ -43,9 +43,18 @@ class SessionConfig:
     data_timeout: float = 180.0  # between reads of a message (RFC 5321 4.5.3.2.5: 3 minutes)
     min_data_rate: int = 500  # bytes/s over a message, after data_rate_grace (Postfix: 500)
     data_rate_grace: float = 30.0  # seconds before the data rate is judged
+    # Replies the client does not take: writing stuck (the send buffer full) this long, or a
+    # close still waiting to deliver its last reply, aborts the connection (Postfix's
+    # smtpd_timeout covers writes too).
+    write_timeout: float = 60.0
     handler_timeout: float = 60.0  # an async handler's answer to a command; 451 4.3.0 past it
     message_handler_timeout: float = 300.0  # message_received (RFC 5321 4.5.3.2.6: < 10 min)
     max_bad_commands: int = 20  # syntax/sequence errors before 421 4.7.0 (Postfix: 20)
+    # NOOP, RSET, VRFY, EXPN, HELP: past this many (until a message is accepted), each counts
+    # as an error too (Postfix's smtpd_junk_command_limit); 0: no limit.
+    max_junk_commands: int = 100
+    max_auth_failures: int = 5  # failed AUTH exchanges per session, then 421 4.7.0; 0: none
+    auth_failure_delay: float = 1.0  # each failed AUTH after the first answers this late
     max_transactions: int = 0  # per session, 0: no limit; 421 4.7.0 past it
     max_commands: int = 0  # per session, 0: no limit; 421 4.7.0 past it
     enhanced_status_codes: bool = True  # RFC 2034
@@ -78,6 +87,10 @@ class SessionConfig:
             "max_connections_per_ip",
             "min_data_rate",
             "max_bad_commands",
+            "max_junk_commands",
+            "max_auth_failures",
+            "auth_failure_delay",
+            "write_timeout",
             "max_transactions",
             "max_commands",
         ):

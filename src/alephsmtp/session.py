@@ -172,10 +172,13 @@ _R_TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 _R_SLOW = Reply(421, "4.4.2", "Error: data rate too low")
 _R_HANDLER_TIMEOUT = Reply(451, "4.3.0", "Error: timeout while processing, try again later")
 _R_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
+_R_TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Error: too many authentication failures")
 _R_TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Error: too many commands in this session")
 _R_TOO_MANY_TRANSACTIONS = Reply(421, "4.7.0", "Error: too many transactions in this session")
 # Replies that count towards max_bad_commands: syntax, sequence, unknown (RFC 5321 4.2.2).
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
+# Commands that move nothing forward: past max_junk_commands each counts as an error.
+_JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 _R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 _R_UNAVAILABLE = Reply(421, "4.3.0", "Service not available, closing connection")
 _R_DATA_BARE = Reply(554, "5.5.2", "Error: message contains bare <CR> or <LF>")
@@ -247,6 +250,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     __slots__ = (
         "__dict__",  # for attributes of your own (made only when you set one)
         "_admit",
+        "_auth_failures",
         "_bad_commands",
         "_bdat_command",
         "_bdat_reader",
@@ -265,6 +269,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_handler_task",
         "_handler_timed_out",
         "_held",
+        "_junk_commands",
         "_last_activity",
         "_limit_reply",
         "_line_reader",
@@ -292,6 +297,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_transport",
         "_view",
         "_write_paused",
+        "_write_timer",
         "authenticated_as",
         "config",
         "envelope",
@@ -358,6 +364,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._busy = False  # an async handler (or the TLS handshake) is running
         self._write_paused = False
+        self._write_timer: asyncio.TimerHandle | None = None
         self._reading = True
         self._closing = False  # graceful shutdown asked for
         self._ended = False  # the connection is gone and everything released
@@ -369,6 +376,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._handler_deadline: float | None = None
         self._handler_timed_out = False
         self._bad_commands = 0
+        self._junk_commands = 0
+        self._auth_failures = 0
         self._commands = 0
         self._transactions = 0
         self._limit_reply: Reply | None = None  # a limit was passed: say it and close
@@ -428,12 +437,18 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._update_reading()
 
     def close(self) -> None:
-        """Close the connection once what was written has been sent (the seed's Dispose)."""
+        """Close the connection once what was written has been sent (the seed's Dispose).
+
+        A client that does not read what is left gets ``write_timeout`` seconds to take it;
+        then the connection is aborted.
+        """
         self.state = State.CLOSED
         transport = self._transport
         if transport is not None and not transport.is_closing():
             self._flush()
             transport.close()
+            if transport.get_write_buffer_size():
+                self._start_write_clock()
 
     def abort(self) -> None:
         """Drop the connection at once, discarding unsent data."""
@@ -560,6 +575,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stop_write_clock()
         partial = self._data_reader is not None or self._bdat_reader is not None
         partial = partial or self.state is State.BDAT
         self.state = State.CLOSED
@@ -584,13 +600,33 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._on_close(self)
 
     def pause_writing(self) -> None:
-        # The client does not read its replies: stop reading its commands until it does.
+        # The client does not read its replies: stop reading its commands until it does, and
+        # give it write_timeout seconds to start again.
         self._write_paused = True
         self._update_reading()
+        self._start_write_clock()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._stop_write_clock()
         self._update_reading()
+
+    def _start_write_clock(self) -> None:
+        if self._write_timer is None and self._loop is not None and self.config.write_timeout > 0:
+            self._write_timer = self._loop.call_later(
+                self.config.write_timeout, self._write_timed_out
+            )
+
+    def _stop_write_clock(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        if self._transport is not None:
+            self.log.info("client took no replies for %g s; aborted", self.config.write_timeout)
+            self.abort()
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -621,7 +657,11 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _receive(self, data: memoryview | bytes) -> None:
         assert self._loop is not None
-        self._last_activity = self._loop.time()
+        if self._data_reader is not None or self._bdat_reader is not None:
+            # In a message the data timeout runs between reads (RFC 5321 4.5.3.2.5); a
+            # command line must be whole within idle_timeout of when the session began
+            # waiting for it, however its bytes trickle in (Postfix's per-record deadline).
+            self._last_activity = self._loop.time()
         if self._busy or self.state is State.CLOSED:
             if self.state is not State.CLOSED:
                 self._held += data
@@ -679,6 +719,8 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- commands ---------------------------------------------------------------------------
 
     def _handle_line(self, line: bytes | SmtpError) -> None:
+        assert self._loop is not None
+        self._last_activity = self._loop.time()  # the next line's deadline runs from here
         if self._sasl is not None:
             self._auth_response(line)
             return
@@ -710,6 +752,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         if refusal is not None:
             self._write(refusal)
             return
+        if command.verb in _JUNK_VERBS:
+            self._junk_commands += 1
+            limit = self.config.max_junk_commands
+            if limit and self._junk_commands > limit:
+                self._count_error()
         method = _COMMAND_METHODS.get(command.verb)
         if method is None:
             self._dispatch(
@@ -1083,6 +1130,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         )
         if any(each.code // 100 == 2 for each in replies):
             self._pools.metrics.message_accepted(size)
+            self._junk_commands = 0
         for each in replies:
             self._write(each)
 
@@ -1285,9 +1333,32 @@ class SmtpSession(asyncio.BufferedProtocol):
         if reply.code // 100 == 2:
             self.authenticated_as = username
             self.log.info("authenticated as %r", username)
-        else:
-            self.log.info("authentication failed for %r", username)
+            self._write(reply)
+            return
+        # Password guessing: every failure counts as an error, from the second on the reply
+        # waits (Postfix's smtpd_error_sleep_time), and max_auth_failures ends the session.
+        self.log.info("authentication failed for %r", username)
+        self._auth_failures += 1
+        self._count_error()
+        limit = self.config.max_auth_failures
+        if limit and self._auth_failures >= limit and self._limit_reply is None:
+            self._limit_reply = _R_TOO_MANY_AUTH_FAILURES
+        delay = self.config.auth_failure_delay
+        if self._auth_failures > 1 and delay > 0 and self._loop is not None:
+            self._busy = True
+            self._flush()
+            self._update_reading()
+            self._loop.call_later(delay, self._end_auth_delay, reply)
+            return
         self._write(reply)
+
+    def _end_auth_delay(self, reply: Reply) -> None:
+        self._busy = False
+        if self.state is State.CLOSED or self._transport is None:
+            return
+        self._write(reply)
+        self._update_reading()
+        self._pump()
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -1439,10 +1510,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if reply.code >= 400:
             self._pools.metrics.rejected(reply.code)
         if reply.code in _BAD_COMMAND_CODES:
-            self._bad_commands += 1
-            limit = self.config.max_bad_commands
-            if limit and self._bad_commands >= limit and self._limit_reply is None:
-                self._limit_reply = _R_TOO_MANY_ERRORS
+            self._count_error()
         key = reply if enhanced else Reply(reply.code, "", reply.text)
         # The written form of a reply is kept for all the server's sessions: most replies are
         # the same few, and rendering one is far dearer than a lookup.
@@ -1457,6 +1525,13 @@ class SmtpSession(asyncio.BufferedProtocol):
                 with contextlib.suppress(TypeError):
                     cache[key] = data
         self._out.append(data)
+
+    def _count_error(self) -> None:
+        """One more error; at max_bad_commands the session is told so and closed."""
+        self._bad_commands += 1
+        limit = self.config.max_bad_commands
+        if limit and self._bad_commands >= limit and self._limit_reply is None:
+            self._limit_reply = _R_TOO_MANY_ERRORS
 
     def _flush(self) -> None:
         if not self._out:

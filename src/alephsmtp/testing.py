@@ -133,8 +133,9 @@ class SmtpTestServer:
 
     Every other keyword goes to ``SmtpServer`` (``max_message_size``, ``lmtp``,
     ``implicit_tls``, ...). ``hostname`` defaults to ``localhost`` here (the server's own
-    default asks DNS for this host's name, which can stall a test run for seconds) and
-    ``shutdown_grace`` to 1 second.
+    default asks DNS for this host's name, which can stall a test run for seconds),
+    ``shutdown_grace`` to 1 second, and password guessing is neither slowed down nor cut
+    (``auth_failure_delay=0``, ``max_auth_failures=0``) unless you ask.
     """
 
     def __init__(
@@ -182,6 +183,9 @@ class SmtpTestServer:
             given["auth_over_plaintext"] = True
         options.setdefault("hostname", "localhost")
         options.setdefault("shutdown_grace", 1.0)
+        # A test may try wrong passwords as often as it likes, without waiting.
+        options.setdefault("auth_failure_delay", 0.0)
+        options.setdefault("max_auth_failures", 0)
         options.update({name: value for name, value in given.items() if value is not None})
         self._options = options
         #: Every message accepted since the start (or the last :meth:`clear`), in order. The

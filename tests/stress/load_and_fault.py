@@ -378,13 +378,14 @@ class Client:
         await self.quit()
 
     async def part_slow_reader(self) -> None:
-        # Replies pile up unread; the server stops reading while it cannot write.
+        # Replies pile up unread; the server stops reading while it cannot write. (HELO, not
+        # NOOP: a NOOP flood is cut at the junk command limit.)
         noops = self.rng.randrange(1000, 40000)
         messages = [self.new_message("slow-reader") for _ in range(self.rng.randrange(1, 4))]
         for message in messages:
             message.end_sent = True
         self.write(
-            b"NOOP\r\n" * noops
+            b"HELO slow.example\r\n" * noops
             + b"".join(ENVELOPE + b"DATA\r\n" + stuff(m.body) + b".\r\n" for m in messages)
         )
         await asyncio.sleep(self.rng.uniform(0.05, 0.5))
