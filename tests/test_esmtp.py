@@ -97,6 +97,32 @@ async def test_bdat_over_the_size_limit_is_discarded_with_552() -> None:
     assert messages == []
 
 
+@pytest.mark.parametrize(
+    ("size", "limit"),
+    [
+        (b"9223372036854775808", 0),  # 2**63: past what a reader can count
+        (b"99999999999999999999", 0),  # 20 digits, the longest a size may be
+        (b"9223372036854775807", 10 << 20),  # 2**63 - 1: can be counted, but too large
+        (b"11", 10),
+    ],
+)
+async def test_a_chunk_larger_than_any_message_is_refused_and_the_session_closed(
+    size: bytes, limit: int
+) -> None:
+    h, messages = started(max_message_size=limit)
+    h.send(ENVELOPE + b"BDAT " + size + b" LAST\r\nNOOP\r\n")
+    assert h.replies()[2:] == ["552 5.3.4 Error: message size exceeds fixed maximum message size"]
+    assert h.transport.closed
+    assert messages == []
+
+
+async def test_a_chunk_of_the_largest_message_size_is_read() -> None:
+    h, messages = started(max_message_size=10)
+    h.send(ENVELOPE + b"BDAT 10 LAST\r\n0123456789NOOP\r\n")
+    assert h.replies()[2:] == ["250 2.0.0 OK: queued", "250 2.0.0 OK"]
+    assert messages[0].message == b"0123456789"
+
+
 async def test_data_after_bdat_is_a_bad_sequence() -> None:
     h, _ = started()
     h.send(ENVELOPE + b"BDAT 1\r\nxDATA\r\n")
@@ -148,6 +174,13 @@ async def test_dsn_parameters_reach_the_envelope() -> None:
         b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net> NOTIFY=NEVER,SUCCESS\r\n",
         b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net> NOTIFY=SOMETIMES\r\n",
         b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net> ORCPT=b@example.net\r\n",
+        # RFC 3461 4: decoded, ENVID and ORCPT are printable US-ASCII: no CR LF, NUL, DEL.
+        b"MAIL FROM:<a@example.org> ENVID=ab+0D+0Acd\r\n",
+        b"MAIL FROM:<a@example.org> ENVID=a+00b\r\n",
+        b"MAIL FROM:<a@example.org> ENVID=a+C3+A9\r\n",
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net> ORCPT=rfc822;b+0D+0A@x.net\r\n",
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net> ORCPT=rfc822;b+7F@example.net\r\n",
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net> ORCPT=utf-8;b+0A@example.net\r\n",
     ],
 )
 async def test_bad_dsn_parameters_get_501(command: bytes) -> None:

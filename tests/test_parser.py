@@ -826,3 +826,55 @@ def test_long_streams_at_every_block_offset(variant: int, policy: str, limit: in
                 state = (reader.size, repr(reader.error), reader.done)
                 results.append((b"".join(out), state, reader.trailing if reader.done else None))
             assert results[0] == results[1], (offset, split)
+
+
+# --- sizes at the integer boundaries: both cores give the same answer ----------------------
+
+BOUNDARIES = [0, 1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, 10**39, -1]
+
+
+def _construct(make: Any) -> tuple[str, str]:
+    try:
+        make()
+    except (ValueError, OverflowError, TypeError) as error:
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
+@pytest.mark.parametrize("value", BOUNDARIES)
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda m, v: m.BdatReader(v), id="BdatReader-size"),
+        pytest.param(lambda m, v: m.BdatReader(1, v), id="BdatReader-max_size"),
+        pytest.param(lambda m, v: m.BdatReader(1, 0, v), id="BdatReader-received"),
+        pytest.param(lambda m, v: m.DataReader(v), id="DataReader-max_size"),
+        pytest.param(lambda m, v: m.DataReader(0, v), id="DataReader-max_line_length"),
+        pytest.param(lambda m, v: m.LineReader(v), id="LineReader-max_line_length"),
+        pytest.param(lambda m, v: m.BufferPool(v or 1, 0), id="BufferPool-buffer_size"),
+        pytest.param(lambda m, v: m.BufferPool(1, v), id="BufferPool-max_free"),
+    ],
+)
+def test_sizes_at_the_integer_boundaries_get_the_same_answer(
+    parser: ModuleType, make: Any, value: int
+) -> None:
+    """A size past 2**63 - 1 (``BDAT 9223372036854775808``) is a ValueError from both cores,
+    never an OverflowError from one and a reader from the other."""
+    twin = importlib.import_module("alephsmtp._parser_py")
+    got = _construct(lambda: make(parser, value))
+    assert got == _construct(lambda: make(twin, value))
+    if value > 2**63 - 1 or value < 0:
+        assert got[0] == "ValueError"
+
+
+def test_a_chunk_after_the_largest_count_saturates_in_both_cores(parser: ModuleType) -> None:
+    """Found by the fuzzer: ``received`` at 2**63 - 1 plus a chunk wrapped the compiled
+    core's counter negative (and so hid the size error); both now stop at 2**63 - 1."""
+    reader = parser.BdatReader(10, 2**32, 2**63 - 1)
+    assert reader.error == MessageTooLarge()
+    assert reader.feed(b"0123456789") == b""
+    assert reader.size == 2**63 - 1
+    assert reader.error == MessageTooLarge()
+    unlimited = parser.BdatReader(4, 0, 2**63 - 2)
+    assert unlimited.feed(b"abcd") == b"abcd"
+    assert unlimited.size == 2**63 - 1

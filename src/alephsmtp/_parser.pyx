@@ -25,6 +25,7 @@ from cpython.bytearray cimport (
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport PyObject
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.string cimport memchr, memcpy
 
@@ -569,9 +570,13 @@ cdef enum:
 
 
 cdef Py_ssize_t _check_size(object value, str name) except -1:
+    # Checked as a Python int first: a size past what a Py_ssize_t holds (a BDAT chunk of
+    # 2**63 octets) is a ValueError here as in the twin, never an OverflowError.
     cdef object number = operator.index(value)
     if number < 0:
         raise ValueError(f"{name} must not be negative, got {number}")
+    if number > PY_SSIZE_T_MAX:
+        raise ValueError(f"{name} must be at most {PY_SSIZE_T_MAX}, got {number}")
     return number
 
 
@@ -1188,7 +1193,7 @@ cdef class BdatReader:
 
     @property
     def size(self):
-        """The message size: ``received`` plus the chunk bytes read so far."""
+        """The message size: ``received`` plus the chunk bytes read so far (at most 2**63 - 1)."""
         return self._size
 
     @property
@@ -1223,7 +1228,11 @@ cdef class BdatReader:
                 if view.len > take:
                     self._trailing = PyBytes_FromStringAndSize(p + take, view.len - take)
             self._remaining -= take
-            self._size += take
+            # Saturating, as in the twin: ``received`` may be anything up to 2**63 - 1.
+            if take > PY_SSIZE_T_MAX - self._size:
+                self._size = PY_SSIZE_T_MAX
+            else:
+                self._size += take
             if self._error is None and self._max_size and self._size > self._max_size:
                 self._error = MessageTooLarge()
             if self._error is not None or take == 0:

@@ -125,6 +125,7 @@ CLARIFICATIONS (decided while implementing; both implementations follow them, te
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Final, TypeAlias
 
 from .errors import BareCarriageReturn, BareLineFeed, LineTooLong, MessageTooLarge, SmtpError
@@ -166,10 +167,13 @@ def _as_bytes(data: BytesLike) -> bytes:
 
 
 def _check_size(value: int, name: str) -> int:
-    """Return ``value`` as an int, refusing negative values with ``ValueError``."""
+    """Return ``value`` as an int, refusing negative values and values past ``sys.maxsize``
+    (what the compiled core's ``Py_ssize_t`` holds) with ``ValueError``."""
     number = operator.index(value)
     if number < 0:
         raise ValueError(f"{name} must not be negative, got {number}")
+    if number > sys.maxsize:
+        raise ValueError(f"{name} must be at most {sys.maxsize}, got {number}")
     return number
 
 
@@ -746,7 +750,7 @@ class BdatReader:
 
     @property
     def size(self) -> int:
-        """The message size: ``received`` plus the chunk bytes read so far."""
+        """The message size: ``received`` plus the chunk bytes read so far (at most 2**63 - 1)."""
         return self._size
 
     @property
@@ -775,7 +779,8 @@ class BdatReader:
             chunk = chunk[:remaining]
             self._done = True
         self._remaining = remaining - len(chunk)
-        self._size += len(chunk)
+        # Saturating at what the compiled core's counter holds (received may be that large).
+        self._size = min(self._size + len(chunk), sys.maxsize)
         if self._error is None and self._max_size and self._size > self._max_size:
             self._error = MessageTooLarge()
         if self._error is not None:

@@ -80,7 +80,8 @@ def check_mail_parameters(
             if command.ret not in ("FULL", "HDRS"):
                 return _bad("Error: RET must be FULL or HDRS")
         elif key == "ENVID" and config.dsn:
-            if value is None or not _is_xtext(value) or len(value) > _MAX_ENVID:
+            # RFC 3461 4.4: xtext whose decoded value is printable US-ASCII (no CR LF).
+            if value is None or len(value) > _MAX_ENVID or not _is_printable_xtext(value):
                 return _bad("Error: bad ENVID")
         elif key == "AUTH" and auth:
             if value is None or (value != "<>" and not _is_xtext(value)):
@@ -108,13 +109,27 @@ def check_rcpt_parameters(command: RcptCommand, config: SessionConfig) -> Reply 
             if value is None or len(value) > _MAX_ORCPT:
                 return _bad("Error: bad ORCPT parameter")
             address_type, semicolon, address = value.partition(";")
-            if not semicolon or not address_type or not address or not _is_xtext(address):
+            if not semicolon or not address_type or not address:
+                return _bad("Error: bad ORCPT parameter")
+            if not _is_printable_xtext(address, utf8=address_type.lower() == "utf-8"):
                 return _bad("Error: bad ORCPT parameter")
             if not all(c.isascii() and (c.isalnum() or c == "-") for c in address_type):
                 return _bad("Error: bad ORCPT parameter")
         else:
             return _UNKNOWN
     return None
+
+
+def _is_printable_xtext(value: str, *, utf8: bool = False) -> bool:
+    """xtext whose decoded text is printable US-ASCII (RFC 3461 4); with ``utf8`` (an ORCPT
+    of type utf-8, RFC 6533) non-ASCII characters too, but still no control characters."""
+    try:
+        text = decode_xtext(value)
+    except ParameterError:
+        return False
+    if utf8:
+        return text.isprintable()
+    return all(" " <= char <= "~" for char in text)
 
 
 def _is_xtext(value: str) -> bool:

@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar, cast, overload
 
@@ -1031,6 +1032,13 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _start_chunk(self, command: BdatCommand, refusal: Reply | None) -> None:
         config = self.config
+        if command.size > (config.max_message_size or sys.maxsize):
+            # A chunk larger than any message may be (or than any size a reader can count,
+            # 2**63 - 1): reading it only to discard it could take forever, and not reading
+            # it would take its bytes for commands. Said, and closed.
+            self.log.info("BDAT chunk of %d octets refused; closing", command.size)
+            self._send_and_close(R_TOO_BIG)
+            return
         if refusal is None and not config.chunking:
             refusal = _R_NOT_IMPLEMENTED
         if refusal is None and self.envelope is None:  # pragma: no cover - state says so

@@ -152,6 +152,19 @@ def as_buffer(rng: random.Random, piece: bytes) -> bytes | bytearray | memoryvie
     return piece
 
 
+# Sizes at the integer boundaries of a C long and a Py_ssize_t, and past them.
+SIZE_BOUNDARIES = (2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, 10**20 - 1, 10**39)
+
+
+def _constructed(make: Callable[..., Any], *args: int) -> tuple[str, str]:
+    """What constructing gives: ("ok", "") or the error's type and text."""
+    try:
+        make(*args)
+    except (ValueError, OverflowError) as error:
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
 def norm(item: Any) -> Any:
     """Errors compared by type (they compare by value anyway; this reads better)."""
     return type(item).__name__ if isinstance(item, Exception) else item
@@ -336,6 +349,18 @@ class Checker:
         size = rng.choice([0, rng.randrange(0, len(data) + 1), len(data) + rng.randrange(1, 9)])
         received = rng.choice([0, rng.randrange(0, 100)])
         max_size = rng.choice([0, rng.randrange(0, size + received + 2)])
+        if rng.random() < 0.05:
+            # The integer boundaries: BDAT 9223372036854775808 once overflowed one core and
+            # not the other. Out of range, both must refuse the same way.
+            size, max_size, received = (
+                rng.choice([value, *SIZE_BOUNDARIES]) for value in (size, max_size, received)
+            )
+            if max(size, max_size, received) > 2**63 - 1:
+                self.compare(
+                    f"BdatReader({size}, {max_size}, {received})",
+                    lambda module: _constructed(module.BdatReader, size, max_size, received),
+                )
+                return
         views = self.views()
 
         def transcript(module: ModuleType) -> list[Any]:

@@ -118,6 +118,8 @@ TOKENS: tuple[bytes, ...] = (
     b"0", b"=", b"<", b">", b"@", b":", b"QUIT\r\n", b"DATA\r\n", b"data", b"BDAT 3\r\n",
     b"BDAT 0 LAST\r\n", b"RSET\r\n", b"STARTTLS\r\n", b"AUTH PLAIN\r\n", b"*\r\n",
     b"MAIL FROM:<x@y.example>\r\n", b"RCPT TO:<z@y.example>\r\n", b"EHLO h\r\n", b"NOOP\r\n",
+    b"BDAT 9223372036854775808 LAST\r\n", b"BDAT 9223372036854775807\r\n",
+    b"BDAT 18446744073709551616\r\n", b"BDAT 99999999999999999999\r\n", b"BDAT 2147483648\r\n",
 )  # fmt: skip
 
 
@@ -157,10 +159,18 @@ class Variant:
     streaming: bool = False  # a message_chunk handler: the body is streamed
     async_handlers: bool = False  # rcpt, message_chunk and message_received handlers are async
     max_bad_commands: int = 0
+    # The model does not predict the anti-abuse limits (delayed AUTH failures, junk commands
+    # counted as errors); noise runs them on the fake clock.
+    abuse_limits: bool = False
 
     def options(self) -> dict[str, Any]:
         """``SessionConfig`` keyword arguments."""
-        return {
+        limits = {} if self.abuse_limits else {
+            "auth_failure_delay": 0.0,
+            "max_auth_failures": 0,
+            "max_junk_commands": 0,
+        }  # fmt: skip
+        return limits | {
             "lmtp": self.lmtp,
             "bare_newline": self.bare_newline,
             "max_message_size": self.max_message_size,
@@ -188,6 +198,7 @@ def draw_variant(draw: Draw, *, noise: bool = False) -> Variant:
         streaming=draw.chance(25),
         async_handlers=draw.chance(20),
         max_bad_commands=draw.pick([0, 20, draw.integer(1, 5)]) if noise else 0,
+        abuse_limits=noise and draw.chance(70),
     )
 
 
@@ -422,8 +433,9 @@ class _Builder:
             )
 
     def refused_chunk(self) -> None:
-        """BDAT out of order: 503, and the chunk is still read (and dropped), RFC 3030."""
-        chunk = blob(self.draw, 10)
+        """BDAT out of order: 503, and the chunk is still read (and dropped), RFC 3030. (One
+        larger than the message size limit would get 552 and a close: not junk.)"""
+        chunk = blob(self.draw, 10)[: self.v.max_message_size]
         last = self.draw.pick([b"", b" LAST"])
         self.emit(b"BDAT %d%s\r\n" % (len(chunk), last) + chunk, Slot(_codes(503), "refused BDAT"))
 
@@ -635,6 +647,9 @@ class _Builder:
         separate_last = draw.chance(20)  # "BDAT 0 LAST" after the chunks
         if separate_last:
             chunks.append(b"")
+        # A single chunk larger than the limit is refused and closes the session (the end of
+        # a script, drawn in model_script); here only their sum may pass it.
+        chunks = [chunk[: v.max_message_size] for chunk in chunks]
         size = 0
         failed = False
         for index, chunk in enumerate(chunks):
@@ -675,9 +690,17 @@ def model_script(draw: Draw, variant: Variant | None = None) -> Script:
         b.junk("ready")
         b.transaction()
     b.junk("ready")
-    b.line(draw.pick([b"QUIT", b"quit"]), _codes(221))
+    if draw.chance(10):
+        # A chunk larger than any message may be, at the integer boundaries the compiled
+        # core once overflowed on: 552 5.3.4, and the session closes unasked.
+        b.line(b"MAIL FROM:<huge@example.org>", _codes(250))
+        b.line(b"RCPT TO:<huge@example.net>", _codes(250))
+        sizes = [2**63, 2**64, 10**20 - 1, 2**63 - 1, v.max_message_size + 1]
+        b.line(b"BDAT %d%s" % (draw.pick(sizes), draw.pick([b"", b" LAST"])), _codes(552))
+    else:
+        b.line(draw.pick([b"QUIT", b"quit"]), _codes(221))
     if draw.chance(20):
-        b.emit(blob(draw, 6))  # after QUIT: never read, never answered
+        b.emit(blob(draw, 6))  # after QUIT or the close: never read, never answered
     return Script(v, b"".join(b.parts), b.slots, b.transactions)
 
 
