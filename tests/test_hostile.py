@@ -7,8 +7,15 @@ import asyncio
 import base64
 import socket
 import ssl
+import subprocess
+import sys
+import time
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from alephsmtp import SmtpServer
 
@@ -142,3 +149,72 @@ async def test_password_guessing_is_slowed_and_cut(
     assert answer.count(b"535 5.7.8 ") == server.config.max_auth_failures == 5
     assert answer.endswith(b"421 4.7.0 Error: too many authentication failures\r\n")
     assert len(attempts) == 5
+
+
+SERVER_UNDER_A_DESCRIPTOR_LIMIT = """
+import asyncio, resource, sys, logging
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # like `ulimit -n 128`
+from alephsmtp import SmtpServer
+
+async def main():
+    server = SmtpServer("127.0.0.1", 0, hostname="mx.test")  # max_connections: 10000
+    await server.start()
+    print("PORT", server.port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until EOF
+    await server.stop(grace=1)
+
+if sys.argv[1] == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_descriptor_limit_bounds_connections_with_421_and_one_log_line(
+    loop: str, tmp_path: Path
+) -> None:
+    """With ``ulimit -n 128`` and the default max_connections (10,000), a burst of 300
+    clients: each gets its greeting or 421 4.7.0 (none hangs on a failed accept), the server
+    says once why, logs no traceback, and serves again once they are gone."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    script = tmp_path / "server.py"
+    script.write_text(SERVER_UNDER_A_DESCRIPTOR_LIMIT)
+    server = subprocess.Popen(
+        [sys.executable, str(script), loop, "128"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline().split()[1])
+        clients = []
+        for _ in range(300):
+            sock = socket.create_connection((HOST, port), timeout=GIVE_UP)
+            sock.settimeout(GIVE_UP)
+            clients.append(sock)
+        greetings = Counter(sock.recv(3) for sock in clients)
+        for sock in clients:
+            sock.close()
+        assert set(greetings) == {b"220", b"421"}, greetings
+        assert greetings[b"220"] < 128
+        # Served again, once the burst is gone.
+        for _ in range(int(GIVE_UP / 0.1)):
+            with socket.create_connection((HOST, port), timeout=GIVE_UP) as sock:
+                sock.settimeout(GIVE_UP)
+                if sock.recv(3) == b"220":
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("not served again")
+    finally:
+        _, errors = server.communicate("", timeout=GIVE_UP)
+    assert "Traceback" not in errors
+    assert errors.count("allows") == 1  # the one warning: the capacity the limit leaves
+    assert errors.count("accepting connections fails") <= 1

@@ -423,7 +423,8 @@ async def _end_and_release(
     try:
         for _ in range(ROUNDS):
             await scenario(world)
-            await wait_until(lambda: not server.sessions, "every session gone")
+            await wait_until(lambda: not server.open_connections, "every connection gone")
+            assert not server.sessions
         await wait_until(lambda: server.metrics.connections == 0, "no connection counted")
         assert server.metrics.connections_closed == server.metrics.connections_opened
         assert [pool.in_use for pool in server.buffer_pools] == [0, 0]
@@ -433,7 +434,7 @@ async def _end_and_release(
             clients = [await greeted(world, options) for _ in range(LIMIT)]
             for _, writer in clients:
                 writer.close()
-            await wait_until(lambda: not server.sessions, "the new clients gone")
+            await wait_until(lambda: not server.open_connections, "the new clients gone")
     finally:
         world.release.set()
         with caplog.at_level(logging.WARNING, logger="alephsmtp.server"):

@@ -144,7 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="loopback exempt (default: %(default)s)",
     )
     limits.add_argument(
-        "--idle-timeout", type=float, default=300.0, metavar="SECONDS", help="(default: 300)"
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="for each command line, whole (default: 300)",
+    )
+    limits.add_argument(
+        "--data-timeout",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="between reads of a message (default: 180)",
+    )
+    limits.add_argument(
+        "--write-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a client that takes none of its replies this long is cut (default: 60)",
+    )
+    limits.add_argument(
+        "--backlog",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="connections the kernel queues before they are accepted (default: 1024)",
     )
     limits.add_argument(
         "--bare-newline",
@@ -294,6 +319,8 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
         "max_connections": args.max_connections,
         "max_connections_per_ip": args.max_connections_per_ip,
         "idle_timeout": args.idle_timeout,
+        "data_timeout": args.data_timeout,
+        "write_timeout": args.write_timeout,
         "bare_newline": args.bare_newline,
         "lmtp": args.lmtp,
         "require_tls": args.require_tls,
@@ -313,6 +340,7 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
             args.port,
             implicit_tls=args.implicit_tls,
             workers=args.workers,
+            backlog=args.backlog,
             proxy_protocol=args.proxy_protocol,
             **options,
         )

@@ -588,8 +588,10 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
     header or none in time closes the connection without a word. With ``tls_context`` the TLS
     handshake (RFC 8314 implicit TLS) follows the header. Finally ``make_protocol(header)``
     gives the protocol that takes the transport over; it gets ``connection_made`` and reads
-    what follows the header from the socket itself. ``on_close(receiver)`` is called once,
-    when the connection is handed over or gone.
+    what follows the header from the socket itself. ``admit()``, asked when the connection
+    arrives, may refuse it (the server is full: closed, as nothing can be said before the
+    header). ``on_close(receiver)`` is called once, when the connection is handed over,
+    refused or gone.
     """
 
     def __init__(
@@ -602,6 +604,7 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         tls_handshake_timeout: float | None = None,
         on_close: Callable[[ProxyProtocolReceiver], None] | None = None,
         max_length: int = DEFAULT_MAX_LENGTH,
+        admit: Callable[[], bool] | None = None,
     ) -> None:
         self._make_protocol = make_protocol
         self._trusted = tuple(trusted_networks)
@@ -609,6 +612,7 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         self._tls_context = tls_context
         self._tls_handshake_timeout = tls_handshake_timeout
         self._on_close = on_close
+        self._admit = admit
         self._reader = ProxyHeaderReader(max_length=max_length)
         self._view = memoryview(bytearray(_READ_SIZE))
         self._transport: asyncio.Transport | None = None
@@ -635,6 +639,10 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         host = self.peer[0] if isinstance(self.peer, tuple) else None
         if host is None or not address_in_networks(host, self._trusted):
             log.info("[%s] not a trusted proxy; closed", _where(self.peer))
+            self._close()
+            return
+        if self._admit is not None and not self._admit():
+            log.info("[%s] server full; closed before the PROXY header", _where(self.peer))
             self._close()
             return
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._on_timeout)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import importlib
 import ipaddress
 import logging
@@ -36,8 +37,9 @@ from .metrics import Metrics, MetricsHook
 from .proxy import ProxyHeader, ProxyProtocolReceiver, address_in_networks
 from .replies import Reply
 from .session import OnSession, SessionConfig, SmtpSession, _Pools
+from .tls import TlsAcceptor
 
-__all__ = ["LoopName", "SmtpServer"]
+__all__ = ["LoopName", "SmtpServer", "connection_capacity"]
 
 log = logging.getLogger("alephsmtp.server")
 
@@ -80,7 +82,7 @@ class SmtpServer:
         port: int = 25,
         *,
         on_session: OnSession | None = None,
-        backlog: int = 100,
+        backlog: int = 1024,
         reuse_port: bool = False,
         implicit_tls: bool = False,
         shutdown_grace: float = 30.0,
@@ -119,8 +121,11 @@ class SmtpServer:
         self.proxy_header_timeout = proxy_header_timeout
         self.workers = workers
         self.sessions: set[SmtpSession] = set()
-        self._receivers: set[ProxyProtocolReceiver] = set()  # waiting for a PROXY header
+        # Connections before their session: waiting for a PROXY header or a TLS handshake.
+        self._receivers: set[ProxyProtocolReceiver | TlsAcceptor] = set()
         self._admitted: set[SmtpSession] = set()
+        self._capacity = self.config.max_connections  # set from the descriptor limit at start
+        self._accept_errors = _AcceptErrors()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._exempt = [ipaddress.ip_network(net) for net in self.config.connection_limit_exempt]
         self.metrics = Metrics(hook=metrics_hook)  # see alephsmtp.metrics
@@ -150,6 +155,18 @@ class SmtpServer:
         return self._server is not None and self._server.is_serving()
 
     @property
+    def open_connections(self) -> int:
+        """Connections open now: sessions, and those still before their session (reading a
+        PROXY header, in a TLS handshake). ``max_connections`` bounds this number."""
+        return len(self._admitted) + len(self._receivers)
+
+    @property
+    def capacity(self) -> int:
+        """How many connections this server takes at once: ``max_connections``, lowered to
+        what the descriptor limit allows (known once started; 0: no limit)."""
+        return self._capacity
+
+    @property
     def buffer_pools(self) -> tuple[Any, Any]:
         """The (command, data) buffer pools, for metrics and leak checks."""
         return self._pools.command, self._pools.data
@@ -164,8 +181,10 @@ class SmtpServer:
             log.warning("workers=%d applies to run(); serving from this process", self.workers)
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        # Behind a PROXY header, TLS starts after the header (the receiver runs it).
-        tls = self.implicit_tls and not self.proxy_protocol
+        self._capacity = connection_capacity(self.config.max_connections)
+        self._accept_errors.install(loop)
+        # TLS (implicit, RFC 8314) runs in a protocol of its own before the session, after
+        # the PROXY header if there is one: every connection counts from its accept.
         self._server = await loop.create_server(
             self._new_connection,
             self.host,
@@ -175,24 +194,38 @@ class SmtpServer:
             # a second server bind the same port instead of failing with "address in use".
             reuse_address=None,
             reuse_port=self.reuse_port or None,
-            ssl=self.config.tls_context if tls else None,
-            ssl_handshake_timeout=self.config.tls_handshake_timeout if tls else None,
         )
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
 
     def _new_connection(self) -> asyncio.BaseProtocol:
-        if not self.proxy_protocol:
+        receiver: ProxyProtocolReceiver | TlsAcceptor
+        if self.proxy_protocol:
+            receiver = ProxyProtocolReceiver(
+                self._new_session,
+                trusted_networks=self.proxy_trusted_networks,
+                timeout=self.proxy_header_timeout,
+                tls_context=self.config.tls_context if self.implicit_tls else None,
+                tls_handshake_timeout=self.config.tls_handshake_timeout,
+                on_close=self._receivers.discard,
+                admit=self._has_room,
+            )
+        elif self.implicit_tls:
+            assert self.config.tls_context is not None
+            receiver = TlsAcceptor(
+                self._new_session,
+                self.config.tls_context,
+                handshake_timeout=self.config.tls_handshake_timeout,
+                on_close=self._receivers.discard,
+                admit=self._has_room,
+            )
+        else:
             return self._new_session()
-        receiver = ProxyProtocolReceiver(
-            self._new_session,
-            trusted_networks=self.proxy_trusted_networks,
-            timeout=self.proxy_header_timeout,
-            tls_context=self.config.tls_context if self.implicit_tls else None,
-            tls_handshake_timeout=self.config.tls_handshake_timeout,
-            on_close=self._receivers.discard,
-        )
         self._receivers.add(receiver)
         return receiver
+
+    def _has_room(self) -> bool:
+        """Whether a connection before its session (counted already) fits the capacity."""
+        return not self._capacity or self.open_connections <= self._capacity
 
     def _new_session(self, proxy: ProxyHeader | None = None) -> SmtpSession:
         return SmtpSession(
@@ -215,7 +248,7 @@ class SmtpServer:
         self.sessions.add(session)
         self._no_sessions.clear()
         config = self.config
-        if config.max_connections and len(self._admitted) >= config.max_connections:
+        if self._capacity and self.open_connections >= self._capacity:
             return _R_TOO_MANY_CONNECTIONS
         ip = _peer_ip(session.peer)
         if (
@@ -280,6 +313,7 @@ class SmtpServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self._accept_errors.uninstall()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: stop accepting, let transactions finish, then close."""
@@ -440,6 +474,118 @@ class SmtpServer:
 
 
 _R_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+
+# Descriptors kept free for what is not a connection: listening sockets, logs, stores, the
+# event loop's own. Of the rest, a quarter stays free for what a connection may open besides
+# its socket (a spooled message's file, a relay's connection, a milter's).
+_RESERVED_DESCRIPTORS = 64
+
+
+def connection_capacity(max_connections: int) -> int:
+    """How many connections this process can take: ``max_connections`` (0: no limit), within
+    what the descriptor limit (RLIMIT_NOFILE) allows.
+
+    The soft limit is raised towards the hard one when ``max_connections`` needs it; if it
+    still falls short, the capacity is lowered to fit, with a warning, so that a client past
+    it gets ``421 4.7.0`` rather than an accept() that fails with EMFILE.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: no descriptor limit of this kind
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = _descriptors_in_use()
+
+    def fitting(limit: int) -> int:
+        return max((limit - in_use - _RESERVED_DESCRIPTORS) * 3 // 4, 1)
+
+    if max_connections and fitting(soft) < max_connections and hard != soft:
+        wanted = in_use + _RESERVED_DESCRIPTORS + (max_connections * 4 + 2) // 3
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the descriptor limit from %d: %s", soft, error)
+        else:
+            log.info("descriptor limit raised from %d to %d", soft, new_soft)
+            soft = new_soft
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    capacity = fitting(soft)
+    if not max_connections or capacity < max_connections:
+        if max_connections:
+            log.warning(
+                "the descriptor limit (%d) allows %d connections, not max_connections=%d: "
+                "serving %d (raise it with ulimit -n or LimitNOFILE=)",
+                soft,
+                capacity,
+                max_connections,
+                capacity,
+            )
+        return capacity
+    return max_connections
+
+
+def _descriptors_in_use() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux
+        return 32
+
+
+class _AcceptErrors:
+    """Says once a minute that accept() fails for want of resources (EMFILE and the like),
+    with how often, where the event loop would log a traceback per failure.
+
+    Installed as the loop's exception handler while the server runs; everything else goes to
+    the handler that was there before (or the loop's default).
+    """
+
+    PERIOD = 60.0
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: Any = None
+        self._last = -self.PERIOD
+        self._count = 0
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self)
+
+    def uninstall(self) -> None:
+        loop = self._loop
+        if loop is not None and loop.get_exception_handler() is self:
+            loop.set_exception_handler(self._previous)
+        self._loop = None
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if (
+            isinstance(error, OSError)
+            and error.errno in _ACCEPT_RESOURCE_ERRORS
+            and ("accept" in str(context.get("message", "")).lower())
+        ):
+            self._count += 1
+            now = loop.time()
+            if now - self._last >= self.PERIOD:
+                log.error(
+                    "accepting connections fails: %s (%d time(s) since the last report); "
+                    "lower max_connections or raise the descriptor limit",
+                    error.strerror or error,
+                    self._count,
+                )
+                self._last = now
+                self._count = 0
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _R_TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")
 
 

@@ -436,6 +436,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.state = State.NEED_HELO
         self._arm_timer()
         self._update_reading()
+        if self._held:  # sent before the greeting (after a TLS handshake): read now
+            self._pump()
 
     def close(self) -> None:
         """Close the connection once what was written has been sent (the seed's Dispose).
@@ -663,7 +665,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             # command line must be whole within idle_timeout of when the session began
             # waiting for it, however its bytes trickle in (Postfix's per-record deadline).
             self._last_activity = self._loop.time()
-        if self._busy or self.state is State.CLOSED:
+        if self._busy or not self._started or self.state is State.CLOSED:
+            # Held while a handler (or TLS) runs, and before the greeting: read then.
             if self.state is not State.CLOSED:
                 self._held += data
             return
