@@ -10,6 +10,7 @@ import re
 import smtplib
 import socket
 import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import trustme
 from _cli import start_cli, stop_cli
 from alephsmtp import SmtpEnvelope, SmtpServer
 from alephsmtp.handlers import (
+    Deliver,
     EmlDirectory,
     MaildirStore,
     MboxStore,
@@ -138,7 +140,7 @@ def mbox_entries(path: Path) -> list[tuple[bytes, bytes]]:
     """(sender, contents) per message, split at the From_ lines mailbox wrote; LF endings."""
     data = path.read_bytes().replace(NL, b"\n")
     starts = [m for m in FROM_LINE.finditer(data) if m.start() == 0 or data[m.start() - 1] == 10]
-    ends = [m.start() for m in starts[1:]] + [len(data)]
+    ends = [m.start() for m in starts[1:]] + [len(data)] if starts else []
     return [(m.group(1), data[m.end() : end]) for m, end in zip(starts, ends, strict=True)]
 
 
@@ -241,6 +243,102 @@ async def test_eml_directory_failure_is_temporary(serve: Serve, tmp_path: Path) 
     with pytest.raises(aiosmtplib.SMTPDataError) as refused:
         await send(server)
     assert (refused.value.code, refused.value.message) == (451, "4.3.0 Local error in processing")
+
+
+def _break_maildir(path: Path) -> None:
+    (path / "tmp").rmdir()
+    (path / "tmp").write_text("not a directory")  # every add fails with an OSError
+
+
+def _break_eml(path: Path) -> None:
+    path.rmdir()
+    path.write_text("not a directory")
+
+
+@pytest.mark.parametrize(
+    ("make", "break_it"),
+    [
+        pytest.param(lambda path: MaildirStore(path), _break_maildir, id="maildir"),
+        pytest.param(lambda path: EmlDirectory(path), _break_eml, id="eml"),
+        pytest.param(
+            lambda path: MboxStore(path),
+            lambda path: path.unlink() or path.mkdir(),  # replaced by a directory
+            id="mbox",
+        ),
+    ],
+)
+async def test_every_store_answers_a_storage_fault_with_a_temporary_error(
+    serve: Serve, tmp_path: Path, make: Any, break_it: Any
+) -> None:
+    """A fault is never a bounce: every store answers 451 (452 for a full disk), as a
+    client must retry a message we failed to keep (Maildir used to raise: 554)."""
+    path = tmp_path / "store"
+    server = await serve(make(path))
+    break_it(path)
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await send(server)
+    assert refused.value.code == 451
+    assert refused.value.message.startswith("4.3.0 ")
+
+
+@pytest.mark.parametrize("kind", [MaildirStore, EmlDirectory, MboxStore])
+def test_a_store_pointed_at_the_wrong_kind_of_file_fails_when_made(
+    tmp_path: Path, kind: Any
+) -> None:
+    target = tmp_path / "target"
+    if kind is MboxStore:
+        target.mkdir()  # an mbox is a file
+    else:
+        target.write_text("a regular file")
+    with pytest.raises((NotADirectoryError, IsADirectoryError, FileExistsError)):
+        kind(target)
+
+
+@pytest.mark.parametrize(
+    ("make", "count"),
+    [
+        (lambda path: MaildirStore(path), lambda path: len(list((path / "new").iterdir()))),
+        (lambda path: EmlDirectory(path), lambda path: len(list(path.iterdir()))),
+        (lambda path: MboxStore(path), lambda path: len(mbox_entries(path))),
+    ],
+)
+async def test_store_then_relay_never_stores_twice_when_the_relay_fails(
+    serve: Serve, tmp_path: Path, make: Any, count: Any
+) -> None:
+    """The CLI's --maildir/--mbox/--eml-dir with --relay: the relay fails (451), the client
+    retries, the relay takes it: the message is stored once, not once per try."""
+    answers = ["451 4.3.0 upstream busy", None]
+    upstream_inbox = Inbox()
+
+    def upstream_handler(session: Any, e: Any) -> Any:
+        answer = answers.pop(0)
+        if answer is None:
+            upstream_inbox(session, e)
+        return answer
+
+    upstream = await serve(upstream_handler)
+    target = tmp_path / "store"
+    store = make(target)
+    relay = Relay("127.0.0.1", upstream.port, received_header=False)
+    server = await serve(Deliver(store, relay))
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await send(server)
+    assert refused.value.code == 451
+    assert count(target) == 0  # taken back
+    await send(server)  # the client's retry
+    assert count(target) == 1
+    assert len(upstream_inbox.messages) == 1
+
+
+async def test_deliver_takes_back_earlier_stores_when_a_later_one_fails(
+    serve: Serve, tmp_path: Path
+) -> None:
+    first, second = EmlDirectory(tmp_path / "first"), EmlDirectory(tmp_path / "second")
+    server = await serve(Deliver(first, second))
+    _break_eml(tmp_path / "second")
+    with pytest.raises(aiosmtplib.SMTPDataError):
+        await send(server)
+    assert list((tmp_path / "first").iterdir()) == []
 
 
 # --- Relay --------------------------------------------------------------------------------
@@ -554,3 +652,17 @@ def test_cli_relays_with_auth(tmp_path: Path) -> None:
     assert relayed.envelope.recipients == ["b@example.net"]
     assert relayed.data.endswith(MESSAGE)
     assert relayed.message["Received"].startswith("from ")
+
+
+def test_cli_refuses_a_store_it_cannot_use_at_start(tmp_path: Path) -> None:
+    regular = tmp_path / "a-file"
+    regular.write_text("not a Maildir")
+    result = subprocess.run(
+        [sys.executable, "-m", "alephsmtp", "--port", "0", "--maildir", str(regular)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "Not a directory" in result.stderr

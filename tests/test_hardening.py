@@ -55,6 +55,26 @@ async def test_slowloris_is_cut_by_the_minimum_data_rate() -> None:
     assert h.transport.closed
 
 
+async def test_a_fast_start_buys_a_slow_client_nothing() -> None:
+    """The rate is judged over the recent window, not the whole message: 1 MiB at once,
+    then a byte every 25 s (each within the data timeout), is cut within a window."""
+    loop = MockLoop()
+    h = Harness(loop=loop, data_timeout=180, min_data_rate=500, data_rate_grace=30)
+    messages = received(h)
+    h.send(TRANSACTION + (b"x" * 1022 + b"\r\n") * 1024)
+    h.output()
+    for step in range(100):  # 500 s: the whole-message average would stay above 500 B/s
+        loop.advance(5)  # the session checks the rate every 5 s
+        if h.transport.closed:
+            break
+        if step % 5 == 4:
+            h.send(b"y")
+    assert h.replies() == ["421 4.4.2 Error: data rate too low"]
+    assert h.transport.closed
+    assert loop.now - 1000.0 <= 40  # at the first check whose window is slow
+    assert messages == []
+
+
 async def test_a_fast_client_is_never_cut_by_the_rate_check() -> None:
     loop = MockLoop()
     h = Harness(loop=loop, min_data_rate=500, data_rate_grace=30)
@@ -294,7 +314,7 @@ async def test_streaming_hands_chunks_over_and_keeps_nothing() -> None:
     def on_session(s: Any) -> None:
         def chunk(sender: Any, e: Any) -> None:
             assert e.offset == sum(map(len, chunks))
-            assert sender._chunks == []  # the session holds none of it
+            assert sender._spool is None  # the session holds none of it
             chunks.append(e.chunk)
 
         s.message_chunk += chunk
@@ -355,7 +375,7 @@ async def test_streaming_a_large_message_over_a_socket() -> None:
     def on_session(s: Any) -> None:
         def chunk(sender: Any, e: Any) -> None:
             digest.update(e.chunk)
-            held.append(len(sender._chunks))
+            held.append(0 if sender._spool is None else sender._spool.size)
 
         s.message_chunk += chunk
         s.message_received += lambda sender, e: sizes.append(e.size)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from _harness import Harness, MockLoop, settle
-from alephsmtp import Reply
+from alephsmtp import Reply, SmtpError
 from alephsmtp.parser import IMPLEMENTATION
 
 TRANSACTION = (
@@ -420,16 +420,109 @@ async def test_handler_that_raises_gets_451_and_the_session_continues(
     assert h.replies() == ["250 2.0.0 OK"]
 
 
-async def test_message_handler_that_raises_gets_554() -> None:
+@pytest.mark.parametrize(
+    "error", [RuntimeError("database down"), ConnectionError("refused"), OSError(28, "full")]
+)
+async def test_a_message_handler_that_raises_is_a_temporary_failure(error: Exception) -> None:
+    """A fault is never a bounce: the client gets 451 and retries (no 554 5.3.0)."""
+
     async def boom(sender: Any, e: Any) -> None:
-        raise RuntimeError("disk full")
+        raise error
 
     h = Harness(lambda s: s.message_received.connect(boom))
     h.send(TRANSACTION + b"a\r\n.\r\n")
     await settle()
-    assert h.replies()[-1] == "554 5.3.0 Error: message could not be processed"
+    assert h.replies()[-1] == "451 4.3.0 Error: message could not be processed now"
     h.send(b"MAIL FROM:<a@b.example>\r\n")
     assert h.replies() == ["250 2.1.0 OK"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_a_handler_says_permanent_by_raising_an_smtp_error(asynchronous: bool) -> None:
+    def refuse(sender: Any, e: Any) -> None:
+        raise SmtpError("Message content rejected", code=554, enhanced="5.7.1")
+
+    async def refuse_later(sender: Any, e: Any) -> None:
+        refuse(sender, e)
+
+    h = Harness(lambda s: s.message_received.connect(refuse_later if asynchronous else refuse))
+    h.send(TRANSACTION + b"a\r\n.\r\n")
+    await settle()
+    assert h.replies()[-1] == "554 5.7.1 Message content rejected"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_a_handler_error_hook_chooses_the_reply(asynchronous: bool) -> None:
+    seen: list[Any] = []
+
+    def on_session(s: Any) -> None:
+        def store(sender: Any, e: Any) -> None:
+            raise ValueError("a bug in the user's code")
+
+        def hook(sender: Any, e: Any) -> str:
+            seen.append((e.event, type(e.exception).__name__, str(e.reply)))
+            return "452 4.3.1 Try again tomorrow"
+
+        async def hook_later(sender: Any, e: Any) -> str:
+            return hook(sender, e)
+
+        s.message_received += store
+        s.handler_error += hook_later if asynchronous else hook
+
+    h = Harness(on_session)
+    h.send(TRANSACTION + b"a\r\n.\r\n")
+    await settle()
+    assert h.replies()[-1] == "452 4.3.1 Try again tomorrow"
+    assert seen == [
+        ("message_received", "ValueError", "451 4.3.0 Error: message could not be processed now")
+    ]
+
+
+async def test_a_handler_error_hook_that_fails_keeps_the_temporary_reply() -> None:
+    def on_session(s: Any) -> None:
+        s.rcpt += lambda sender, e: 1 / 0
+        s.handler_error += lambda sender, e: {}["nothing"]
+        s.handler_error += lambda sender, e: "not a reply"
+
+    h = Harness(on_session)
+    h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+    assert h.replies()[-1] == "451 4.3.0 Error: local error in processing"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_a_chunk_handler_fault_is_temporary_and_its_smtp_error_is_its_reply(
+    asynchronous: bool,
+) -> None:
+    for error, expected in (
+        (RuntimeError("disk"), "451 4.3.0 Error: message could not be processed now"),
+        (SmtpError("Virus found", code=554, enhanced="5.7.1"), "554 5.7.1 Virus found"),
+    ):
+
+        def chunk(sender: Any, e: Any, error: Exception = error) -> None:
+            raise error
+
+        async def chunk_later(sender: Any, e: Any, error: Exception = error) -> None:
+            raise error
+
+        received: list[Any] = []
+
+        def on_session(s: Any, received: list[Any] = received) -> None:
+            s.message_chunk += chunk_later if asynchronous else chunk
+            s.message_received += lambda sender, e: received.append(e)
+
+        h = Harness(on_session)
+        h.send(TRANSACTION + b"a\r\n.\r\n")
+        await settle()
+        assert h.replies()[-1] == expected
+        assert received == []
+
+
+async def test_an_auth_handler_fault_is_a_temporary_authentication_failure() -> None:
+    h = Harness(lambda s: s.auth.connect(lambda sender, e: 1 / 0), auth_over_plaintext=True)
+    h.send(b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n")
+    assert h.replies()[-1] == "454 4.7.0 Temporary authentication failure"
+    h.send(b"AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n")  # not counted as a guess: answered at once
+    assert h.replies() == ["454 4.7.0 Temporary authentication failure"]
 
 
 @pytest.mark.parametrize(

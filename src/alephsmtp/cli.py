@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from .events import AuthEventArgs
-from .handlers import EmlDirectory, MaildirStore, MboxStore, PrintMessage, Relay, sink
+from .handlers import Deliver, EmlDirectory, MaildirStore, MboxStore, PrintMessage, Relay, sink
 from .parser import IMPLEMENTATION
 from .server import SmtpServer
 from .session import SmtpSession
@@ -255,6 +255,10 @@ def _message_handlers(args: argparse.Namespace) -> list[Callable[..., Any]]:
         if handlers:
             raise CliError("--sink discards messages: it cannot go with another output")
         handlers.append(sink)
+    if len(handlers) > 1:
+        # All or nothing: when the relay fails, what was stored is taken back, so the
+        # client's retry does not store the message twice.
+        return [Deliver(*handlers)]
     return handlers or [PrintMessage()]
 
 

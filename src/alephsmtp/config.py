@@ -73,6 +73,11 @@ class SessionConfig:
     auth_mechanisms: tuple[str, ...] = MECHANISMS
     auth_require: bool = False  # MAIL only after AUTH (530 5.7.0)
     auth_over_plaintext: bool = False  # offer AUTH without TLS (RFC 4954 4: SHOULD NOT)
+    # A message past this many bytes goes to a temporary file as it arrives (in
+    # spool_directory, the system's temporary directory by default): RAM per connection stays
+    # bounded, however large the messages (Postfix writes its queue file the same way).
+    spool_threshold: int = 1 << 20
+    spool_directory: str | None = None
     command_buffer_size: int = 16 << 10
     data_buffer_size: int = 256 << 10
 
@@ -93,6 +98,7 @@ class SessionConfig:
             "write_timeout",
             "max_transactions",
             "max_commands",
+            "spool_threshold",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

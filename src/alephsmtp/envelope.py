@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from .addresses import Address
+from .spool import MessageSpool
 
 __all__ = ["SmtpEnvelope"]
 
@@ -16,8 +18,9 @@ class SmtpEnvelope:
 
     ``recipients`` holds only the recipients that got a 2xx reply, in order, and
     ``rcpt_parameters``, ``dsn_notify`` and ``dsn_orcpt`` their ESMTP parameters at the same
-    index. ``message`` is set once the
-    message has been received whole (the seed's ``MessageBody``).
+    index. ``message`` is the message once it has been received whole (the seed's
+    ``MessageBody``): read on first use, from memory or from the temporary file a large
+    message was spooled to; :meth:`open_message` reads it as a file instead.
     """
 
     return_path: Address | None = None
@@ -35,11 +38,42 @@ class SmtpEnvelope:
     auth_identity: str | None = None  # who authenticated (RFC 4954) on this session
     auth_submitter: str | None = None  # MAIL ... AUTH=, decoded (RFC 4954 5)
     tls: bool = False  # the transaction came over TLS
-    message: bytes | None = None
     # What optional subsystems found, when they are in use (None otherwise): the milters'
     # verdicts and edits (alephsmtp.milter), SPF/DKIM/DMARC/ARC results (alephsmtp.mailauth).
     milter: Any = None
     auth_results: Any = None
+    _content: bytes | MessageSpool | None = field(default=None, init=False, repr=False)
+
+    @property
+    def message(self) -> bytes | None:
+        """The whole message, once received (``None`` before, or when it was streamed)."""
+        content = self._content
+        if isinstance(content, MessageSpool):
+            return content.getvalue()
+        return content
+
+    @message.setter
+    def message(self, value: bytes | None) -> None:
+        self._content = value
+
+    @property
+    def message_size(self) -> int:
+        """The message's size in bytes, without reading it (0 before it was received)."""
+        content = self._content
+        if isinstance(content, MessageSpool):
+            return content.size
+        return len(content) if content is not None else 0
+
+    def open_message(self) -> BinaryIO:
+        """The message as a binary file (readable, seekable), without loading it whole."""
+        content = self._content
+        if isinstance(content, MessageSpool):
+            return content.open()
+        return io.BytesIO(content or b"")
+
+    def set_content(self, content: bytes | MessageSpool | None) -> None:
+        """Set the message: bytes, or the spool it is arriving in (the session's)."""
+        self._content = content
 
     @property
     def mail_from(self) -> Address | None:

@@ -10,9 +10,10 @@ session sends its default reply.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
 from .auth import Credentials
 from .commands import AuthCommand, SmtpCommand
@@ -20,6 +21,7 @@ from .replies import Reply
 
 if TYPE_CHECKING:
     from .envelope import SmtpEnvelope
+    from .spool import MessageSpool
 
 __all__ = [
     "AuthEventArgs",
@@ -28,6 +30,7 @@ __all__ = [
     "Event",
     "EventArgs",
     "Handler",
+    "HandlerErrorEventArgs",
     "HandlerResult",
     "MessageChunkEventArgs",
     "MessageDiscardedEventArgs",
@@ -100,22 +103,65 @@ class CommandEventArgs(EventArgs, Generic[CommandT]):
     command: CommandT
 
 
-@dataclass(slots=True)
 class MessageReceivedEventArgs(EventArgs):
-    """A complete message: the unstuffed body, byte-exact, and the transaction's envelope.
+    """A complete message, byte-exact (unstuffed), and the transaction's envelope.
+
+    ``e.message`` is the whole message as ``bytes``, read on first use: a large message was
+    spooled to a temporary file as it arrived (``spool_threshold``), and ``e.open()`` reads
+    it in pieces instead, as a binary file, without holding it in memory. A handler may
+    assign ``e.message = new_bytes``: the handlers after it (and ``e.envelope.message``) see
+    the new message.
 
     When the session's ``message_chunk`` event has handlers, the body went to them as it
     arrived: ``streamed`` is true, ``message`` is empty and ``size`` says how much there was.
     """
 
-    envelope: SmtpEnvelope
-    message: bytes
-    streamed: bool = False
-    size: int = -1
+    __slots__ = ("_size", "envelope", "streamed")
 
-    def __post_init__(self) -> None:
-        if self.size < 0:
-            self.size = len(self.message)
+    def __init__(
+        self,
+        envelope: SmtpEnvelope,
+        message: bytes | MessageSpool = b"",
+        streamed: bool = False,
+        size: int = -1,
+    ) -> None:
+        self.envelope = envelope
+        self.streamed = streamed
+        if not streamed:
+            envelope.set_content(message)
+        self._size = size
+
+    def __repr__(self) -> str:
+        return f"<MessageReceivedEventArgs {self.size} bytes{' streamed' if self.streamed else ''}>"
+
+    @property
+    def message(self) -> bytes:
+        """The whole message (empty when it was streamed to ``message_chunk`` handlers)."""
+        if self.streamed:
+            return b""
+        return self.envelope.message or b""
+
+    @message.setter
+    def message(self, value: bytes) -> None:
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a message is bytes, not {type(value).__name__}")
+        self.streamed = False
+        self._size = -1
+        self.envelope.set_content(bytes(value))
+
+    @property
+    def size(self) -> int:
+        """The message's size in bytes (what was streamed, for a streamed message)."""
+        if self._size >= 0:
+            return self._size
+        return self.envelope.message_size
+
+    def open(self) -> BinaryIO:
+        """The message as a binary file (readable, seekable), read from memory or from its
+        spool file without loading it whole; each call gives an independent view."""
+        if self.streamed:
+            return io.BytesIO(b"")
+        return self.envelope.open_message()
 
 
 @dataclass(slots=True)
@@ -147,6 +193,21 @@ class ConnectionLostEventArgs(EventArgs):
     """The connection ended; ``exception`` is ``None`` for a clean close."""
 
     exception: BaseException | None = field(default=None)
+
+
+@dataclass(slots=True)
+class HandlerErrorEventArgs(EventArgs):
+    """A handler of ``event`` raised ``exception`` (aiosmtpd's ``handle_exception``).
+
+    A ``handler_error`` handler may return the reply the client gets instead of ``reply``,
+    the temporary failure it would get otherwise (451 4.3.0; 454 4.7.0 for AUTH). Returning
+    a 5xx tells the client to give up on what it sent: do it only for a fault you know is
+    the client's. ``None`` keeps ``reply``.
+    """
+
+    event: str
+    exception: BaseException
+    reply: Reply
 
 
 @dataclass(slots=True)

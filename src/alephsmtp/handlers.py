@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import email.utils
 import errno
+import inspect
 import logging
 import mailbox
 import os
@@ -29,20 +30,23 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, cast
 
 from .envelope import SmtpEnvelope
 from .events import MessageReceivedEventArgs
-from .replies import Reply
+from .replies import Reply, coerce_reply
 
 __all__ = [
+    "Deliver",
     "EmlDirectory",
     "MaildirStore",
     "MboxStore",
     "PrintMessage",
     "Relay",
+    "Store",
+    "StoreBusy",
     "envelope_headers",
     "sink",
 ]
@@ -91,7 +95,50 @@ class PrintMessage:
             stream.flush()
 
 
-class MaildirStore:
+class Store:
+    """A ``message_received`` handler that stores each message where it stays (a mailbox, a
+    directory), and can take a stored message back.
+
+    ``store(e)`` stores the message and returns a receipt; ``remove(receipt)`` takes it back
+    (:class:`Deliver` does, when a later output fails, so that the client's retry does not
+    store the message twice). Called as a handler, a store answers ``None`` (the next handler
+    runs) or a temporary failure: ``452 4.3.1`` for a full disk, ``451 4.2.0`` for a busy
+    mailbox, ``451 4.3.0`` for any other storage error. Every store behaves alike.
+    """
+
+    path: str
+
+    def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Reply | None:
+        try:
+            self.store(e)
+        except StoreBusy:
+            return _R_MAILBOX_BUSY
+        except OSError as error:
+            return _storage_failure(self.path, error)
+        return None
+
+    def store(self, e: MessageReceivedEventArgs) -> object:
+        """Store the message; a receipt for :meth:`remove`. Raises ``OSError`` or
+        :class:`StoreBusy`."""
+        raise NotImplementedError
+
+    def remove(self, receipt: object) -> bool:
+        """Take a stored message back; whether it could be."""
+        raise NotImplementedError
+
+
+class StoreBusy(Exception):
+    """The store is locked by another program: try again later (451 4.2.0)."""
+
+
+def _usable_directory(path: str) -> None:
+    """``NotADirectoryError`` for a path that exists and is not a directory, so a store
+    pointed at a file fails when it is made (the CLI says so at start), not per message."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+
+
+class MaildirStore(Store):
     """Deliver each message into a Maildir (created if missing), with trace headers.
 
     Files use LF line endings, as Maildir readers expect.
@@ -99,13 +146,25 @@ class MaildirStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.path.expanduser(os.fspath(path))
+        _usable_directory(self.path)
         self.maildir = mailbox.Maildir(self.path, create=True)
+        for sub in ("tmp", "new", "cur"):
+            _usable_directory(os.path.join(self.path, sub))
         self._lock = threading.Lock()
 
-    def __call__(self, session: Any, e: MessageReceivedEventArgs) -> None:
+    def store(self, e: MessageReceivedEventArgs) -> object:
         data = (envelope_headers(e.envelope) + e.message).replace(b"\r\n", b"\n")
         with self._lock:
-            self.maildir.add(data)
+            return self.maildir.add(data)
+
+    def remove(self, receipt: object) -> bool:
+        try:
+            with self._lock:
+                self.maildir.remove(str(receipt))
+        except (KeyError, OSError) as error:
+            log.warning("cannot take message %s back from %s: %s", receipt, self.path, error)
+            return False
+        return True
 
 
 def _storage_failure(what: str, error: OSError) -> Reply:
@@ -116,7 +175,7 @@ def _storage_failure(what: str, error: OSError) -> Reply:
     return _R_LOCAL_ERROR
 
 
-class MboxStore:
+class MboxStore(Store):
     """Append each message to an mbox file (created if missing), locked while writing.
 
     The file is written by the standard library's :class:`mailbox.mbox`: a ``From `` line with
@@ -159,7 +218,7 @@ class MboxStore:
             return self._open()
         return self._mbox
 
-    def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Reply | None:
+    def store(self, e: MessageReceivedEventArgs) -> object:
         envelope = e.envelope
         body = envelope_headers(envelope) + e.message if self.trace_headers else e.message
         sender = str(envelope.return_path) if envelope.return_path else "MAILER-DAEMON"
@@ -168,21 +227,45 @@ class MboxStore:
         from_line = f"From {sender} {time.asctime(time.gmtime())}\n".encode()
         data = from_line + body.replace(b"\r\n", b"\n")
         with self._lock:
+            box = self._current()
+            try:
+                box.lock()
+            except mailbox.ExternalClashError:
+                log.warning("mbox %s is locked by another program", self.path)
+                raise StoreBusy(self.path) from None
+            try:
+                start = os.path.getsize(self.path)
+                box.add(data)
+                box.flush()
+                end = os.path.getsize(self.path)
+            finally:
+                box.unlock()
+        return (self._identity, start, end)
+
+    def remove(self, receipt: object) -> bool:
+        """Cut the message off the end of the file, if nothing was appended after it."""
+        identity, start, end = cast(tuple[tuple[int, int], int, int], receipt)
+        with self._lock:
             try:
                 box = self._current()
-                try:
-                    box.lock()
-                except mailbox.ExternalClashError:
-                    log.warning("mbox %s is locked by another program", self.path)
-                    return _R_MAILBOX_BUSY
-                try:
-                    box.add(data)
-                    box.flush()
-                finally:
-                    box.unlock()
+                box.lock()
+            except (mailbox.ExternalClashError, OSError) as error:
+                log.warning("cannot take a message back from %s: %s", self.path, error)
+                return False
+            try:
+                if self._identity != identity or os.path.getsize(self.path) != end:
+                    log.warning("cannot take a message back from %s: it changed", self.path)
+                    return False
+                box.close()  # mailbox.mbox keeps offsets: reopened after the cut
+                self._mbox = None
+                os.truncate(self.path, start)
+                return True
             except OSError as error:
-                return _storage_failure(self.path, error)
-        return None
+                log.warning("cannot take a message back from %s: %s", self.path, error)
+                return False
+            finally:
+                with contextlib.suppress(OSError):
+                    box.unlock()
 
     def close(self) -> None:
         """Close the mbox file."""
@@ -192,7 +275,7 @@ class MboxStore:
                 self._mbox = None
 
 
-class EmlDirectory:
+class EmlDirectory(Store):
     """Write each message to its own ``.eml`` file in a directory (created if missing).
 
     The file holds the message exactly as received, CRLF line endings kept, after the
@@ -213,17 +296,22 @@ class EmlDirectory:
         self.path = os.path.expanduser(os.fspath(path))
         self.trace_headers = trace_headers
         self.fsync = fsync
+        _usable_directory(self.path)
         os.makedirs(self.path, exist_ok=True)
         self._last_stamp = 0
         self._stamp_lock = threading.Lock()
 
-    def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Reply | None:
+    def store(self, e: MessageReceivedEventArgs) -> object:
         data = envelope_headers(e.envelope) + e.message if self.trace_headers else e.message
+        return self.write(data)
+
+    def remove(self, receipt: object) -> bool:
         try:
-            self.write(data)
+            os.unlink(str(receipt))
         except OSError as error:
-            return _storage_failure(self.path, error)
-        return None
+            log.warning("cannot take message %s back: %s", receipt, error)
+            return False
+        return True
 
     def write(self, data: bytes) -> str:
         """Write ``data`` to a new ``.eml`` file atomically; returns its path."""
@@ -554,3 +642,106 @@ def _received_header(session: Any, envelope: SmtpEnvelope) -> bytes:
     date = email.utils.formatdate(localtime=True)
     header = f"Received: from {source}\r\n\tby {by} with {protocol}{for_clause}; {date}\r\n"
     return header.encode("utf-8")
+
+
+# --- several outputs, all or nothing ----------------------------------------------------
+
+
+class Deliver:
+    """Several outputs as one ``message_received`` handler: each store, then (last) a relay or
+    any other handler, in order; the message is accepted only if every output took it.
+
+    When an output refuses or fails, what the stores before it stored is taken back
+    (:meth:`Store.remove`) and the client gets that output's reply: a temporary failure makes
+    it try again, and its retry does not leave the message stored twice. (A relay cannot be
+    taken back: put it last.) Outputs answer as handlers do; the first reply decides.
+    """
+
+    def __init__(self, *outputs: Callable[[Any, MessageReceivedEventArgs], Any]) -> None:
+        if not outputs:
+            raise ValueError("Deliver needs at least one output")
+        self.outputs = outputs
+
+    def __repr__(self) -> str:
+        return f"<Deliver {', '.join(repr(output) for output in self.outputs)}>"
+
+    def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Any:
+        # Inline while the outputs answer inline; a coroutine from the first one that does not.
+        receipts: list[tuple[Store, object]] = []
+        for index, output in enumerate(self.outputs):
+            if isinstance(output, Store):
+                failure = self._store(output, e, receipts)
+                if failure is not None:
+                    return failure
+                continue
+            result = output(session, e)
+            if inspect.isawaitable(result):
+                return self._finish(session, e, result, index, receipts)
+            if result is not None:
+                return self._decided(result, receipts)
+        return None
+
+    async def _finish(
+        self,
+        session: Any,
+        e: MessageReceivedEventArgs,
+        pending: Awaitable[Any],
+        index: int,
+        receipts: list[tuple[Store, object]],
+    ) -> Any:
+        try:
+            result = await pending
+            if result is not None:
+                return self._decided(result, receipts)
+            for output in self.outputs[index + 1 :]:
+                if isinstance(output, Store):
+                    failure = self._store(output, e, receipts)
+                    if failure is not None:
+                        return failure
+                    continue
+                result = output(session, e)
+                if inspect.isawaitable(result):
+                    result = await result
+                if result is not None:
+                    return self._decided(result, receipts)
+        except BaseException:
+            self._take_back(receipts)
+            raise
+        return None
+
+    def _store(
+        self, store: Store, e: MessageReceivedEventArgs, receipts: list[tuple[Store, object]]
+    ) -> Reply | None:
+        try:
+            receipts.append((store, store.store(e)))
+        except StoreBusy:
+            self._take_back(receipts)
+            return _R_MAILBOX_BUSY
+        except OSError as error:
+            self._take_back(receipts)
+            return _storage_failure(store.path, error)
+        except BaseException:
+            self._take_back(receipts)
+            raise
+        return None
+
+    def _decided(self, result: Any, receipts: list[tuple[Store, object]]) -> Any:
+        if not _accepts(result):
+            self._take_back(receipts)
+        return result
+
+    @staticmethod
+    def _take_back(receipts: list[tuple[Store, object]]) -> None:
+        for store, receipt in reversed(receipts):
+            store.remove(receipt)
+        receipts.clear()
+
+
+def _accepts(result: Any) -> bool:
+    """Whether a handler's answer accepts the message (for LMTP: for any recipient)."""
+    if isinstance(result, (list, tuple)):
+        return any(_accepts(each) for each in result)
+    try:
+        return coerce_reply(result).code // 100 == 2
+    except (TypeError, ValueError):
+        return False

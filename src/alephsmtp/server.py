@@ -181,20 +181,31 @@ class SmtpServer:
             log.warning("workers=%d applies to run(); serving from this process", self.workers)
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._capacity = connection_capacity(self.config.max_connections)
+        self._capacity, spare = connection_capacity(self.config.max_connections)
         self._accept_errors.install(loop)
+        # asyncio accepts up to ``backlog`` connections in one go before any protocol runs,
+        # each a descriptor: past the spare ones that would fail with EMFILE however early
+        # the extra clients get their 421. So asyncio gets a smaller batch, and the kernel's
+        # queue its full length (listen() again, below).
+        batch = max(1, min(self.backlog, spare // 2))
         # TLS (implicit, RFC 8314) runs in a protocol of its own before the session, after
         # the PROXY header if there is one: every connection counts from its accept.
         self._server = await loop.create_server(
             self._new_connection,
             self.host,
             self._port,
-            backlog=self.backlog,
+            backlog=batch,
             # asyncio's default: on for POSIX (TIME_WAIT); on Windows SO_REUSEADDR would let
             # a second server bind the same port instead of failing with "address in use".
             reuse_address=None,
             reuse_port=self.reuse_port or None,
         )
+        if batch < self.backlog:
+            for listening in self.sockets:
+                # listen() again sets the kernel's queue; on a duplicate descriptor, as the
+                # loop's socket wrappers do not offer it (it is the same socket).
+                with socket.socket(fileno=os.dup(listening.fileno())) as sock:
+                    sock.listen(self.backlog)
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
 
     def _new_connection(self) -> asyncio.BaseProtocol:
@@ -481,9 +492,10 @@ _R_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again l
 _RESERVED_DESCRIPTORS = 64
 
 
-def connection_capacity(max_connections: int) -> int:
+def connection_capacity(max_connections: int) -> tuple[int, int]:
     """How many connections this process can take: ``max_connections`` (0: no limit), within
-    what the descriptor limit (RLIMIT_NOFILE) allows.
+    what the descriptor limit (RLIMIT_NOFILE) allows; and how many descriptors stay spare
+    beyond those.
 
     The soft limit is raised towards the hard one when ``max_connections`` needs it; if it
     still falls short, the capacity is lowered to fit, with a warning, so that a client past
@@ -492,7 +504,7 @@ def connection_capacity(max_connections: int) -> int:
     try:
         import resource
     except ImportError:  # Windows: no descriptor limit of this kind
-        return max_connections
+        return max_connections, _NO_LIMIT
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = _descriptors_in_use()
 
@@ -510,20 +522,23 @@ def connection_capacity(max_connections: int) -> int:
             log.info("descriptor limit raised from %d to %d", soft, new_soft)
             soft = new_soft
     if soft == resource.RLIM_INFINITY:
-        return max_connections
+        return max_connections, _NO_LIMIT
     capacity = fitting(soft)
-    if not max_connections or capacity < max_connections:
-        if max_connections:
-            log.warning(
-                "the descriptor limit (%d) allows %d connections, not max_connections=%d: "
-                "serving %d (raise it with ulimit -n or LimitNOFILE=)",
-                soft,
-                capacity,
-                max_connections,
-                capacity,
-            )
-        return capacity
-    return max_connections
+    if max_connections and capacity >= max_connections:
+        capacity = max_connections
+    elif max_connections:
+        log.warning(
+            "the descriptor limit (%d) allows %d connections, not max_connections=%d: "
+            "serving %d (raise it with ulimit -n or LimitNOFILE=)",
+            soft,
+            capacity,
+            max_connections,
+            capacity,
+        )
+    return capacity, max(soft - in_use - capacity, 0)
+
+
+_NO_LIMIT = 1 << 30
 
 
 def _descriptors_in_use() -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import inspect
 import itertools
@@ -63,6 +64,7 @@ from .events import (
     ConnectionLostEventArgs,
     Event,
     EventArgs,
+    HandlerErrorEventArgs,
     HandlerResult,
     MessageChunkEventArgs,
     MessageDiscardedEventArgs,
@@ -73,6 +75,7 @@ from .metrics import Metrics
 from .parser import BdatReader, BufferPool, DataReader, LineReader
 from .proxy import ProxyHeader
 from .replies import Reply, coerce_reply, default_enhanced_code
+from .spool import MessageSpool
 from .tls import HANDSHAKE_ERRORS, TlsInfo, looks_like_tls, upgrade
 
 __all__ = ["OnSession", "SessionConfig", "SessionLogger", "SmtpSession", "TlsInfo"]
@@ -167,7 +170,10 @@ _R_HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP
 _R_UNKNOWN = Reply(500, "5.5.1", "Error: command not recognized")
 _R_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 _R_HANDLER_FAILED = Reply(451, "4.3.0", "Error: local error in processing")
-_R_MESSAGE_HANDLER_FAILED = Reply(554, "5.3.0", "Error: message could not be processed")
+# A fault on our side is never a bounce (RFC 5321 4.2.1): 4xx, the client keeps the message.
+_R_MESSAGE_HANDLER_FAILED = Reply(451, "4.3.0", "Error: message could not be processed now")
+_R_AUTH_HANDLER_FAILED = Reply(454, "4.7.0", "Temporary authentication failure")
+_R_STORAGE_FAILED = Reply(452, "4.3.1", "Error: insufficient system storage")
 _R_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
 _R_TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 _R_SLOW = Reply(421, "4.4.2", "Error: data rate too low")
@@ -247,6 +253,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     close_requested = _EventAttribute[EventArgs]()
     unhandled_command = _EventAttribute[CommandEventArgs[SmtpCommand]]()
     disconnected = _EventAttribute[ConnectionLostEventArgs]()
+    handler_error = _EventAttribute[HandlerErrorEventArgs]()
 
     __slots__ = (
         "__dict__",  # for attributes of your own (made only when you set one)
@@ -259,7 +266,6 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_buffer",
         "_buffer_owner",
         "_busy",
-        "_chunks",
         "_closing",
         "_command_limit",
         "_commands",
@@ -286,11 +292,13 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_out",
         "_peer_override",
         "_pools",
+        "_rate_marks",
         "_reading",
         "_sasl",
         "_sasl_command",
+        "_spool",
         "_started",
-        "_stream_failed",
+        "_stream_refusal",
         "_streamed",
         "_tasks",
         "_timer",
@@ -388,12 +396,13 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._bdat_reader: BdatReader | None = None
         self._bdat_command: BdatCommand | None = None
         self._bdat_refusal: Reply | None = None
-        self._chunks: list[bytes] = []
+        self._spool: MessageSpool | None = None  # the message as it arrives
         self._message_size = 0  # BDAT: what earlier chunks of this message added up to
         self._message_started = 0.0  # when DATA's 354 or the first BDAT came
         self._message_bytes = 0  # bytes read for this message (for min_data_rate)
+        self._rate_marks: collections.deque[tuple[float, int]] = collections.deque()
         self._streamed = 0  # bytes handed to message_chunk handlers
-        self._stream_failed = False
+        self._stream_refusal: Reply | None = None  # the stream failed: the message's reply
 
     def __repr__(self) -> str:
         return f"<SmtpSession #{self.id} {self.peer!r} {self.state.value}>"
@@ -586,7 +595,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._data_reader = None
         self._bdat_reader = None
         self._sasl = None
-        self._chunks = []
+        self._discard_spool()
         self._lines.clear()
         self._next_line = 0
         self._line_reader.take_pending()
@@ -940,6 +949,8 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _feed_message(self, reader: DataReader, data: memoryview | bytes) -> None:
         chunk = reader.feed(data)
+        if reader.error is not None and self._spool is not None:
+            self._discard_spool()  # refused at its end whatever comes: keep nothing of it
         then = (lambda: self._message_read(reader)) if reader.done else None
         if chunk and self._take_chunk(chunk, then):
             return  # an async chunk handler runs; ``then`` follows it
@@ -961,6 +972,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         assert self._loop is not None
         self._message_started = self._loop.time()
         self._message_bytes = 0
+        self._rate_marks.clear()
         self._rearm_timer()  # the data timeout and rate checks apply from now on
 
     def _take_chunk(self, chunk: bytes, then: Callable[[], None] | None) -> bool:
@@ -971,19 +983,32 @@ class SmtpSession(asyncio.BufferedProtocol):
         """
         handlers = self._handlers("message_chunk")
         if not handlers:
-            self._chunks.append(chunk)
+            if self._stream_refusal is not None:
+                return False
+            spool = self._spool
+            if spool is None:
+                spool = self._spool = MessageSpool(
+                    self.config.spool_threshold, self.config.spool_directory
+                )
+            try:
+                spool.write(chunk)
+            except OSError as error:
+                # The disk refused (full, read-only): the rest of the message is read and
+                # dropped, and the client told to try again later (452 4.3.1).
+                self.log.error("cannot spool the message: %s", error)
+                self._discard_spool()
+                self._stream_refusal = _R_STORAGE_FAILED
             return False
         envelope = self.envelope
-        if envelope is None or self._stream_failed:
+        if envelope is None or self._stream_refusal is not None:
             return False
         args = MessageChunkEventArgs(envelope, chunk, self._streamed)
         self._streamed += len(chunk)
         for index, handler in enumerate(handlers):
             try:
                 result = handler(self, args)
-            except Exception:
-                self.log.exception("message_chunk handler failed")
-                self._stream_failed = True
+            except Exception as error:
+                self._stream_refusal = self._chunk_failure(error)
                 return False
             if inspect.isawaitable(result):
                 self._busy = True
@@ -1012,10 +1037,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         except asyncio.CancelledError:
             if not self._handler_timed_out:
                 raise
-            self._stream_failed = True
-        except Exception:
-            self.log.exception("message_chunk handler failed")
-            self._stream_failed = True
+            self._stream_refusal = _R_HANDLER_TIMEOUT
+        except Exception as error:
+            self._stream_refusal = self._chunk_failure(error)
         self._stop_handler_clock()
         self._busy = False
         if self.state is State.CLOSED or self._transport is None:
@@ -1061,6 +1085,8 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _feed_chunk(self, reader: BdatReader, data: memoryview | bytes) -> None:
         chunk = reader.feed(data)
+        if reader.error is not None and self._spool is not None:
+            self._discard_spool()  # the transaction fails (RFC 3030 2): keep nothing of it
         then = (lambda: self._end_of_chunk(reader, reader.trailing)) if reader.done else None
         if chunk and self._bdat_refusal is None and self._take_chunk(chunk, then):
             return  # an async chunk handler runs; ``then`` follows it
@@ -1102,23 +1128,30 @@ class SmtpSession(asyncio.BufferedProtocol):
     # The end of a message, DATA or BDAT LAST
 
     def _end_of_message(self, refusal: Reply | None) -> None:
-        message = b"".join(self._chunks)
-        self._chunks = []
+        spool, self._spool = self._spool, None
         envelope = self.envelope
         streamed = bool(self._handlers("message_chunk"))
-        if refusal is None and self._stream_failed:
-            refusal = _R_MESSAGE_HANDLER_FAILED
+        if refusal is None and self._stream_refusal is not None:
+            refusal = self._stream_refusal
         if refusal is not None or envelope is None:
             # Read to its end, so the session is in sync; never delivered.
             reply = refusal if refusal is not None else _R_HANDLER_FAILED
+            if spool is not None:
+                spool.discard()
             self.log.info("message refused: %s", reply)
             if streamed and envelope is not None:
                 self._notify("message_discarded", MessageDiscardedEventArgs(envelope, reply))
             self._finish_message("DATA", reply)
             return
-        envelope.message = None if streamed else message
-        size = self._streamed if streamed else len(message)
-        args = MessageReceivedEventArgs(envelope, message, streamed, size)
+        if streamed:
+            envelope.message = None
+            size = self._streamed
+            args = MessageReceivedEventArgs(envelope, b"", True, size)
+        else:
+            # The spool (memory, or its file) goes with the envelope: read when a handler
+            # asks, deleted when nothing refers to the message any more.
+            size = spool.size if spool is not None else 0
+            args = MessageReceivedEventArgs(envelope, spool if spool is not None else b"")
         self._dispatch(
             "message_received",
             args,
@@ -1201,12 +1234,17 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._notify("message_discarded", MessageDiscardedEventArgs(envelope, None))
         self._reset_transaction()
 
+    def _discard_spool(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.discard()
+
     def _reset_transaction(self) -> None:
         self.envelope = None
-        self._chunks = []
+        self._discard_spool()
         self._message_size = 0
         self._streamed = 0
-        self._stream_failed = False
+        self._stream_refusal = None
 
     # STARTTLS (RFC 3207)
 
@@ -1326,6 +1364,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             "AUTH",
             _R_AUTH_FAILED,
             lambda verb, reply: self._finish_auth(result.username, reply),
+            failure=_R_AUTH_HANDLER_FAILED,
             coerce=self._to_auth_reply,
         )
 
@@ -1344,6 +1383,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         if reply.code // 100 == 2:
             self.authenticated_as = username
             self.log.info("authenticated as %r", username)
+            self._write(reply)
+            return
+        if reply.code // 100 != 5:  # our own trouble (454 4.7.0): not the client's failure
             self._write(reply)
             return
         # Password guessing: every failure counts as an error, from the second on the reply
@@ -1419,9 +1461,18 @@ class SmtpSession(asyncio.BufferedProtocol):
             else:
                 result = None
             reply = to_reply(result, verb, default)
-        except Exception:
-            self.log.exception("%s handler failed", event)
-            reply = to_reply(failure, verb, failure)
+        except Exception as error:
+            answer = self._failure(event, error, failure)
+            if inspect.isawaitable(answer):  # an async handler_error hook
+                self._busy = True
+                self._flush()
+                self._update_reading()
+                self._handler_task = self._spawn(
+                    self._dispatch_async(answer, (), args, verb, failure, finish, failure, to_reply)
+                )
+                self._start_handler_clock(self.config.handler_timeout)
+                return
+            reply = self._checked_failure(answer, verb, failure, to_reply)
         finish(verb, reply)
 
     async def _dispatch_async(
@@ -1448,9 +1499,15 @@ class SmtpSession(asyncio.BufferedProtocol):
             if not self._handler_timed_out:
                 raise  # the session is going away
             reply = to_reply(_R_HANDLER_TIMEOUT, verb, _R_HANDLER_TIMEOUT)
-        except Exception:
-            self.log.exception("%s handler failed", verb)
-            reply = to_reply(failure, verb, failure)
+        except Exception as error:
+            answer = self._failure(verb.lower(), error, failure)
+            if inspect.isawaitable(answer):
+                try:
+                    answer = await answer
+                except Exception:
+                    self.log.exception("handler_error hook failed")
+                    answer = None
+            reply = self._checked_failure(answer, verb, failure, to_reply)
         self._stop_handler_clock()
         self._busy = False
         if self.state is State.CLOSED or self._transport is None:
@@ -1458,6 +1515,50 @@ class SmtpSession(asyncio.BufferedProtocol):
         finish(verb, reply)
         self._update_reading()
         self._pump()
+
+    def _failure(self, event: str, error: Exception, failure: Reply) -> object:
+        """The answer to a handler that raised ``error``.
+
+        An :class:`~alephsmtp.errors.SmtpError` is the handler's own answer: its reply, 5xx
+        included. Anything else is a fault on our side, logged with its traceback: a
+        ``handler_error`` hook may choose the reply (or an awaitable of it), else ``failure``,
+        a temporary error (451 4.3.0) so the client retries: a fault is never a bounce. The
+        exception's text never reaches the client.
+        """
+        if isinstance(error, SmtpError):
+            return _error_reply(error)
+        self.log.error("%s handler failed", event, exc_info=error)
+        hooks = self._handlers("handler_error")
+        if hooks:
+            args = HandlerErrorEventArgs(event, error, failure)
+            for hook in hooks:
+                try:
+                    answer = hook(self, args)
+                except Exception:
+                    self.log.exception("handler_error hook failed")
+                    continue
+                if answer is not None:
+                    return answer
+        return failure
+
+    def _checked_failure(
+        self, answer: object, verb: str, failure: Reply, to_reply: Coerce
+    ) -> Reply | list[Reply]:
+        """``answer`` as a reply, or ``failure`` when it is not a valid one."""
+        try:
+            result: Reply | list[Reply] = to_reply(answer, verb, failure)
+        except (TypeError, ValueError):
+            self.log.exception("handler_error hook gave no valid reply")
+            result = to_reply(failure, verb, failure)
+        return result
+
+    def _chunk_failure(self, error: Exception) -> Reply:
+        """The reply a message gets when a ``message_chunk`` handler raised: its own
+        (an SmtpError), else a temporary failure."""
+        if isinstance(error, SmtpError):
+            return _error_reply(error)
+        self.log.error("message_chunk handler failed", exc_info=error)
+        return _R_MESSAGE_HANDLER_FAILED
 
     def _to_reply(self, result: object, verb: str, default: Reply) -> Reply:
         if result is None:
@@ -1602,14 +1703,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self.log.info("timeout while reading a message")
                 self._send_and_close(_R_TIMEOUT)
                 return
-            elapsed = now - self._message_started
-            if (
-                config.min_data_rate
-                and elapsed >= config.data_rate_grace
-                and self._message_bytes < config.min_data_rate * elapsed
-            ):
-                # A slowloris client: bytes trickle in just often enough to beat the timeout.
-                self.log.info("data rate too low: %d bytes in %.0f s", self._message_bytes, elapsed)
+            if config.min_data_rate and self._rate_too_low(now):
                 self._send_and_close(_R_SLOW)
                 return
         elif config.idle_timeout > 0 and now - self._last_activity >= config.idle_timeout:
@@ -1617,6 +1711,28 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._send_and_close(_R_TIMEOUT)
             return
         self._arm_timer()
+
+    def _rate_too_low(self, now: float) -> bool:
+        """A slowloris client: bytes trickle in just often enough to beat the data timeout.
+
+        The rate is judged over the last ``data_rate_grace`` seconds (from the mark taken at
+        a check at least that long ago), not over the whole message, so a fast start buys
+        nothing: 33 MiB at once, then a byte every 25 s, is cut as soon as a window holds it.
+        """
+        marks = self._rate_marks
+        if not marks:
+            marks.append((self._message_started, 0))
+        window = self.config.data_rate_grace
+        while len(marks) > 1 and marks[1][0] <= now - window:
+            marks.popleft()
+        since, before = marks[0]
+        marks.append((now, self._message_bytes))
+        span = now - since
+        received = self._message_bytes - before
+        if span >= window and received < self.config.min_data_rate * span:
+            self.log.info("data rate too low: %d bytes in the last %.0f s", received, span)
+            return True
+        return False
 
     def _expire_handler(self) -> None:
         """A handler took longer than its timeout: it is cancelled, the client gets 451."""
