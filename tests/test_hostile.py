@@ -218,3 +218,17 @@ def test_the_descriptor_limit_bounds_connections_with_421_and_one_log_line(
     assert "Traceback" not in errors
     assert errors.count("allows") == 1  # the one warning: the capacity the limit leaves
     assert errors.count("accepting connections fails") <= 1
+
+
+async def test_a_flooding_client_still_reads_the_reply_that_ends_its_session() -> None:
+    """20,000 pipelined NOOPs: cut at the junk command limit, and the client reads the 421
+    (the close lingers: closing with its unread commands would reset the connection, and a
+    reset makes the client's kernel drop the replies it had not read yet)."""
+    async with SmtpServer(HOST, 0, hostname="mx.test") as server:
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        await reader.readline()
+        writer.write(b"NOOP\r\n" * 20000)
+        answer = await asyncio.wait_for(reader.read(), GIVE_UP)
+        writer.close()
+    assert answer.count(b"\r\n") == 100 + 20 + 1
+    assert answer.endswith(b"421 4.7.0 Error: too many errors\r\n")

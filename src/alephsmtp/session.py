@@ -90,6 +90,7 @@ Coerce = Callable[[object, str, Reply], Any]
 _session_ids = itertools.count(1)
 _REPLY_CACHE_SIZE = 512  # replies kept written per server (handlers' texts may vary)
 _RATE_CHECK_PERIOD = 5.0  # seconds between data-rate checks while a message streams in
+_LINGER = 2.0  # seconds a closed session reads (and drops) what the client still sends
 
 
 class _EventAttribute(Generic[ArgsT]):
@@ -280,6 +281,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_last_activity",
         "_limit_reply",
         "_line_reader",
+        "_linger_timer",
         "_lines",
         "_log",
         "_loop",
@@ -374,6 +376,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._busy = False  # an async handler (or the TLS handshake) is running
         self._write_paused = False
         self._write_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._reading = True
         self._closing = False  # graceful shutdown asked for
         self._ended = False  # the connection is gone and everything released
@@ -451,16 +454,43 @@ class SmtpSession(asyncio.BufferedProtocol):
     def close(self) -> None:
         """Close the connection once what was written has been sent (the seed's Dispose).
 
-        A client that does not read what is left gets ``write_timeout`` seconds to take it;
-        then the connection is aborted.
+        When the client sent more than was answered, the close lingers: our side of the
+        connection is shut (FIN) and what the client still sends is read and dropped for a
+        moment, so that a client that pipelined more commands still reads its last reply (a
+        close with unread input resets the connection, and a reset discards the reply from
+        the client's buffer). A client that
+        does not read what is left gets ``write_timeout`` seconds to take it; then the
+        connection is aborted.
         """
         self.state = State.CLOSED
         transport = self._transport
-        if transport is not None and not transport.is_closing():
-            self._flush()
+        if transport is None or transport.is_closing():
+            return
+        self._flush()
+        unread = self._next_line < len(self._lines) or self._held or self._line_reader.pending
+        if (
+            unread
+            and self._linger_timer is None
+            and _can_write_eof(transport)
+            and self._loop is not None
+        ):
+            try:
+                transport.write_eof()
+            except OSError:  # the client is gone already (reset): nothing to linger for
+                transport.close()
+                return
+            self._linger_timer = self._loop.call_later(_LINGER, self._end_linger)
+            self._reading = True  # what comes now is read and dropped (_receive)
+            transport.resume_reading()
+        else:
             transport.close()
-            if transport.get_write_buffer_size():
-                self._start_write_clock()
+        if transport.get_write_buffer_size():
+            self._start_write_clock()
+
+    def _end_linger(self) -> None:
+        self._linger_timer = None
+        if self._transport is not None:
+            self._transport.close()
 
     def abort(self) -> None:
         """Drop the connection at once, discarding unsent data."""
@@ -567,6 +597,9 @@ class SmtpSession(asyncio.BufferedProtocol):
             owner.release(buffer)
 
     def eof_received(self) -> bool | None:
+        if self._linger_timer is not None:  # lingering after our close: the client is done
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self._release_buffer()
         # A half-closed client reads no more replies; a partial message is dropped (never
         # delivered), and the connection closes.
@@ -588,6 +621,9 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         self._stop_write_clock()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         partial = self._data_reader is not None or self._bdat_reader is not None
         partial = partial or self.state is State.BDAT
         self.state = State.CLOSED
@@ -1742,6 +1778,13 @@ class SmtpSession(asyncio.BufferedProtocol):
             self.log.warning("handler timed out; cancelled")
             self._handler_timed_out = True
             task.cancel()
+
+
+def _can_write_eof(transport: asyncio.Transport) -> bool:
+    try:
+        return transport.can_write_eof()
+    except NotImplementedError:  # a transport without half-close
+        return False
 
 
 async def _ignore_result(awaitable: Awaitable[Any], logger: SessionLogger, name: str) -> None:

@@ -11,7 +11,9 @@ Each client connects and plays one part (:data:`KINDS`): plain and pipelined tra
 aborts in the middle of DATA, of BDAT and of a command (``close()``, or ``transport.abort()`` for
 an RST), a half close in DATA, junk, refused messages (too large, bare LF), a BDAT count smaller
 than the chunk sent, a slow reader that sends a long pipelined burst and reads nothing for a
-while, and a client that drops the connection right after its end of data. Every message carries
+while, a client that drops the connection right after its end of data; and hostile ones: a
+STARTTLS handshake that dies, a client that never reads, a command line trickled a byte at a
+time, a NOOP flood, password guessing, a 2**63-octet BDAT chunk. Every message carries
 a unique id; the client records the exact body it framed, whether it sent the end of data (the
 end mark, or the last BDAT chunk) and the reply it read after it, if any.
 
@@ -23,6 +25,7 @@ At the end, the checks (any failure exits 1):
   the inherent race, counted as "unconfirmed", delivered at most once and byte-exact);
 - nothing was delivered that no client framed, and nothing twice;
 - clients that play by the rules got exactly the replies they expect;
+- every hostile client was cut, refused or slowed as docs/security.md says, in bounded time;
 - when the clients are done: no session left on the server and no pooled buffer in use.
 
 Bounded by ``--clients`` and ``--seconds`` (clients not started by then are skipped; each
@@ -33,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import itertools
 import random
 import re
+import socket
 import sys
 import time
 from collections import Counter
@@ -51,11 +56,26 @@ MAX_MESSAGE_SIZE = 256 << 10
 REPLY_TIMEOUT = 30.0  # seconds a client waits for one reply
 CLIENT_TIMEOUT = 90.0  # seconds one client may take in all
 ENVELOPE = b"MAIL FROM:<load@example.org>\r\nRCPT TO:<sink@example.net>\r\n"
+MAX_AUTH_FAILURES = 3
+CUT_WITHIN = 30.0  # seconds a hostile client may stay before it counts as not cut
+
+
+def _server_tls() -> Any:
+    """A certificate for localhost from a test CA (trustme): the server offers STARTTLS."""
+    import ssl
+
+    import trustme
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    return context
+
 
 KINDS = (
     "normal", "pipelined", "bdat", "bdat-pipelined", "abort-data", "reset-data",
     "half-close-data", "abort-bdat", "reset-between-chunks", "abort-command", "junk",
     "too-large", "bare-lf", "bdat-short-count", "slow-reader", "drop-after-end",
+    "starttls-abort", "deaf", "trickle", "noop-flood", "auth-guess", "huge-bdat",
 )  # fmt: skip
 # Parts that follow the rules: any reply they did not expect is a finding.
 WELL_BEHAVED = frozenset({"normal", "pipelined", "bdat", "bdat-pipelined", "slow-reader"})
@@ -67,6 +87,10 @@ class Anomaly(Exception):
 
 class MalformedReply(Anomaly):
     """A line that is not an SMTP reply line: a finding whoever the client is."""
+
+
+class NotCut(Anomaly):
+    """A hostile client the server should have cut (or refused) and did not: a finding."""
 
 
 @dataclass
@@ -406,6 +430,74 @@ class Client:
         if self.rng.random() < 0.5:
             self.reset()  # the server may or may not have accepted it: both are right
 
+    # -- hostile clients: each must be cut, refused or slowed as docs/security.md says ---------
+
+    async def part_starttls_abort(self) -> None:
+        # STARTTLS, then the handshake dies (a reset, a close, or silence): the slot is freed.
+        self.write(b"STARTTLS\r\n")
+        await self.expect(220)
+        how = self.rng.choice(["reset", "close", "garbage"])
+        if how == "garbage":
+            self.write(b"\x16\x03\x01\x00\x05hello")  # a broken ClientHello
+            await self.drain_a_little()
+        if how == "close":
+            assert self.writer is not None
+            self.writer.close()
+        else:
+            self.reset()
+
+    async def part_deaf(self) -> None:
+        # Sends and never reads a reply: cut once writing to it is stuck (write_timeout).
+        assert self.writer is not None
+        self.writer.transport.pause_reading()
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.write(b"HELO deaf.example\r\n" * 20000)
+        for _ in range(int(CUT_WITHIN / 0.25)):
+            await asyncio.sleep(0.25)
+            if self.writer.transport.is_closing():
+                return
+            self.write(b"HELO still.example\r\n")  # fails once the server has cut us
+        raise NotCut(f"a client that reads nothing still connected after {CUT_WITHIN} s")
+
+    async def part_trickle(self) -> None:
+        # A command line one byte at a time: cut at idle_timeout whatever the bytes (421).
+        line = b"NOOP " + b"x" * 200 + b"\r\n"
+        started = time.monotonic()
+        for byte in line:
+            self.write(bytes([byte]))
+            try:
+                code = await asyncio.wait_for(self.replies(1), 0.25)
+            except asyncio.TimeoutError:
+                continue
+            if code != [421]:
+                raise NotCut(f"a trickled line got {code}")
+            return
+        raise NotCut(f"a trickled line not cut after {time.monotonic() - started:.0f} s")
+
+    async def part_noop_flood(self) -> None:
+        # Junk commands past the limit count as errors: the flood ends with 421.
+        self.write(b"NOOP\r\n" * 5000)
+        codes = await self.until_closed()
+        if not codes or codes[-1] != 421 or len(codes) > 200:
+            raise NotCut(f"a NOOP flood got {len(codes)} replies, the last {codes[-1:]}")
+
+    async def part_auth_guess(self) -> None:
+        # Password guessing, pipelined: slowed down, then cut at max_auth_failures.
+        guess = b"AUTH PLAIN " + base64.b64encode(b"\0load\0wrong") + b"\r\n"
+        self.write(guess * 50)
+        codes = await self.until_closed()
+        if codes.count(535) > MAX_AUTH_FAILURES or not codes or codes[-1] != 421:
+            raise NotCut(f"password guessing got {codes}")
+
+    async def part_huge_bdat(self) -> None:
+        # A chunk no message may be (2**63 octets): 552 5.3.4, and the connection closes.
+        self.write(ENVELOPE + b"BDAT 9223372036854775808 LAST\r\nthe start of it")
+        await self.expect(250, 250)
+        codes = await self.until_closed()
+        if codes != [552]:
+            raise NotCut(f"a 2**63-octet chunk got {codes}")
+
     async def drain_a_little(self) -> None:
         assert self.writer is not None
         with contextlib.suppress(ConnectionError):
@@ -420,20 +512,33 @@ async def run(
     seed: int = 0,
     *,
     kinds: tuple[str, ...] = KINDS,
+    idle_timeout: float = 5.0,
 ) -> Ledger:
     """Serve, run the clients, and fill in what the checks need. Loopback only."""
     ledger = Ledger()
 
     def on_session(session: Any) -> None:
         session.message_received += lambda sender, e: ledger.record(e.message)
+        session.auth += lambda sender, e: False  # every password is wrong
+        # Small send buffers: a client that reads nothing fills them in a few hundred
+        # replies, not megabytes (the kernel's autotuning would take 4 MiB each).
+        sock = session.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
 
     server = SmtpServer(
         HOST,
         0,
         on_session=on_session,
-        hostname="load.test",
+        hostname="localhost",
         max_message_size=MAX_MESSAGE_SIZE,
         max_connections_per_ip=0,
+        tls_context=_server_tls(),
+        tls_handshake_timeout=3,
+        idle_timeout=idle_timeout,
+        write_timeout=2,
+        auth_over_plaintext=True,
+        auth_failure_delay=0.05,
+        max_auth_failures=MAX_AUTH_FAILURES,
     )
     await server.start()
     rng = random.Random(seed)
@@ -454,7 +559,7 @@ async def run(
                 await asyncio.wait_for(client.run(kind), CLIENT_TIMEOUT)
             except Anomaly as anomaly:
                 ledger.faults[type(anomaly).__name__] += 1
-                if kind in WELL_BEHAVED or isinstance(anomaly, MalformedReply):
+                if kind in WELL_BEHAVED or isinstance(anomaly, (MalformedReply, NotCut)):
                     ledger.anomalies.append(f"client {number} ({kind}): {anomaly}")
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
                 ledger.faults[type(error).__name__] += 1  # faults are the point
