@@ -498,3 +498,44 @@ async def test_tls_handshake_timeout(tmp_path: Any) -> None:
         writer.close()
         # The connection never became a session, so nothing waits for it at shutdown.
         assert not srv.sessions
+
+
+# --- forbid_unauth_pipelining (Postfix 3.9), off by default ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"EHLO x\r\nMAIL FROM:<a@example.org>\r\n",  # no wait for the EHLO reply
+        b"EHLO x\r\n",  # then, below: DATA with the message behind it, before the 354
+    ],
+)
+async def test_unauthenticated_pipelining_past_a_group_end_is_refused(stream: bytes) -> None:
+    h = Harness(forbid_unauth_pipelining=True)
+    messages = received(h)
+    h.output()
+    h.send(stream)
+    if not h.transport.closed:
+        h.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+        h.send(b"DATA\r\nSubject: early\r\n\r\nno wait for 354\r\n.\r\n")
+    assert h.replies()[-1] == "554 5.5.0 Error: SMTP protocol synchronization"
+    assert h.transport.closed
+    assert messages == []
+
+
+async def test_a_client_that_waits_is_served_with_forbid_unauth_pipelining() -> None:
+    h = Harness(forbid_unauth_pipelining=True)
+    messages = received(h)
+    for step in (b"EHLO x\r\n", b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n",
+                 b"DATA\r\n", b"hi\r\n.\r\n", b"QUIT\r\n"):  # fmt: skip
+        h.send(step)
+    assert h.codes()[-2:] == ["250", "221"]
+    assert len(messages) == 1
+
+
+async def test_pipelining_is_not_policed_by_default() -> None:
+    h = Harness()
+    messages = received(h)
+    h.send(TRANSACTION + b"hi\r\n.\r\nQUIT\r\n")
+    assert h.codes()[-2:] == ["250", "221"]
+    assert len(messages) == 1

@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections the kernel queues before they are accepted (default: 1024)",
     )
     limits.add_argument(
+        "--forbid-unauth-pipelining",
+        action="store_true",
+        help="close clients that pipeline past EHLO/DATA/NOOP... before AUTH (Postfix 3.9)",
+    )
+    limits.add_argument(
         "--bare-newline",
         choices=["reject", "normalize"],
         default="reject",
@@ -326,6 +331,7 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
         "data_timeout": args.data_timeout,
         "write_timeout": args.write_timeout,
         "bare_newline": args.bare_newline,
+        "forbid_unauth_pipelining": args.forbid_unauth_pipelining,
         "lmtp": args.lmtp,
         "require_tls": args.require_tls,
         "auth_require": args.auth_require,

@@ -57,6 +57,11 @@ class SessionConfig:
     auth_failure_delay: float = 1.0  # each failed AUTH after the first answers this late
     max_transactions: int = 0  # per session, 0: no limit; 421 4.7.0 past it
     max_commands: int = 0  # per session, 0: no limit; 421 4.7.0 past it
+    # Postfix 3.9's smtpd_forbid_unauth_pipelining: a client that is not authenticated and
+    # sends more after a command that must end a pipeline group (RFC 2920 3.1: EHLO, HELO,
+    # DATA, VRFY, EXPN, NOOP; and STARTTLS) gets 554 5.5.0 and is closed. Most spam software
+    # does this; real clients wait for those replies.
+    forbid_unauth_pipelining: bool = False
     enhanced_status_codes: bool = True  # RFC 2034
     eightbitmime: bool = True  # RFC 6152
     smtputf8: bool = True  # RFC 6531

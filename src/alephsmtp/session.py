@@ -185,6 +185,9 @@ _R_TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Error: too many commands in this ses
 _R_TOO_MANY_TRANSACTIONS = Reply(421, "4.7.0", "Error: too many transactions in this session")
 # Replies that count towards max_bad_commands: syntax, sequence, unknown (RFC 5321 4.2.2).
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
+# RFC 2920 3.1: commands that must end a pipeline group (the client waits for their reply).
+_LAST_IN_GROUP = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS"})
+_R_OUT_OF_SYNC = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 # Commands that move nothing forward: past max_junk_commands each counts as an error.
 _JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 _R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
@@ -793,6 +796,15 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._write(refusal if refusal is not None else _error_reply(error))
             return
         refusal = _state.check(self.state, command.verb)
+        if (
+            self.config.forbid_unauth_pipelining
+            and command.verb in _LAST_IN_GROUP
+            and self.authenticated_as is None
+            and (self._next_line < len(self._lines) or self._line_reader.pending or self._held)
+        ):
+            self.log.info("%s with more input behind it: closing", command.verb)
+            self._send_and_close(_R_OUT_OF_SYNC)
+            return
         if isinstance(command, BdatCommand):
             # RFC 3030: the chunk follows whatever the reply; read it (discarding it when
             # refused) so the session stays in sync.
