@@ -36,7 +36,7 @@ from .dmarc_check import check_dmarc, from_domain
 from .resolver import DnsResolver, Resolver
 from .results import AuthResults, SpfResult
 from .spf_check import check_spf
-from .verifier import MessageVerifier, parse_headers
+from .verifier import MalformedHeader, MessageVerifier, parse_headers
 
 __all__ = ["METHODS", "MailAuth", "Policy"]
 
@@ -149,11 +149,12 @@ class MailAuth:
             results.dkim_checked = True
         results.arc = arc
         if "dmarc" in self.methods:
-            domain, why = (
-                (None, f"header section larger than {self.max_header_size} octets")
-                if verifier.header_too_large
-                else from_domain(verifier.from_header())
-            )
+            if verifier.header_too_large:
+                domain, why = None, f"header section larger than {self.max_header_size} octets"
+            elif verifier.malformed:
+                domain, why = None, f"malformed header section: {verifier.malformed}"
+            else:
+                domain, why = from_domain(verifier.from_header())
             results.dmarc = await check_dmarc(
                 self.resolver,
                 domain,
@@ -219,7 +220,10 @@ def remove_results_of(message: bytes, authserv_id: str) -> bytes:
         return message
     wanted = authserv_id.lower().encode("utf-8", "replace")
     kept: list[bytes] = []
-    fields = parse_headers(head + b"\r\n")
+    try:
+        fields = parse_headers(head + b"\r\n")
+    except MalformedHeader:
+        return message
     changed = False
     for name, value in fields:
         if name.lower() == b"authentication-results":

@@ -26,7 +26,7 @@ from alephsmtp.events import MessageReceivedEventArgs
 from alephsmtp.replies import Reply
 
 from .dmarc_check import from_domain
-from .verifier import parse_headers
+from .verifier import MalformedHeader, parse_headers
 
 __all__ = ["DEFAULT_SIGNED_HEADERS", "DkimSigner"]
 
@@ -118,7 +118,11 @@ class DkimSigner:
         if self.sign_all:
             return True
         head = message.split(b"\r\n\r\n", 1)[0] + b"\r\n"
-        values = [value for name, value in parse_headers(head) if name.lower() == b"from"]
+        try:
+            fields = parse_headers(head)
+        except MalformedHeader:
+            return False
+        values = [value for name, value in fields if name.lower() == b"from"]
         domain, _ = from_domain(values)
         return domain is not None and (domain == self.domain or domain.endswith("." + self.domain))
 

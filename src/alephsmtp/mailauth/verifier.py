@@ -25,7 +25,7 @@ from .bodyhash import HASHES, BodyCanonicalizer, BodyHasher
 from .resolver import DnsError, Resolver
 from .results import ArcResult, DkimResult
 
-__all__ = ["MessageVerifier", "parse_headers"]
+__all__ = ["MalformedHeader", "MessageVerifier", "parse_headers"]
 
 log = logging.getLogger("alephsmtp.mailauth")
 
@@ -46,10 +46,19 @@ _DKIMPY_LOG = _DebugOnly(logging.getLogger("alephsmtp.mailauth.dkimpy"), {})
 BodyKey = tuple[str, str, "int | None"]  # body canonicalization, hash name, l=
 
 
+class MalformedHeader(ValueError):
+    """A header section dkimpy cannot read (a line that is neither a field nor a
+    continuation, RFC 5322 2.2)."""
+
+
 def parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
-    """The header fields of a header section (CRLF lines), as dkimpy reads them."""
-    headers, _ = dkim.rfc822_parse(block + b"\r\n")
-    return list(headers)
+    """The header fields of a header section (CRLF lines), as dkimpy reads them; raises
+    :class:`MalformedHeader` for one it cannot read."""
+    try:
+        headers, _ = dkim.rfc822_parse(block + b"\r\n")
+    except (dkim.DKIMException, IndexError) as error:  # IndexError: a leading continuation
+        raise MalformedHeader(str(error) or "malformed header section") from None
+    return [(name, value) for name, value in headers]
 
 
 def _tags(value: bytes) -> dict[bytes, bytes] | None:
@@ -158,6 +167,7 @@ class MessageVerifier:
         self._canonicalizers: dict[str, BodyCanonicalizer] = {}
         self._hashers: dict[BodyKey, BodyHasher] = {}
         self._closed = False
+        self.malformed = ""  # why the header section could not be read, if it could not
 
     # --- feeding ------------------------------------------------------------------------
 
@@ -185,7 +195,11 @@ class MessageVerifier:
         self._in_body = True
         self._head = bytearray()
         self.header_block = block
-        self.headers = parse_headers(block) if block else []
+        try:
+            self.headers = parse_headers(block) if block else []
+        except MalformedHeader as error:
+            self.malformed = str(error)
+            self.headers = []
         wanted: list[BodyKey | None] = []
         if self.check_dkim:
             for tags in self._signature_tags(b"dkim-signature")[: self.max_signatures]:
@@ -268,6 +282,17 @@ class MessageVerifier:
             return (
                 [DkimResult("permerror", reason=reason)] if self.check_dkim else None,
                 ArcResult("fail", reason=reason) if self.check_arc else None,
+            )
+        if self.malformed:
+            lowered = self.header_block.lower()
+            reason = f"malformed header section: {self.malformed}"
+            return (
+                ([DkimResult("permerror", reason=reason)] if b"dkim-signature" in lowered else [])
+                if self.check_dkim
+                else None,
+                (ArcResult("fail", reason=reason) if b"arc-seal" in lowered else ArcResult("none"))
+                if self.check_arc
+                else None,
             )
         names = self._key_names()
         keys: dict[bytes, str | None] = {}
