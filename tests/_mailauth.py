@@ -35,8 +35,11 @@ needs_opendkim = pytest.mark.skipif(
 
 
 def private_dir() -> Path:
-    """A directory only we can read: opendkim refuses keys and configs others can reach."""
-    path = Path(tempfile.mkdtemp(prefix="alephsmtp-mailauth-"))
+    """A directory only we can read: opendkim refuses a key or configuration in a directory
+    others may write, /tmp included, so it is made under ~/.cache."""
+    base = Path.home() / ".cache"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="alephsmtp-mailauth-", dir=base))
     path.chmod(0o700)
     return path
 
