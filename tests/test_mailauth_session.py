@@ -194,3 +194,38 @@ async def test_client_address_from_proxy_header(resolver: DnsResolver, serve: An
     assert results.dkim == []
     assert results.dmarc is None
     assert received.messages[0].startswith(b"Authentication-Results: mx.test;\r\n\tspf=fail")
+
+
+async def test_cli_verifies_enforces_and_signs_what_it_relays(
+    zone: Zone, resolver: DnsResolver, serve: Any
+) -> None:
+    from _cli import start_cli, stop_cli
+
+    upstream_port, upstream = await serve(MailAuth(resolver, methods=["dkim"]))
+    process, port = await asyncio.to_thread(
+        start_cli,
+        "--verify",
+        "spf,dkim,dmarc,arc",
+        "--dmarc-policy",
+        "enforce",
+        "--dns-server",
+        f"127.0.0.1:{zone.dns.port}",
+        "--dkim-sign",
+        f"example.test:sel:{zone.key}",
+        "--relay",
+        f"127.0.0.1:{upstream_port}",
+    )
+    try:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await send(port, "a@fail.test", message(author="ceo@reject.test"))
+        assert refused.value.code == 550
+        await send(port, "alice@example.test", message())
+    finally:
+        await asyncio.to_thread(stop_cli, process)
+    [relayed] = upstream.messages
+    # Received (the relay's), Authentication-Results (the upstream's own check, then the
+    # CLI's), DKIM-Signature (the CLI's), then the message.
+    assert b"Authentication-Results: cli.test;\r\n\tspf=pass" in relayed
+    assert b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.test" in relayed
+    [check] = upstream.results
+    assert [(d.result, d.domain) for d in check.dkim] == [("pass", "example.test")]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, _mailauth_cli
 from .handlers import EmlDirectory, MaildirStore, MboxStore, PrintMessage, Relay, sink
 from .parser import IMPLEMENTATION
 from .server import SmtpServer
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bare CR/LF policy, as Postfix's smtpd_forbid_bare_newline (default: reject)",
     )
 
+    _mailauth_cli.add_arguments(parser)
+
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -271,6 +273,10 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
     if (args.implicit_tls or args.require_tls) and not args.tls_cert:
         raise CliError("--implicit-tls and --require-tls need --tls-cert")
     handlers = _message_handlers(args)
+    # Verification first (its header is what stores and the signer see), signing next.
+    authenticate, signer = _mailauth_cli.build(args, CliError)
+    if signer is not None:
+        handlers.insert(0, signer)
     credentials = load_credentials(args.auth_file) if args.auth_file else None
     if (args.auth_require or args.auth_plaintext) and credentials is None:
         raise CliError("--auth-require and --auth-plaintext need --auth-file")
@@ -310,6 +316,8 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
             session.auth += lambda s, e: (
                 e.username in credentials and e.check_password(credentials[e.username])
             )
+        if authenticate is not None:
+            authenticate(session)
         session.message_received += _summary
         for handler in handlers:
             session.message_received += handler
