@@ -82,6 +82,7 @@ class DnsServer:
             "no-resolv",
             "no-hosts",
             "no-negcache",
+            "local-ttl=300",  # dnsmasq says TTL 0 for its own records by default: no caching
             "local=/test/",
             "log-queries",
         ]
