@@ -179,6 +179,16 @@ class MessageVerifier:
             return
         if self._head_too_large:
             return
+        if not self._head:
+            # The usual case, a whole message or a first piece holding the header section:
+            # find its end in place rather than copying the piece into the buffer.
+            if piece.startswith(b"\r\n"):
+                self._start_body(b"", piece[2:])
+                return
+            end = piece.find(_HEADER_END)
+            if end >= 0:
+                self._start_body(bytes(piece[: end + 2]), piece[end + 4 :])
+                return
         start = max(0, len(self._head) - 3)
         self._head += piece
         if self._head.startswith(b"\r\n"):
