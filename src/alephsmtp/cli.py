@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, _mailauth_cli
 from .events import AuthEventArgs
 from .handlers import Deliver, EmlDirectory, MaildirStore, MboxStore, PrintMessage, Relay, sink
 from .parser import IMPLEMENTATION
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bare CR/LF policy, as Postfix's smtpd_forbid_bare_newline (default: reject)",
     )
 
+    _mailauth_cli.add_arguments(parser)
+
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -319,6 +321,10 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
     if (args.implicit_tls or args.require_tls) and not args.tls_cert:
         raise CliError("--implicit-tls and --require-tls need --tls-cert")
     handlers = _message_handlers(args)
+    # Verification first (its header is what stores and the signer see), signing next.
+    authenticate, signer = _mailauth_cli.build(args, CliError)
+    if signer is not None:
+        handlers.insert(0, signer)
     credentials = load_credentials(args.auth_file) if args.auth_file else None
     if (args.auth_require or args.auth_plaintext) and credentials is None:
         raise CliError("--auth-require and --auth-plaintext need --auth-file")
@@ -360,6 +366,8 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
     def on_session(session: SmtpSession) -> None:
         if credentials is not None:
             session.auth += lambda s, e: check_credentials(credentials, e)
+        if authenticate is not None:
+            authenticate(session)
         session.message_received += _summary
         for handler in handlers:
             session.message_received += handler
