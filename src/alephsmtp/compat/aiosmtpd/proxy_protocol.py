@@ -257,6 +257,8 @@ def proxy_data(header: ProxyHeader) -> ProxyData:
     if header.command == ProxyCommand.PROXY:
         data.src_addr, data.src_port = _endpoint(header.source)
         data.dst_addr, data.dst_port = _endpoint(header.destination)
+    # The header as sent, when alephsmtp keeps it (see NEEDS.md).
+    data.whole_raw = bytearray(getattr(header, "raw", b""))
     data.rest = b"".join(
         bytes([tlv.type]) + len(tlv.value).to_bytes(2, "big") + tlv.value for tlv in header.tlvs
     )
