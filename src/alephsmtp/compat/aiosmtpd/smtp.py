@@ -476,7 +476,8 @@ class SMTP(asyncio.BufferedProtocol):
         self._decode_data = decode_data
         self.hostname = hostname or _fqdn()
         self.tls_context = tls_context
-        self.require_starttls = bool(tls_context) and require_starttls
+        # As aiosmtpd has it: the context (or None) when falsy, else the flag.
+        self.require_starttls: Any = tls_context and require_starttls
         self._timeout_duration = timeout
         self._auth_require_tls = auth_require_tls
         self._auth_required = auth_required
