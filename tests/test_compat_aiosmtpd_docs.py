@@ -32,6 +32,11 @@ import pytest
 
 from _aiosmtpd_pair import EXTRA_KEYWORDS, IMPLEMENTATIONS, free_port
 
+pytestmark = pytest.mark.filterwarnings(
+    # One example passes the deprecated server_kwargs on purpose.
+    "ignore:server_kwargs will be removed:DeprecationWarning"
+)
+
 DOCS = Path(aiosmtpd.__file__).parent / "docs"
 # The pages with examples (the others have none).
 PAGES = ("controller.rst", "smtp.rst", "handlers.rst")

@@ -671,3 +671,32 @@ def test_the_layer_needs_no_aiosmtpd_installed() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize("kind", ["aiosmtpd", "aiosmtpd-compat"])
+def test_the_benchmark_program_serves(kind: str) -> None:
+    """benchmarks/_servers.py runs one aiosmtpd program for both kinds (only its import line
+    differs); each must serve a message (the figures come from benchmarks/server.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "_servers.py"
+    with subprocess.Popen(
+        [sys.executable, str(script), kind, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            ready = proc.stdout.readline().split()
+            assert ready[0] == "READY", ready
+            port = int(ready[1])
+            assert ready[2] == ("aiosmtpd" if kind == "aiosmtpd" else "alephsmtp.compat.aiosmtpd")
+            with smtplib.SMTP(HOST, port, timeout=10) as client:
+                assert client.sendmail("a@example.org", ["b@example.com"], MESSAGE) == {}
+        finally:
+            proc.terminate()
+            _, stderr = proc.communicate(timeout=10)
+    assert "Traceback" not in stderr
