@@ -309,7 +309,8 @@ def test_the_deprecated_four_argument_ehlo_hook() -> None:
         client.ehlo()
         transaction(client)
 
-    original, compat = run_pair(lambda ns: OldStyleEhlo(), script)
+    with pytest.warns(DeprecationWarning, match="5-argument handle_EHLO"):
+        original, compat = run_pair(lambda ns: OldStyleEhlo(), script)
     assert_same_transcript(original.steps, compat.steps)
 
 

@@ -13,8 +13,11 @@ import ipaddress
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -658,9 +661,6 @@ def test_hooks_run_with_a_running_loop_and_may_await_anything() -> None:
 
 def test_the_layer_needs_no_aiosmtpd_installed() -> None:
     """The layer imports nothing from aiosmtpd (a test-only dependency)."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['aiosmtpd'] = None\n"
         "import alephsmtp.compat.aiosmtpd.controller, alephsmtp.compat.aiosmtpd.handlers\n"
@@ -673,15 +673,15 @@ def test_the_layer_needs_no_aiosmtpd_installed() -> None:
     assert result.stdout.strip() == "ok", result.stderr
 
 
+BENCHMARK_SERVERS = Path(__file__).resolve().parents[1] / "benchmarks" / "_servers.py"
+
+
+@pytest.mark.skipif(not BENCHMARK_SERVERS.is_file(), reason="benchmarks/ not shipped here")
 @pytest.mark.parametrize("kind", ["aiosmtpd", "aiosmtpd-compat"])
 def test_the_benchmark_program_serves(kind: str) -> None:
     """benchmarks/_servers.py runs one aiosmtpd program for both kinds (only its import line
     differs); each must serve a message (the figures come from benchmarks/server.py)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benchmarks" / "_servers.py"
+    script = BENCHMARK_SERVERS
     with subprocess.Popen(
         [sys.executable, str(script), kind, "--port", "0"],
         stdout=subprocess.PIPE,

@@ -28,6 +28,7 @@ import logging
 import re
 import socket
 import ssl
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
@@ -61,6 +62,7 @@ __all__ = [
     "Session",
     "TLSSetupException",
     "__ident__",
+    "__version__",
     "auth_mechanism",
     "login_always_fail",
     "sanitize",
@@ -78,6 +80,7 @@ class _Missing(enum.Enum):
 MISSING = _Missing.MISSING
 """What a hook returns (or aiosmtpd's server finds) when it leaves the default to the server."""
 
+__version__ = "1.4.6"  # the aiosmtpd API this module follows
 __ident__ = f"alephsmtp {_alephsmtp_version}"
 BOGUS_LIMIT = 5
 CALL_LIMIT_DEFAULT = 20
@@ -266,6 +269,14 @@ class _Handler:
             if count not in (4, 5):
                 raise RuntimeError("Unsupported EHLO Hook")
             self.ehlo_old = count == 4
+            if self.ehlo_old:
+                warnings.warn(
+                    "Use the 5-argument handle_EHLO() hook instead of the 4-argument "
+                    "handle_EHLO() hook; support for the 4-argument handle_EHLO() hook will "
+                    "be removed in version 2.0",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
         self.auth_methods = _auth_methods(handler)
         # The hooks that are coroutine functions with no await in them: they run to the end on
         # their first step, so they are run inline, like plain functions (no task, and the
