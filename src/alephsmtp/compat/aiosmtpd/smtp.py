@@ -431,7 +431,6 @@ _R_FAULT = verbatim_reply("451 4.3.0 Error: local error in processing")
 _ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 Missing = Callable[[], Reply | None] | None
-ReplyOrAwaitable = Reply | None | Awaitable[Reply | None]
 
 
 class SMTP(asyncio.BufferedProtocol):
