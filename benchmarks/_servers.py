@@ -5,6 +5,7 @@ Started by ``server.py`` and ``memory.py``, one process per server, but usable b
     python benchmarks/_servers.py alephsmtp --loop uvloop --port 2525
     ALEPHSMTP_NO_EXTENSIONS=1 python benchmarks/_servers.py alephsmtp --port 2525   # pure twin
     python benchmarks/_servers.py aiosmtpd --loop asyncio --port 2526
+    python benchmarks/_servers.py aiosmtpd-compat --port 2528   # the same code on alephsmtp
     python benchmarks/_servers.py floor --loop asyncio --port 2527
 
 ``floor`` is not an SMTP server: a few lines of ``asyncio.BufferedProtocol`` with canned
@@ -64,14 +65,30 @@ class AiosmtpdSink:
 async def serve_aiosmtpd(port: int, ready: Callable[[int, str], None]) -> None:
     from aiosmtpd.smtp import SMTP
 
+    await _serve_aiosmtpd_program(SMTP, port, ready, "aiosmtpd")
+
+
+async def serve_aiosmtpd_compat(port: int, ready: Callable[[int, str], None]) -> None:
+    # The same program as serve_aiosmtpd, but for its import line.
+    from alephsmtp.compat.aiosmtpd.smtp import SMTP
+
+    await _serve_aiosmtpd_program(SMTP, port, ready, "alephsmtp.compat.aiosmtpd")
+
+
+async def _serve_aiosmtpd_program(
+    SMTP: Any,  # the class the program imported
+    port: int,
+    ready: Callable[[int, str], None],
+    implementation: str,
+) -> None:
     loop = asyncio.get_running_loop()
     handler = AiosmtpdSink()
 
-    def factory() -> SMTP:
+    def factory() -> Any:
         return SMTP(handler, hostname=HOSTNAME, data_size_limit=MAX_MESSAGE_SIZE, loop=loop)
 
     server = await loop.create_server(factory, "127.0.0.1", port, backlog=BACKLOG)
-    ready(server.sockets[0].getsockname()[1], "aiosmtpd")
+    ready(server.sockets[0].getsockname()[1], implementation)
     await _until_signalled()
     server.close()
 
@@ -153,7 +170,7 @@ def _ready(port: int, implementation: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("server", choices=["alephsmtp", "aiosmtpd", "floor"])
+    parser.add_argument("server", choices=["alephsmtp", "aiosmtpd", "aiosmtpd-compat", "floor"])
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--port", type=int, default=0, help="0: the OS chooses")
     args = parser.parse_args()
@@ -162,9 +179,12 @@ def main() -> int:
     )
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    serve = {"alephsmtp": serve_alephsmtp, "aiosmtpd": serve_aiosmtpd, "floor": serve_floor}[
-        args.server
-    ]
+    serve = {
+        "alephsmtp": serve_alephsmtp,
+        "aiosmtpd": serve_aiosmtpd,
+        "aiosmtpd-compat": serve_aiosmtpd_compat,
+        "floor": serve_floor,
+    }[args.server]
     coroutine: Coroutine[Any, Any, None] = serve(args.port, _ready)
     if args.loop == "uvloop":
         import uvloop

@@ -10,8 +10,9 @@ Run from the repository root (after ``pip install -e ".[bench]"``)::
 Every server runs as its own process on 127.0.0.1, on a free port below the ephemeral range,
 with a sink handler (accept and discard): alephsmtp with the compiled core on asyncio and on
 uvloop, alephsmtp with the pure-Python twin (``ALEPHSMTP_NO_EXTENSIONS=1``), aiosmtpd on
-asyncio and on uvloop (``benchmarks/_servers.py``), and Postfix's ``smtp-sink`` when it is
-installed (Debian package ``postfix``; skipped with a note otherwise).
+asyncio and on uvloop (``benchmarks/_servers.py``), the same aiosmtpd program on alephsmtp's
+aiosmtpd layer (``aiosmtpd-compat``: only its import line differs), and Postfix's ``smtp-sink``
+when it is installed (Debian package ``postfix``; skipped with a note otherwise).
 
 The load generator is Postfix's ``smtp-source`` when installed (``--loadgen auto``; C, light,
 but it does not pipeline: one round trip per command) or the bundled asyncio client
@@ -65,6 +66,20 @@ from _common import (
 )
 
 BASELINE = "alephsmtp-cython-asyncio"
+
+
+def with_compat(specs: list[ServerSpec]) -> list[ServerSpec]:
+    """Each aiosmtpd server followed by the same program on alephsmtp.compat.aiosmtpd."""
+    out: list[ServerSpec] = []
+    for spec in specs:
+        out.append(spec)
+        if spec.kind == "aiosmtpd":
+            out.append(
+                ServerSpec(
+                    spec.name.replace("aiosmtpd", "aiosmtpd-compat"), "aiosmtpd-compat", spec.loop
+                )
+            )
+    return out
 
 
 @dataclass(frozen=True)
@@ -285,6 +300,13 @@ def report(scenarios: list[Scenario], runs: dict[tuple[str, str], Run], names: l
         ("pure / compiled", "alephsmtp-pure-asyncio", "alephsmtp-cython-asyncio"),
         ("aiosmtpd / alephsmtp, asyncio", "aiosmtpd-asyncio", "alephsmtp-cython-asyncio"),
         ("aiosmtpd / alephsmtp, uvloop", "aiosmtpd-uvloop", "alephsmtp-cython-uvloop"),
+        (
+            "aiosmtpd / its program on compat, asyncio",
+            "aiosmtpd-asyncio",
+            "aiosmtpd-compat-asyncio",
+        ),
+        ("aiosmtpd / its program on compat, uvloop", "aiosmtpd-uvloop", "aiosmtpd-compat-uvloop"),
+        ("compat / alephsmtp, asyncio", "aiosmtpd-compat-asyncio", "alephsmtp-cython-asyncio"),
         ("asyncio / uvloop, alephsmtp", "alephsmtp-cython-asyncio", "alephsmtp-cython-uvloop"),
         ("alephsmtp asyncio / smtp-sink", "alephsmtp-cython-asyncio", "postfix-smtp-sink"),
         ("alephsmtp uvloop / smtp-sink", "alephsmtp-cython-uvloop", "postfix-smtp-sink"),
@@ -321,7 +343,7 @@ def main() -> int:
     elif loadgen == "smtp-source" and not have_source:
         parser.error("smtp-source is not installed (Debian package postfix)")
     specs, notes = all_servers()
-    specs = select_servers(specs, args.servers)
+    specs = select_servers(with_compat(specs), args.servers)
     scenarios = list(SCENARIOS)
     if args.scenarios:
         keys = {k.strip() for k in args.scenarios.split(",")}
