@@ -78,7 +78,10 @@ class MockLoop:
         return self.now
 
     def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> MockTimer:
-        timer = MockTimer(self.now + delay, lambda: callback(*args))
+        return self.call_at(self.now + delay, callback, *args)
+
+    def call_at(self, when: float, callback: Callable[..., None], *args: Any) -> MockTimer:
+        timer = MockTimer(when, lambda: callback(*args))
         self.timers.append(timer)
         return timer
 
@@ -121,7 +124,7 @@ class Harness:
         size = read_size or self.read_size
         view = memoryview(data)
         while view:
-            assert self.transport.reading or self.session.state.value == "closed", (
+            assert self.transport.reading or self.session.state.name == "CLOSED", (
                 "sent while the session paused reading"
             )
             buffer = self.session.get_buffer(-1)

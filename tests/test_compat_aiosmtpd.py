@@ -517,10 +517,6 @@ def test_command_call_limit_per_command() -> None:
     assert compat.steps[-1].code == 421
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NEEDS.md: a handler's 421 reply closes the session once it is sent (RFC 5321 3.8)",
-)
 def test_nothing_is_answered_after_a_421() -> None:
     """aiosmtpd closes after its 421; commands pipelined behind it get no reply."""
 

@@ -391,10 +391,6 @@ def test_proxy_without_handle_proxy_refuses_everyone() -> None:
     assert outcomes["aiosmtpd"].steps == outcomes["compat"].steps == [Step("connect", 0, "closed")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NEEDS.md: ProxyHeader keeps the header's raw bytes (ProxyData.whole_raw)",
-)
 def test_proxy_data_whole_raw() -> None:
     raws = {}
     for impl in ("aiosmtpd", "compat"):
@@ -483,10 +479,6 @@ class KeywordEditor:
         return [*kept[:-1], "250-XFOO", kept[-1]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NEEDS.md: an EHLO handler may set the keyword lines of its reply",
-)
 def test_handle_ehlo_edits_the_keywords() -> None:
     original, compat = run_pair(lambda ns: KeywordEditor(), lambda client: client.ehlo())
     theirs = original.steps[1].text.splitlines()

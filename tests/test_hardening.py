@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from _harness import Harness, MockLoop, settle
-from alephsmtp import Reply, SmtpServer
+from alephsmtp import Reply, SmtpServer, State
 
 TRANSACTION = b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
 
@@ -314,7 +314,7 @@ async def test_streaming_hands_chunks_over_and_keeps_nothing() -> None:
     def on_session(s: Any) -> None:
         def chunk(sender: Any, e: Any) -> None:
             assert e.offset == sum(map(len, chunks))
-            assert sender._spool is None  # the session holds none of it
+            assert sender._tx.spool is None  # the session holds none of it
             chunks.append(e.chunk)
 
         s.message_chunk += chunk
@@ -375,7 +375,7 @@ async def test_streaming_a_large_message_over_a_socket() -> None:
     def on_session(s: Any) -> None:
         def chunk(sender: Any, e: Any) -> None:
             digest.update(e.chunk)
-            held.append(0 if sender._spool is None else sender._spool.size)
+            held.append(0 if sender._tx.spool is None else sender._tx.spool.size)
 
         s.message_chunk += chunk
         s.message_received += lambda sender, e: sizes.append(e.size)
@@ -467,7 +467,7 @@ async def test_shutdown_lets_a_transaction_in_progress_finish() -> None:
     while len(await reader.readline()) and not srv.sessions:
         pass
     for _ in range(100):
-        if next(iter(srv.sessions)).state.value == "data":
+        if next(iter(srv.sessions)).state is State.DATA:
             break
         await asyncio.sleep(0.01)
     stopping = asyncio.create_task(srv.stop(grace=10))

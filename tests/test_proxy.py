@@ -312,6 +312,13 @@ def test_v2_ipv4(feed: Feeder) -> None:
     )
 
 
+def test_the_header_keeps_its_raw_bytes(feed: Feeder) -> None:
+    v1_line = b"PROXY TCP4 192.0.2.7 192.0.2.1 40001 25\r\n"
+    assert parse(feed, v1_line).raw == v1_line
+    v2_header = v2(inet4("203.0.113.9", "192.0.2.1", 40001, 25))
+    assert parse(feed, v2_header).raw == v2_header
+
+
 def test_v2_ipv6_udp(feed: Feeder) -> None:
     header = parse(feed, v2(inet6("2001:db8::7", "2001:db8::25", 5555, 25), family=0x22))
     assert (header.family, header.transport) == (ProxyFamily.INET6, ProxyTransport.DGRAM)

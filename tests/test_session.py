@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from _harness import Harness, MockLoop, settle
-from alephsmtp import Reply, SmtpError
+from alephsmtp import Reply, SmtpError, State
 from alephsmtp.parser import IMPLEMENTATION
 
 TRANSACTION = (
@@ -542,7 +542,7 @@ async def test_data_handler_may_refuse_and_pipelined_lines_are_still_commands() 
     h = Harness(lambda s: s.data.connect(lambda sender, e: "554 5.7.1 no thanks"))
     h.send(TRANSACTION + b"NOOP\r\n")
     assert h.replies()[-2:] == ["554 5.7.1 no thanks", "250 2.0.0 OK"]
-    assert h.session.state.value == "rcpt"
+    assert h.session.state is State.RCPT
 
 
 async def test_unhandled_command_event() -> None:
@@ -603,7 +603,7 @@ async def test_smuggled_end_of_data_never_ends_the_message(smuggled: bytes, poli
     messages = received(h)
     h.send(TRANSACTION + smuggled)
     assert messages == []
-    assert h.session.state.value == "data"  # still the same message: nothing smuggled out
+    assert h.session.state is State.DATA  # still the same message: nothing smuggled out
     h.output()
     h.send(b"\r\n.\r\n")
     (reply,) = h.replies()

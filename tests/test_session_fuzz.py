@@ -113,7 +113,7 @@ class HypothesisDraw:
 
 def test_the_core_under_test_is_the_one_the_session_uses(core: ModuleType) -> None:
     h = Harness(loop=MockLoop())
-    assert type(h.session._line_reader) is core.LineReader
+    assert type(h.session._reader) is core.LineReader
     assert vars(session)["DataReader"] is core.DataReader
     assert vars(session)["BdatReader"] is core.BdatReader
     assert type(h.session._pools.command) is core.BufferPool

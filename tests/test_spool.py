@@ -66,17 +66,18 @@ async def test_a_spooled_message_reaches_the_handler_byte_exact(threshold: int) 
     h.send(TRANSACTION + body + b".\r\n")
     expected = body.replace(b"\r\n..", b"\r\n.")
     assert messages == [(len(expected), expected, expected, expected)]
-    assert h.session._spool is None  # the session holds nothing of it any more
+    assert h.session._tx is None  # the session holds nothing of it any more
 
 
 async def test_a_message_too_large_keeps_nothing_while_it_is_read_to_its_end() -> None:
     h = Harness(spool_threshold=100, max_message_size=1000)
     messages = received(h)
     h.send(TRANSACTION + b"y" * 998 + b"\r\n")
-    assert h.session._spool is not None
-    assert h.session._spool.spooled
+    assert h.session._tx is not None
+    assert h.session._tx.spool is not None
+    assert h.session._tx.spool.spooled
     h.send(b"z" * 10000 + b"\r\n")  # past the limit: what was kept is dropped at once
-    assert h.session._spool is None
+    assert h.session._tx.spool is None
     h.send(b".\r\n")
     assert h.replies()[-1] == "552 5.3.4 Error: message size exceeds fixed maximum message size"
     assert messages == []

@@ -39,8 +39,10 @@ from .events import (
     AuthEventArgs,
     CommandEventArgs,
     ConnectionLostEventArgs,
+    EhloEventArgs,
     Event,
     EventArgs,
+    HandlerErrorEventArgs,
     MessageChunkEventArgs,
     MessageDiscardedEventArgs,
     MessageReceivedEventArgs,
@@ -50,7 +52,7 @@ from .parser import IMPLEMENTATION
 from .proxy import ProxyHeader, ProxyProtocolError
 from .replies import Reply
 from .server import SmtpServer
-from .session import SmtpSession, TlsInfo
+from .session import SmtpSession, State, TlsInfo
 
 __version__ = "0.1.0"
 
@@ -65,9 +67,11 @@ __all__ = [
     "Credentials",
     "DataCommand",
     "EhloCommand",
+    "EhloEventArgs",
     "Event",
     "EventArgs",
     "ExpnCommand",
+    "HandlerErrorEventArgs",
     "HeloCommand",
     "HelpCommand",
     "LhloCommand",
@@ -90,6 +94,7 @@ __all__ = [
     "SmtpServer",
     "SmtpSession",
     "StarttlsCommand",
+    "State",
     "TlsInfo",
     "VrfyCommand",
     "__version__",

@@ -25,6 +25,7 @@ from .addresses import (
     parse_path,
 )
 from .errors import CommandSyntaxError
+from .parser import split_command
 
 __all__ = [
     "AuthCommand",
@@ -43,6 +44,7 @@ __all__ = [
     "SmtpCommand",
     "StarttlsCommand",
     "VrfyCommand",
+    "parse_argument",
     "parse_command",
 ]
 
@@ -106,46 +108,47 @@ class MailCommand(SmtpCommand):
 
     ``return_path`` is :attr:`Address.NULL <alephsmtp.addresses.Address.NULL>` for ``<>``;
     ``parameters`` maps each uppercased ESMTP keyword to its value (``None`` without ``=``).
+    The parameters the library serves are decoded once, when the command is made, into the
+    typed fields below; a value that does not decode leaves its field ``None`` and its
+    keyword in ``malformed`` (the session answers 501 when that extension is on).
     """
 
     verb: str = field(default="MAIL", init=False)
     return_path: Address
     parameters: Parameters = field(default_factory=_no_parameters, hash=False)
+    #: ``SIZE=`` (RFC 1870), the declared message size.
+    size: int | None = field(default=None, init=False, compare=False)
+    #: ``BODY=`` uppercased (RFC 6152: ``7BIT`` or ``8BITMIME``; RFC 3030: ``BINARYMIME``).
+    body: str | None = field(default=None, init=False, compare=False)
+    #: The ``SMTPUTF8`` keyword was given (RFC 6531 3.4).
+    smtputf8: bool = field(default=False, init=False, compare=False)
+    #: DSN ``RET=`` uppercased (RFC 3461 4.3: ``FULL`` or ``HDRS``).
+    ret: str | None = field(default=None, init=False, compare=False)
+    #: DSN ``ENVID=`` decoded from xtext (RFC 3461 4.4).
+    envid: str | None = field(default=None, init=False, compare=False)
+    #: ``AUTH=`` decoded from xtext (RFC 4954 5): the submitter; ``"<>"`` for unknown.
+    auth: str | None = field(default=None, init=False, compare=False)
+    #: Keywords given with a value that does not decode (ENVID, AUTH: not xtext).
+    malformed: frozenset[str] = field(default=frozenset(), init=False, compare=False)
 
-    @property
-    def size(self) -> int | None:
-        """The declared message size, ``SIZE=`` (RFC 1870), checked to be digits."""
-        value = self.parameters.get("SIZE")
-        return None if value is None else int(value)
-
-    @property
-    def body(self) -> str | None:
-        """The ``BODY=`` value uppercased (RFC 6152: ``7BIT`` or ``8BITMIME``), if given."""
-        value = self.parameters.get("BODY")
-        return None if value is None else _ascii_upper(value)
-
-    @property
-    def smtputf8(self) -> bool:
-        """The ``SMTPUTF8`` keyword was given (RFC 6531 3.4)."""
-        return "SMTPUTF8" in self.parameters
-
-    @property
-    def ret(self) -> str | None:
-        """DSN ``RET=`` uppercased (RFC 3461 4.3: ``FULL`` or ``HDRS``), if given."""
-        value = self.parameters.get("RET")
-        return None if value is None else _ascii_upper(value)
-
-    @property
-    def envid(self) -> str | None:
-        """DSN ``ENVID=`` decoded from xtext (RFC 3461 4.4), if given."""
-        value = self.parameters.get("ENVID")
-        return None if value is None else decode_xtext(value)
-
-    @property
-    def auth(self) -> str | None:
-        """``AUTH=`` decoded from xtext (RFC 4954 5): the submitter; ``"<>"`` for unknown."""
-        value = self.parameters.get("AUTH")
-        return None if value is None else decode_xtext(value)
+    def __post_init__(self) -> None:
+        parameters = self.parameters
+        if not parameters:
+            return
+        bad: set[str] = set()
+        size = parameters.get("SIZE")
+        if size is not None:
+            object.__setattr__(self, "size", int(size))  # checked to be digits by the parser
+        for keyword, name, decode in _MAIL_DECODED:
+            if keyword in parameters:
+                value = parameters[keyword]
+                try:
+                    object.__setattr__(self, name, None if value is None else decode(value))
+                except ParameterError:
+                    bad.add(keyword)
+        object.__setattr__(self, "smtputf8", "SMTPUTF8" in parameters)
+        if bad:
+            object.__setattr__(self, "malformed", frozenset(bad))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,26 +156,35 @@ class RcptCommand(SmtpCommand):
     """``RCPT TO:<forward-path> [parameters]`` (RFC 5321 4.1.1.3).
 
     ``recipient_address`` may be ``Postmaster`` with no domain (its ``domain`` is ``""``).
+    The DSN parameters are decoded once, into the typed fields below (a value that does not
+    decode: its field ``None``, its keyword in ``malformed``).
     """
 
     verb: str = field(default="RCPT", init=False)
     recipient_address: Address
     parameters: Parameters = field(default_factory=_no_parameters, hash=False)
+    #: DSN ``NOTIFY=`` as uppercased keywords (RFC 3461 4.1).
+    notify: tuple[str, ...] | None = field(default=None, init=False, compare=False)
+    #: DSN ``ORCPT=`` as (address type, decoded address) (RFC 3461 4.2).
+    orcpt: tuple[str, str] | None = field(default=None, init=False, compare=False)
+    malformed: frozenset[str] = field(default=frozenset(), init=False, compare=False)
 
-    @property
-    def notify(self) -> tuple[str, ...] | None:
-        """DSN ``NOTIFY=`` as uppercased keywords (RFC 3461 4.1), if given."""
-        value = self.parameters.get("NOTIFY")
-        return None if value is None else tuple(_ascii_upper(value).split(","))
-
-    @property
-    def orcpt(self) -> tuple[str, str] | None:
-        """DSN ``ORCPT=`` as (address type, decoded address) (RFC 3461 4.2), if given."""
-        value = self.parameters.get("ORCPT")
-        if value is None:
-            return None
-        address_type, _, address = value.partition(";")
-        return address_type, decode_xtext(address)
+    def __post_init__(self) -> None:
+        parameters = self.parameters
+        if not parameters:
+            return
+        notify = parameters.get("NOTIFY")
+        if notify is not None:
+            object.__setattr__(self, "notify", tuple(_ascii_upper(notify).split(",")))
+        if "ORCPT" in parameters:
+            value = parameters["ORCPT"]
+            address_type, _, address = (value or "").partition(";")
+            try:
+                decoded = decode_xtext(address)
+            except ParameterError:
+                object.__setattr__(self, "malformed", frozenset({"ORCPT"}))
+            else:
+                object.__setattr__(self, "orcpt", (address_type, decoded))
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +273,14 @@ class BdatCommand(SmtpCommand):
 
 _Parser = Callable[[str, bool], SmtpCommand]
 
+# MAIL parameters decoded into fields: (keyword, field, decoder).
+_MAIL_DECODED: tuple[tuple[str, str, Callable[[str], str]], ...] = (
+    ("BODY", "body", lambda value: _ascii_upper(value)),
+    ("RET", "ret", lambda value: _ascii_upper(value)),
+    ("ENVID", "envid", lambda value: decode_xtext(value)),
+    ("AUTH", "auth", lambda value: decode_xtext(value)),
+)
+
 
 def _ascii_upper(text: str) -> str:
     # Only ASCII letters change case in SMTP keywords; str.upper() would also turn "ß" into
@@ -329,13 +349,19 @@ def _parse_mail(argument: str, smtputf8: bool) -> SmtpCommand:
         raise AddressError(
             "Bad sender address syntax", code=501, enhanced="5.1.7", reason=error.reason
         ) from None
+    if not rest:
+        if not return_path.isascii():
+            raise NonAsciiAddressError(
+                "Non-ASCII sender address requires SMTPUTF8", reason="non-ASCII address"
+            )
+        return MailCommand(return_path, parameter=argument)
     parameters = parse_parameters(rest)
     if "SIZE" in parameters:
         size = parameters["SIZE"]
         # RFC 1870 3: size-value = 1*20DIGIT.
         if not (size and size.isascii() and size.isdigit() and len(size) <= _MAX_SIZE_DIGITS):
             raise ParameterError("Bad SIZE parameter value")
-    if not return_path.is_ascii and "SMTPUTF8" not in parameters:
+    if not return_path.isascii() and "SMTPUTF8" not in parameters:
         # RFC 6531 3.5: a non-ASCII path without SMTPUTF8 gets 553 5.6.7.
         raise NonAsciiAddressError(
             "Non-ASCII sender address requires SMTPUTF8", reason="non-ASCII address"
@@ -358,6 +384,8 @@ def _parse_rcpt(argument: str, smtputf8: bool) -> SmtpCommand:
         raise AddressError(
             "Bad recipient address syntax", code=501, enhanced="5.1.3", reason=error.reason
         ) from None
+    if not rest:
+        return RcptCommand(recipient, parameter=argument)
     return RcptCommand(recipient, _frozen(parse_parameters(rest)), parameter=argument)
 
 
@@ -419,22 +447,28 @@ _PARSERS: dict[bytes, _Parser] = {
 def parse_command(line: bytes, *, smtputf8: bool = False) -> SmtpCommand:
     """The command in ``line``, one command line without its CRLF (RFC 5321 4.1.1).
 
-    The verb is what comes before the first space, ASCII-uppercased;
-    the argument is the rest without surrounding spaces. ``smtputf8`` says the transaction was
-    begun with ``MAIL FROM:... SMTPUTF8`` (RFC 6531), which lets RCPT name non-ASCII addresses.
+    The verb is what comes before the first space, ASCII-uppercased; the argument is the
+    rest without surrounding spaces (the parsing core's ``split_command``). ``smtputf8`` says
+    the transaction was begun with ``MAIL FROM:... SMTPUTF8`` (RFC 6531), which lets RCPT name
+    non-ASCII addresses.
 
     Raises :class:`~alephsmtp.errors.CommandSyntaxError` (or a subclass) with the reply: ``500
-    5.5.2`` for an empty line or a known verb whose line is not UTF-8, ``501`` for a bad
-    argument, ``553 5.6.7`` for a non-ASCII address outside SMTPUTF8.
+    5.5.2`` for an empty line, a line that starts with a space, or a known verb whose line is
+    not UTF-8; ``501`` for a bad argument; ``553 5.6.7`` for a non-ASCII address outside
+    SMTPUTF8.
     """
     # RFC 5321 4.1.1: a command line starts with its verb. One that starts with a space is a
     # syntax error: taken as a verb, it would get past the line reader's stop rule for DATA
     # and BDAT, and what follows would be read differently by how it was split.
-    verb, _, argument = line.partition(b" ")
-    if not verb:
+    if line[:1] in (b"", b" "):
         raise CommandSyntaxError("Error: bad syntax", code=500, enhanced="5.5.2")
-    verb = verb.upper()  # bytes.upper(): ASCII letters only
-    argument = argument.strip(b" ")
+    verb, argument = split_command(line)
+    return parse_argument(verb, argument, smtputf8=smtputf8)
+
+
+def parse_argument(verb: bytes, argument: bytes, *, smtputf8: bool = False) -> SmtpCommand:
+    """The command of ``verb`` (uppercased, as ``split_command`` gives it) with ``argument``
+    (spaces around it removed); the errors of :func:`parse_command`."""
     parse = _PARSERS.get(verb)
     if parse is None:
         return SmtpCommand(

@@ -6,12 +6,19 @@ pass, or an awaitable of either. Handlers run in the order they were added; the 
 returns a reply decides it and the rest are not called (a filter chain, so a handler that
 rejects can never be overridden by one that accepts). With no handler, or when all pass, the
 session sends its default reply.
+
+:func:`run_chain` (the first reply decides) and :func:`run_all` (every handler, results
+ignored) are the one place handlers are run, for every caller: commands, message chunks,
+notifications, the test server. Synchronous handlers run inline; at the first awaitable the
+rest becomes a :class:`Pending` coroutine, which the caller runs as a task (the session times
+it out and turns its result into a reply).
 """
 
 from __future__ import annotations
 
+import inspect
 import io
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
@@ -27,6 +34,7 @@ __all__ = [
     "AuthEventArgs",
     "CommandEventArgs",
     "ConnectionLostEventArgs",
+    "EhloEventArgs",
     "Event",
     "EventArgs",
     "Handler",
@@ -35,6 +43,9 @@ __all__ = [
     "MessageChunkEventArgs",
     "MessageDiscardedEventArgs",
     "MessageReceivedEventArgs",
+    "Pending",
+    "run_all",
+    "run_chain",
 ]
 
 HandlerResult = Reply | str | bool | None | Awaitable[Reply | str | bool | None]
@@ -50,22 +61,24 @@ class Event(Generic[ArgsT]):
     a decorator. ``bool(event)`` is true when it has handlers.
     """
 
-    __slots__ = ("_handlers", "name")
+    __slots__ = ("handlers", "name")
 
     def __init__(self, name: str = "") -> None:
         self.name = name
-        self._handlers: list[Handler[ArgsT]] = []
+        #: The connected handlers, in calling order (a tuple: what runs them reads it as is).
+        self.handlers: tuple[Handler[ArgsT], ...] = ()
 
     def __iadd__(self, handler: Handler[ArgsT]) -> Event[ArgsT]:
         if not callable(handler):
             raise TypeError(f"event handler must be callable, not {type(handler).__name__}")
-        self._handlers.append(handler)
+        self.handlers = (*self.handlers, handler)
         return self
 
     def __isub__(self, handler: Handler[ArgsT]) -> Event[ArgsT]:
-        for index in range(len(self._handlers) - 1, -1, -1):
-            if self._handlers[index] == handler:
-                del self._handlers[index]
+        handlers = self.handlers
+        for index in range(len(handlers) - 1, -1, -1):
+            if handlers[index] == handler:
+                self.handlers = handlers[:index] + handlers[index + 1 :]
                 break
         else:
             raise ValueError(f"handler is not connected to the {self.name or 'event'}")
@@ -77,18 +90,72 @@ class Event(Generic[ArgsT]):
         return handler
 
     def __bool__(self) -> bool:
-        return bool(self._handlers)
+        return bool(self.handlers)
 
     def __len__(self) -> int:
-        return len(self._handlers)
-
-    @property
-    def handlers(self) -> tuple[Handler[ArgsT], ...]:
-        """The connected handlers, in calling order."""
-        return tuple(self._handlers)
+        return len(self.handlers)
 
     def __repr__(self) -> str:
-        return f"<Event {self.name!r} with {len(self._handlers)} handler(s)>"
+        return f"<Event {self.name!r} with {len(self.handlers)} handler(s)>"
+
+
+class Pending:
+    """The rest of a handler chain, from its first awaitable on: ``coroutine`` gives the
+    chain's result when awaited. Returned by :func:`run_chain` / :func:`run_all` so that the
+    caller can tell it from a reply with one identity check."""
+
+    __slots__ = ("coroutine",)
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        self.coroutine = coroutine
+
+
+def run_chain(handlers: Sequence[Callable[[Any, Any], Any]], sender: Any, args: Any) -> Any:
+    """Run ``handlers`` in order until one answers (not ``None``); its answer, ``None`` when
+    all pass, or a :class:`Pending` for the rest once a handler returned an awaitable.
+
+    A handler's exception propagates (the caller decides what it means).
+    """
+    for index, handler in enumerate(handlers):
+        result = handler(sender, args)
+        if result is not None:
+            if inspect.isawaitable(result):
+                return Pending(_chain_rest(result, handlers[index + 1 :], sender, args))
+            return result
+    return None
+
+
+async def _chain_rest(
+    pending: Awaitable[Any], rest: Sequence[Callable[[Any, Any], Any]], sender: Any, args: Any
+) -> Any:
+    result = await pending
+    for handler in rest:
+        if result is not None:
+            return result
+        result = handler(sender, args)
+        if inspect.isawaitable(result):
+            result = await result
+    return result
+
+
+def run_all(handlers: Sequence[Callable[[Any, Any], Any]], sender: Any, args: Any) -> Any:
+    """Run every handler in order, whatever they return; ``None``, or a :class:`Pending` for
+    the rest once a handler returned an awaitable (each awaited before the next runs)."""
+    for index, handler in enumerate(handlers):
+        result = handler(sender, args)
+        if result is not None and inspect.isawaitable(result):
+            return Pending(_all_rest(result, handlers[index + 1 :], sender, args))
+    return None
+
+
+async def _all_rest(
+    pending: Awaitable[Any], rest: Sequence[Callable[[Any, Any], Any]], sender: Any, args: Any
+) -> None:
+    await pending
+    for handler in rest:
+        result = handler(sender, args)
+        if result is not None and inspect.isawaitable(result):
+            await result
 
 
 @dataclass(slots=True)
@@ -98,9 +165,24 @@ class EventArgs:
 
 @dataclass(slots=True)
 class CommandEventArgs(EventArgs, Generic[CommandT]):
-    """The arguments of a command's event: ``e.command`` is the parsed command."""
+    """The arguments of a command's event: ``e.command`` is the parsed command.
+
+    ``e.envelope`` is the transaction's envelope for the commands of a transaction (MAIL:
+    the one it opens, filled in with the sender and the parameters; RCPT, DATA, BDAT), else
+    ``None``.
+    """
 
     command: CommandT
+    envelope: SmtpEnvelope | None = None
+
+
+@dataclass(slots=True)
+class EhloEventArgs(CommandEventArgs[CommandT]):
+    """EHLO/LHLO: ``e.keywords`` are the extension lines the reply will list (RFC 5321
+    4.1.1.1), without the code: a handler may add its own or remove some, in place. (The
+    reply's first line is the handler's text, or the server's hostname.)"""
+
+    keywords: list[str] = field(default_factory=list)
 
 
 class MessageReceivedEventArgs(EventArgs):

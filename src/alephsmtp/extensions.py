@@ -8,22 +8,17 @@ handler runs: ``555 5.5.4`` for a parameter of an extension that is off or unkno
 
 from __future__ import annotations
 
-from .addresses import ParameterError, decode_xtext
+from . import replies as R
 from .commands import MailCommand, RcptCommand
 from .config import SessionConfig
 from .replies import Reply
 
-__all__ = ["check_mail_parameters", "check_rcpt_parameters", "ehlo_keywords"]
+__all__ = ["R_TOO_BIG", "check_mail_parameters", "check_rcpt_parameters", "ehlo_keywords"]
 
-R_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
-_UNKNOWN = Reply(555, "5.5.4", "Error: parameter not recognized or not implemented")
+R_TOO_BIG = R.TOO_BIG  # the name other modules import
 _NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 _MAX_ENVID = 100  # RFC 3461 4.4
 _MAX_ORCPT = 500  # RFC 3461 4.2
-
-
-def _bad(text: str) -> Reply:
-    return Reply(501, "5.5.4", text)
 
 
 def ehlo_keywords(config: SessionConfig, *, starttls: bool, auth: bool) -> list[str]:
@@ -63,31 +58,36 @@ def body_types(config: SessionConfig) -> frozenset[str]:
 def check_mail_parameters(
     command: MailCommand, config: SessionConfig, *, auth: bool
 ) -> Reply | None:
-    """``None`` if every MAIL parameter is served and well formed, else the refusal."""
+    """``None`` if every MAIL parameter is served and well formed, else the refusal.
+
+    Reads the fields the command decoded when it was made; nothing is decoded again.
+    """
+    malformed = command.malformed
     for key, value in command.parameters.items():
         if key == "SIZE":
             # RFC 1870 6.1: a declared size over the limit is refused at MAIL.
             size = command.size
             if size is not None and config.max_message_size and size > config.max_message_size:
-                return R_TOO_BIG
+                return R.TOO_BIG
         elif key == "BODY" and config.eightbitmime:
             if command.body not in body_types(config):
-                return _bad("Error: unsupported BODY type")
+                return R.BAD_BODY
         elif key == "SMTPUTF8" and config.smtputf8:
             if value is not None:
-                return _bad("Error: SMTPUTF8 takes no value")
+                return R.BAD_SMTPUTF8
         elif key == "RET" and config.dsn:
             if command.ret not in ("FULL", "HDRS"):
-                return _bad("Error: RET must be FULL or HDRS")
+                return R.BAD_RET
         elif key == "ENVID" and config.dsn:
             # RFC 3461 4.4: xtext whose decoded value is printable US-ASCII (no CR LF).
-            if value is None or len(value) > _MAX_ENVID or not _is_printable_xtext(value):
-                return _bad("Error: bad ENVID")
+            envid = command.envid
+            if value is None or len(value) > _MAX_ENVID or envid is None or not _printable(envid):
+                return R.BAD_ENVID
         elif key == "AUTH" and auth:
-            if value is None or (value != "<>" and not _is_xtext(value)):
-                return _bad("Error: bad AUTH parameter")
+            if value is None or "AUTH" in malformed:
+                return R.BAD_AUTH_PARAMETER
         else:
-            return _UNKNOWN
+            return R.PARAMETER_UNKNOWN
     return None
 
 
@@ -103,38 +103,26 @@ def check_rcpt_parameters(command: RcptCommand, config: SessionConfig) -> Reply 
                 or len(set(notify)) != len(notify)
                 or (notify != ("NEVER",) and not set(notify) <= _NOTIFY_KEYWORDS)
             ):
-                return _bad("Error: bad NOTIFY parameter")
+                return R.BAD_NOTIFY
         elif key == "ORCPT" and config.dsn:
-            # RFC 3461 4.2: addr-type ";" xtext.
-            if value is None or len(value) > _MAX_ORCPT:
-                return _bad("Error: bad ORCPT parameter")
-            address_type, semicolon, address = value.partition(";")
-            if not semicolon or not address_type or not address:
-                return _bad("Error: bad ORCPT parameter")
-            if not _is_printable_xtext(address, utf8=address_type.lower() == "utf-8"):
-                return _bad("Error: bad ORCPT parameter")
+            # RFC 3461 4.2: addr-type ";" xtext, decoded printable US-ASCII (RFC 6533: a
+            # utf-8 address type allows UTF-8, but still no control characters).
+            orcpt = command.orcpt
+            if value is None or len(value) > _MAX_ORCPT or orcpt is None:
+                return R.BAD_ORCPT
+            address_type, address = orcpt
+            if not address_type or not address or ";" not in value:
+                return R.BAD_ORCPT
             if not all(c.isascii() and (c.isalnum() or c == "-") for c in address_type):
-                return _bad("Error: bad ORCPT parameter")
+                return R.BAD_ORCPT
+            utf8 = address_type.lower() == "utf-8"
+            if not (address.isprintable() if utf8 else _printable(address)):
+                return R.BAD_ORCPT
         else:
-            return _UNKNOWN
+            return R.PARAMETER_UNKNOWN
     return None
 
 
-def _is_printable_xtext(value: str, *, utf8: bool = False) -> bool:
-    """xtext whose decoded text is printable US-ASCII (RFC 3461 4); with ``utf8`` (an ORCPT
-    of type utf-8, RFC 6533) non-ASCII characters too, but still no control characters."""
-    try:
-        text = decode_xtext(value)
-    except ParameterError:
-        return False
-    if utf8:
-        return text.isprintable()
+def _printable(text: str) -> bool:
+    """Printable US-ASCII (RFC 3461 4): space to tilde."""
     return all(" " <= char <= "~" for char in text)
-
-
-def _is_xtext(value: str) -> bool:
-    try:
-        decode_xtext(value)
-    except ParameterError:
-        return False
-    return True

@@ -48,8 +48,9 @@ class Metrics:
     def message_accepted(self, size: int) -> None:
         self.messages += 1
         self.message_bytes += size
-        self._tell("messages", 1, None)
-        self._tell("message_bytes", size, None)
+        if self.hook is not None:
+            self._tell("messages", 1, None)
+            self._tell("message_bytes", size, None)
 
     def rejected(self, code: int) -> None:
         self.rejections[code] += 1

@@ -20,12 +20,13 @@ that ``make_protocol(header)`` builds (``transport.set_protocol`` and ``connecti
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import ipaddress
 import logging
 import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from .tls import HANDSHAKE_ERRORS, upgrade
@@ -254,6 +255,7 @@ class ProxyHeader:
     tlvs: tuple[Tlv, ...] = ()
     ssl: SslInfo | None = None  # PP2_TYPE_SSL
     length: int = 0  # the header's size on the wire
+    raw: bytes = field(default=b"", compare=False)  # the header as received
 
     def tlv(self, kind: int) -> bytes | None:
         """The value of the first TLV of type ``kind``, or ``None``."""
@@ -359,6 +361,7 @@ class ProxyHeaderReader:
             self._buffer = bytearray()
             raise
         if header is not None:
+            header = dataclasses.replace(header, raw=bytes(self._buffer[: header.length]))
             self._trailing = bytes(self._buffer[header.length :])
             self._buffer = bytearray()
             self._header = header

@@ -1,18 +1,23 @@
-"""SMTP replies: one type, one writer, and the standard replies by name.
+"""SMTP replies: one type, one writer, and every fixed reply by name.
 
 A reply is a three-digit code, an optional RFC 3463 enhanced status code and one or more text
 lines. :meth:`Reply.to_bytes` is the only place reply bytes are produced, so no text can ever
 smuggle a second reply (RFC 5321 4.2: a reply line ends at CRLF; text lines with CR or LF are
 split into a proper multi-line reply, never written raw).
+
+The replies the library sends on its own are the constants below, by name; nowhere else does
+the library spell a fixed reply. :class:`WireReplies` renders all of them once per
+configuration (enhanced status codes on or off), so a session writes a fixed reply by reading
+an attribute: no rendering, no hashing.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["Reply", "ReplyLike", "coerce_reply", "default_enhanced_code"]
+__all__ = ["NAMES", "Reply", "ReplyLike", "WireReplies", "coerce_reply", "default_enhanced_code"]
 
 _CODE_LINE = re.compile(r"([2-5][0-9][0-9])(?:([ -])(.*))?\Z", re.S)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
@@ -31,6 +36,9 @@ class Reply:
     code: int
     enhanced: str | None = None
     text: str | Sequence[str] = ""
+    # The reply as written, once rendered (enhanced codes on, off): a reply is immutable.
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _wire_plain: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -59,6 +67,14 @@ class Reply:
         if self.enhanced is not None:
             return self
         return Reply(self.code, enhanced, self.text)
+
+    def wire(self, enhanced_status_codes: bool = True) -> bytes:
+        """:meth:`to_bytes`, rendered once per reply and kept."""
+        data = self._wire if enhanced_status_codes else self._wire_plain
+        if data is None:
+            data = self.to_bytes(enhanced_status_codes)
+            object.__setattr__(self, "_wire" if enhanced_status_codes else "_wire_plain", data)
+        return data
 
     def to_bytes(self, enhanced_status_codes: bool = True) -> bytes:
         """The reply as written on the wire, every line ending with CRLF."""
@@ -196,3 +212,171 @@ def default_enhanced_code(verb: str, code: int) -> str:
     if code == 535:
         return "5.7.8"
     return _BY_VERB.get((verb, klass), f"{klass}.0.0")
+
+
+# --- every fixed reply, by name ----------------------------------------------------------------
+# (RFC 5321 4.2.2 for the codes, RFC 3463 / RFC 5248 for the enhanced ones.)
+
+OK = Reply(250, "2.0.0", "OK")
+MAIL_OK = Reply(250, "2.1.0", "OK")
+RCPT_OK = Reply(250, "2.1.5", "OK")
+DATA_GO = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+QUEUED = Reply(250, "2.0.0", "OK: queued")
+BYE = Reply(221, "2.0.0", "Bye")
+VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+EXPN = Reply(502, "5.5.1", "EXPN not available")
+HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
+# Placeholders: their text is the server's hostname (HELO/EHLO), the chunk's size (BDAT).
+HELLO_OK = Reply(250, "", "")
+CHUNK_OK = Reply(250, "2.0.0", "octets received")
+
+# Order (RFC 5321 4.3.2, RFC 3030 2, RFC 4954 4).
+SEQ_HELO_FIRST = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+SEQ_NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+SEQ_NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+SEQ_NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+SEQ_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+SEQ_BDAT_STARTED = Reply(503, "5.5.1", "Error: BDAT in progress")
+
+# Syntax and parameters.
+UNKNOWN = Reply(500, "5.5.1", "Error: command not recognized")
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+PARAMETER_UNKNOWN = Reply(555, "5.5.4", "Error: parameter not recognized or not implemented")
+BAD_BODY = Reply(501, "5.5.4", "Error: unsupported BODY type")
+BAD_SMTPUTF8 = Reply(501, "5.5.4", "Error: SMTPUTF8 takes no value")
+BAD_RET = Reply(501, "5.5.4", "Error: RET must be FULL or HDRS")
+BAD_ENVID = Reply(501, "5.5.4", "Error: bad ENVID")
+BAD_AUTH_PARAMETER = Reply(501, "5.5.4", "Error: bad AUTH parameter")
+BAD_NOTIFY = Reply(501, "5.5.4", "Error: bad NOTIFY parameter")
+BAD_ORCPT = Reply(501, "5.5.4", "Error: bad ORCPT parameter")
+NOT_LMTP = Reply(500, "5.5.1", "Error: this is an LMTP server; use LHLO")
+NOT_SMTP = Reply(500, "5.5.1", "Error: this is an SMTP server; use EHLO")
+OUT_OF_SYNC = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
+BINARYMIME_DATA = Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA")
+
+# Limits.
+TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
+TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
+DATA_BARE = Reply(554, "5.5.2", "Error: message contains bare <CR> or <LF>")
+DATA_LINE = Reply(500, "5.5.6", "Error: message line too long")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Error: too many authentication failures")
+TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Error: too many commands in this session")
+TOO_MANY_TRANSACTIONS = Reply(421, "4.7.0", "Error: too many transactions in this session")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")
+TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
+SLOW = Reply(421, "4.4.2", "Error: data rate too low")
+
+# Faults on our side: temporary, never a bounce (RFC 5321 4.2.1).
+HANDLER_FAILED = Reply(451, "4.3.0", "Error: local error in processing")
+MESSAGE_HANDLER_FAILED = Reply(451, "4.3.0", "Error: message could not be processed now")
+HANDLER_TIMEOUT = Reply(451, "4.3.0", "Error: timeout while processing, try again later")
+AUTH_HANDLER_FAILED = Reply(454, "4.7.0", "Temporary authentication failure")
+STORAGE_FAILED = Reply(452, "4.3.1", "Error: insufficient system storage")
+SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
+UNAVAILABLE = Reply(421, "4.3.0", "Service not available, closing connection")
+# Not a reply to send: a handler's 421 was sent, and the session closes after it (RFC 5321
+# 3.8) without another word.
+ALREADY_SAID = Reply(421, "4.3.0", "(already said)")
+
+# STARTTLS (RFC 3207) and AUTH (RFC 4954).
+TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_ENCRYPTION = Reply(538, "5.7.11", "Encryption required for requested authentication")
+AUTH_TWICE = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_LINE = Reply(500, "5.5.6", "Authentication exchange line is too long")
+
+#: The names of every fixed reply above.
+NAMES: tuple[str, ...] = tuple(
+    name for name, value in list(globals().items()) if isinstance(value, Reply) and name.isupper()
+)
+
+
+class WireReplies:
+    """Every fixed reply as written on the wire for one configuration: ``wire.MAIL_OK`` is
+    ``b"250 2.1.0 OK\\r\\n"`` (or ``b"250 OK\\r\\n"`` without enhanced status codes).
+
+    Made once per server (per configuration); a session writes a fixed reply with one
+    attribute read.
+    """
+
+    __slots__ = NAMES
+
+    # One attribute per name in NAMES (a test holds them equal), typed for the checkers.
+    OK: bytes
+    MAIL_OK: bytes
+    RCPT_OK: bytes
+    DATA_GO: bytes
+    QUEUED: bytes
+    BYE: bytes
+    VRFY: bytes
+    EXPN: bytes
+    HELP: bytes
+    HELLO_OK: bytes
+    CHUNK_OK: bytes
+    SEQ_HELO_FIRST: bytes
+    SEQ_NESTED_MAIL: bytes
+    SEQ_NEED_MAIL: bytes
+    SEQ_NEED_RCPT: bytes
+    SEQ_IN_TRANSACTION: bytes
+    SEQ_BDAT_STARTED: bytes
+    UNKNOWN: bytes
+    BAD_SYNTAX: bytes
+    NOT_IMPLEMENTED: bytes
+    LINE_TOO_LONG: bytes
+    PARAMETER_UNKNOWN: bytes
+    BAD_BODY: bytes
+    BAD_SMTPUTF8: bytes
+    BAD_RET: bytes
+    BAD_ENVID: bytes
+    BAD_AUTH_PARAMETER: bytes
+    BAD_NOTIFY: bytes
+    BAD_ORCPT: bytes
+    NOT_LMTP: bytes
+    NOT_SMTP: bytes
+    OUT_OF_SYNC: bytes
+    BINARYMIME_DATA: bytes
+    TOO_BIG: bytes
+    TOO_MANY_RCPTS: bytes
+    DATA_BARE: bytes
+    DATA_LINE: bytes
+    TOO_MANY_ERRORS: bytes
+    TOO_MANY_AUTH_FAILURES: bytes
+    TOO_MANY_COMMANDS: bytes
+    TOO_MANY_TRANSACTIONS: bytes
+    TOO_MANY_CONNECTIONS: bytes
+    TOO_MANY_FROM_IP: bytes
+    TIMEOUT: bytes
+    SLOW: bytes
+    HANDLER_FAILED: bytes
+    MESSAGE_HANDLER_FAILED: bytes
+    HANDLER_TIMEOUT: bytes
+    AUTH_HANDLER_FAILED: bytes
+    STORAGE_FAILED: bytes
+    SHUTDOWN: bytes
+    UNAVAILABLE: bytes
+    ALREADY_SAID: bytes
+    TLS_GO: bytes
+    TLS_ACTIVE: bytes
+    TLS_REQUIRED: bytes
+    AUTH_OK: bytes
+    AUTH_FAILED: bytes
+    AUTH_NOT_ENABLED: bytes
+    AUTH_ENCRYPTION: bytes
+    AUTH_TWICE: bytes
+    AUTH_MECHANISM: bytes
+    AUTH_REQUIRED: bytes
+    AUTH_LINE: bytes
+
+    def __init__(self, enhanced_status_codes: bool = True) -> None:
+        for name in NAMES:
+            setattr(self, name, globals()[name].to_bytes(enhanced_status_codes))

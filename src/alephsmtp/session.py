@@ -1,24 +1,27 @@
 """One SMTP connection: an ``asyncio.BufferedProtocol`` that raises an event per command.
 
-The session is thin on purpose. Bytes arrive in a pooled buffer (``get_buffer`` /
-``buffer_updated``), the parsing core turns a whole read into lines or message bytes in one
-call, :mod:`._state` says whether a command may come now, :mod:`.commands` parses it,
-:mod:`.extensions` checks its parameters, and the command's :class:`~alephsmtp.events.Event`
-lets the user's handlers choose the reply. Handlers may be plain functions (run inline, no
-task) or coroutines (run in a task while reading pauses, so replies keep their order and memory
-stays bounded).
+The session is the one I/O class; what it stands on has none. Bytes arrive in a pooled buffer
+(``get_buffer`` / ``buffer_updated``) and go, in one call per read, to the reader of the mode
+the session is in: the parsing core's ``LineReader`` for commands, its ``DataReader`` or
+``BdatReader`` for a message. Each command line then takes one straight path, as go-smtp's
+``handleRcpt`` does: the protocol table (:mod:`._protocol`) says whether it may come now, the
+command is parsed (:mod:`.commands`), its parameters checked (:mod:`.extensions`), its event's
+handlers run (:func:`.events.run_chain`), and the reply written. A command with no handler
+takes its default reply without any event arguments being made.
 
-Lifetimes are kept apart: :class:`SessionConfig` (shared by every session of a server), the
-connection (transport, peer, greeting exchange, TLS, AUTH) and the transaction (envelope,
-message).
+Handlers may be plain functions (run inline, no task) or coroutines (the rest of the chain runs
+in a task while reading pauses, so replies keep their order and memory stays bounded).
+
+State is kept by lifetime: :class:`SessionConfig` (shared by every session of a server, with
+the rendered replies and buffer pools in ``_Pools``), the connection (transport, peer, greeting
+exchange, TLS, AUTH, the input not yet answered) and the mail transaction
+(:class:`~alephsmtp.transaction.Transaction`, one assignment to start or drop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import collections
-import contextlib
 import inspect
 import itertools
 import logging
@@ -26,9 +29,10 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar, cast, overload
 
-from . import _state
-from ._state import State
-from .auth import MAX_RESPONSE_LENGTH, SaslExchange
+from . import _protocol as P
+from . import replies as R
+from ._protocol import RULES, UNKNOWN, Rule, State, advance
+from .auth import MAX_RESPONSE_LENGTH, Credentials, SaslExchange
 from .commands import (
     AuthCommand,
     BdatCommand,
@@ -46,9 +50,10 @@ from .commands import (
     SmtpCommand,
     StarttlsCommand,
     VrfyCommand,
-    parse_command,
+    parse_argument,
 )
 from .config import SessionConfig
+from .deadlines import LazyTimer
 from .envelope import SmtpEnvelope
 from .errors import (
     BareCarriageReturn,
@@ -62,35 +67,57 @@ from .events import (
     AuthEventArgs,
     CommandEventArgs,
     ConnectionLostEventArgs,
+    EhloEventArgs,
     Event,
     EventArgs,
     HandlerErrorEventArgs,
-    HandlerResult,
     MessageChunkEventArgs,
     MessageDiscardedEventArgs,
     MessageReceivedEventArgs,
+    Pending,
+    run_all,
+    run_chain,
 )
-from .extensions import R_TOO_BIG, check_mail_parameters, check_rcpt_parameters, ehlo_keywords
+from .extensions import check_mail_parameters, check_rcpt_parameters, ehlo_keywords
 from .metrics import Metrics
-from .parser import BdatReader, BufferPool, DataReader, LineReader
+from .parser import BdatReader, BufferPool, DataReader, LineReader, split_command
 from .proxy import ProxyHeader
-from .replies import Reply, coerce_reply, default_enhanced_code
+from .replies import Reply, WireReplies, coerce_reply, default_enhanced_code
 from .spool import MessageSpool
-from .tls import HANDSHAKE_ERRORS, TlsInfo, looks_like_tls, upgrade
+from .tls import HANDSHAKE_ERRORS, TlsInfo, describe, looks_like_tls, upgrade
+from .transaction import Transaction
 
-__all__ = ["OnSession", "SessionConfig", "SessionLogger", "SmtpSession", "TlsInfo"]
+__all__ = ["OnSession", "SessionConfig", "SessionLogger", "SmtpSession", "State", "TlsInfo"]
 
 log = logging.getLogger("alephsmtp.session")
 
 OnSession = Callable[["SmtpSession"], Awaitable[None] | None]
 ArgsT = TypeVar("ArgsT", bound=EventArgs)
-Finish = Callable[[str, Any], None]
-Coerce = Callable[[object, str, Reply], Any]
+# What a command's "act" half takes: its context (the command, the envelope) and the reply
+# (None: the default one).
+Done = Callable[[Any, Any], None]
 
 _session_ids = itertools.count(1)
-_REPLY_CACHE_SIZE = 512  # replies kept written per server (handlers' texts may vary)
+_ANSWERS_MAX = 512  # handler answers kept rendered per server (their texts may vary)
 _RATE_CHECK_PERIOD = 5.0  # seconds between data-rate checks while a message streams in
 _LINGER = 2.0  # seconds a closed session reads (and drops) what the client still sends
+
+# Replies that count towards max_bad_commands: syntax, sequence, unknown (RFC 5321 4.2.2).
+_BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
+# Commands that move nothing forward: past max_junk_commands each counts as an error.
+_JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
+# RFC 2920 3.1: commands that must end a pipeline group (the client waits for their reply).
+_LAST_IN_GROUP = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS"})
+
+# Rules for what is not a command line: the message (DATA's or BDAT LAST's end), the finished
+# SASL exchange. Their event, default, failure reply and timeout are the table's kind of fact.
+_MESSAGE = Rule("DATA", "message_received", R.QUEUED, (), failure=R.MESSAGE_HANDLER_FAILED)
+_AUTH = RULES["AUTH"]
+# Where MAIL, RCPT and DATA lead when accepted (the table says; read once).
+_AFTER_MAIL = cast(State, RULES["MAIL"].next)
+_AFTER_RCPT = cast(State, RULES["RCPT"].next)
+_AFTER_DATA = cast(State, RULES["DATA"].next)
+_WAIT = object()  # a handler runs in a task: its "act" half comes later
 
 
 class _EventAttribute(Generic[ArgsT]):
@@ -146,84 +173,36 @@ class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 class _Pools:
-    """What a server's sessions share: the buffer pools (small for commands, large for
-    DATA) and the written form of the replies they send."""
+    """What a server's sessions share: the buffer pools (small for commands, large for a
+    message), the fixed replies as written, the handlers' answers as written, the metrics."""
 
-    __slots__ = ("command", "data", "metrics", "replies")
+    __slots__ = ("answers", "command", "data", "ehlo", "hello", "metrics", "wire")
 
     def __init__(self, config: SessionConfig, metrics: Metrics | None = None) -> None:
         self.command = BufferPool(config.command_buffer_size, 64)
         self.data = BufferPool(config.data_buffer_size, 16)
-        self.replies: dict[Reply, bytes] = {}
+        self.wire = WireReplies(config.enhanced_status_codes)
+        self.hello = Reply(250, "", config.hostname)  # HELO/EHLO's default first line
+        # (verb, a handler's answer) -> the Reply sent; EHLO replies by what they list.
+        self.answers: dict[tuple[str, object], Reply] = {}
+        self.ehlo: dict[tuple[str, ...], bytes] = {}
         self.metrics = metrics if metrics is not None else Metrics()
-
-
-# Replies the session sends on its own. Handlers may send any reply instead.
-_R_OK = Reply(250, "2.0.0", "OK")
-_R_MAIL_OK = Reply(250, "2.1.0", "OK")
-_R_RCPT_OK = Reply(250, "2.1.5", "OK")
-_R_DATA_GO = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
-_R_QUEUED = Reply(250, "2.0.0", "OK: queued")
-_R_BYE = Reply(221, "2.0.0", "Bye")
-_R_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-_R_EXPN = Reply(502, "5.5.1", "EXPN not available")
-_R_HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
-_R_UNKNOWN = Reply(500, "5.5.1", "Error: command not recognized")
-_R_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
-_R_HANDLER_FAILED = Reply(451, "4.3.0", "Error: local error in processing")
-# A fault on our side is never a bounce (RFC 5321 4.2.1): 4xx, the client keeps the message.
-_R_MESSAGE_HANDLER_FAILED = Reply(451, "4.3.0", "Error: message could not be processed now")
-_R_AUTH_HANDLER_FAILED = Reply(454, "4.7.0", "Temporary authentication failure")
-_R_STORAGE_FAILED = Reply(452, "4.3.1", "Error: insufficient system storage")
-_R_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
-_R_TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
-_R_SLOW = Reply(421, "4.4.2", "Error: data rate too low")
-_R_HANDLER_TIMEOUT = Reply(451, "4.3.0", "Error: timeout while processing, try again later")
-_R_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
-_R_TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Error: too many authentication failures")
-_R_TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Error: too many commands in this session")
-_R_TOO_MANY_TRANSACTIONS = Reply(421, "4.7.0", "Error: too many transactions in this session")
-# Replies that count towards max_bad_commands: syntax, sequence, unknown (RFC 5321 4.2.2).
-_BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
-# RFC 2920 3.1: commands that must end a pipeline group (the client waits for their reply).
-_LAST_IN_GROUP = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS"})
-_R_OUT_OF_SYNC = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
-# Commands that move nothing forward: past max_junk_commands each counts as an error.
-_JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
-_R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
-_R_UNAVAILABLE = Reply(421, "4.3.0", "Service not available, closing connection")
-_R_DATA_BARE = Reply(554, "5.5.2", "Error: message contains bare <CR> or <LF>")
-_R_LINE_TOO_LONG = Reply(LineTooLong.code, LineTooLong.enhanced, LineTooLong.text)
-_R_DATA_LINE = Reply(500, "5.5.6", "Error: message line too long")
-_R_TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
-_R_TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
-_R_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
-_R_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
-_R_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-_R_AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
-_R_AUTH_ENCRYPTION = Reply(538, "5.7.11", "Encryption required for requested authentication")
-_R_AUTH_TWICE = Reply(503, "5.5.1", "Error: already authenticated")
-_R_AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
-_R_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
-_R_AUTH_LINE = Reply(500, "5.5.6", "Authentication exchange line is too long")
-_R_BINARYMIME_DATA = Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA")
-_R_NOT_LMTP = Reply(500, "5.5.1", "Error: this is an LMTP server; use LHLO")
-_R_NOT_SMTP = Reply(500, "5.5.1", "Error: this is an SMTP server; use EHLO")
-
-
-def _error_reply(error: SmtpError) -> Reply:
-    return Reply(error.code, error.enhanced, error.text)
 
 
 def _message_error_reply(error: SmtpError) -> Reply:
     """The reply to a message refused while it was read (after its end, so in sync)."""
     if isinstance(error, MessageTooLarge):
-        return R_TOO_BIG
+        return R.TOO_BIG
     if isinstance(error, (BareLineFeed, BareCarriageReturn)):
-        return _R_DATA_BARE
+        return R.DATA_BARE
     if isinstance(error, LineTooLong):
-        return _R_DATA_LINE
+        return R.DATA_LINE
     return _error_reply(error)
+
+
+def _error_reply(error: SmtpError) -> Reply:
+    # An error carries its reply (code, enhanced code, text); made into one on demand.
+    return Reply(error.code, error.enhanced, error.text)
 
 
 class SmtpSession(asyncio.BufferedProtocol):
@@ -233,12 +212,23 @@ class SmtpSession(asyncio.BufferedProtocol):
     :mod:`alephsmtp.events`). ``start_transaction(greeting)`` sends the greeting and starts
     reading; if the server's ``on_session`` returns without calling it, the session starts with
     the configured greeting.
+
+    Events (each an :class:`~alephsmtp.events.Event`): one per command — ``helo``, ``ehlo``,
+    ``lhlo``, ``mail``, ``rcpt``, ``data``, ``bdat``, ``rset``, ``noop``, ``quit``, ``vrfy``,
+    ``expn``, ``help``, ``starttls``, ``auth``, ``unhandled_command`` (any other verb) — and
+    per moment: ``message_chunk``, ``message_received``, ``message_discarded``,
+    ``close_requested``, ``disconnected``, ``handler_error``.
+
+    Attributes: ``id``, ``peer`` (the client, or the one a PROXY header named), ``proxy`` (the
+    PROXY header), ``config``, ``state``, ``helo_name``, ``esmtp``, ``tls``
+    (:class:`~alephsmtp.tls.TlsInfo` once TLS is up), ``authenticated_as``, ``envelope`` (the
+    open transaction's), ``log``; and any attribute of your own (``session.user = ...``).
     """
 
     # --- events (made on first use; see _EventAttribute) ------------------------------------
     helo = _EventAttribute[CommandEventArgs[HeloCommand]]()
-    ehlo = _EventAttribute[CommandEventArgs[EhloCommand]]()
-    lhlo = _EventAttribute[CommandEventArgs[LhloCommand]]()
+    ehlo = _EventAttribute[EhloEventArgs[EhloCommand]]()
+    lhlo = _EventAttribute[EhloEventArgs[LhloCommand]]()
     mail = _EventAttribute[CommandEventArgs[MailCommand]]()
     rcpt = _EventAttribute[CommandEventArgs[RcptCommand]]()
     data = _EventAttribute[CommandEventArgs[DataCommand]]()
@@ -264,57 +254,50 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_admit",
         "_auth_failures",
         "_bad_commands",
-        "_bdat_command",
-        "_bdat_reader",
-        "_bdat_refusal",
         "_buffer",
         "_buffer_owner",
         "_busy",
+        "_chunk",
+        "_chunk_refusal",
         "_closing",
         "_command_limit",
         "_commands",
-        "_data_reader",
         "_ended",
         "_events",
         "_handler_deadline",
         "_handler_task",
         "_handler_timed_out",
         "_held",
+        "_input",
         "_junk_commands",
         "_last_activity",
         "_limit_reply",
-        "_line_reader",
         "_lines",
         "_linger_timer",
         "_log",
         "_loop",
-        "_message_bytes",
-        "_message_size",
-        "_message_started",
-        "_next_line",
+        "_next",
         "_on_close",
         "_on_session",
         "_out",
         "_peer_override",
         "_pools",
-        "_rate_marks",
+        "_reader",
         "_reading",
         "_sasl",
         "_sasl_command",
-        "_spool",
         "_started",
-        "_stream_refusal",
-        "_streamed",
         "_tasks",
         "_timer",
         "_transactions",
         "_transport",
+        "_tx",
         "_view",
+        "_wire",
         "_write_paused",
         "_write_timer",
         "authenticated_as",
         "config",
-        "envelope",
         "esmtp",
         "helo_name",
         "id",
@@ -322,7 +305,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "proxy",
         "state",
         "tls",
-    )  # fmt: skip
+    )
 
     def __init__(
         self,
@@ -337,13 +320,14 @@ class SmtpSession(asyncio.BufferedProtocol):
         proxy: ProxyHeader | None = None,
     ) -> None:
         self.config = config
+        self._pools = pools = pools if pools is not None else _Pools(config)
+        self._wire = pools.wire
         self._admit = admit
-        self.id = next(_session_ids)
         self._on_session = on_session
         self._on_close = on_close
-        self._pools = pools if pools is not None else _Pools(config)
+        self.id = next(_session_ids)
         self._events: dict[str, Event[Any]] = {}
-        # connection
+        # the connection
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = loop  # tests pass a fake clock
         # The client: the socket's peer, or the one a PROXY protocol header named.
@@ -356,62 +340,62 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.esmtp = False
         self.tls: TlsInfo | None = None  # set once TLS is up (STARTTLS or implicit)
         self.authenticated_as: str | None = None  # the AUTH identity, once accepted
-        self._sasl: SaslExchange | None = None
-        self._sasl_command: AuthCommand | None = None
+        # input
         self._buffer: bytearray | None = None
         self._view: memoryview | None = None
-        self._buffer_owner: BufferPool = self._pools.command
-        self._lines: list[bytes | SmtpError] = []  # scanned, not yet answered ...
-        self._next_line = 0  # ... from this index on
+        self._buffer_owner: BufferPool = pools.command
         # The reader's limit is the longest line any state may take (an AUTH exchange's,
         # RFC 4954 4, when AUTH may be offered); command lines are held to their own limit
-        # in _handle_line. A limit that changed with the state would apply to lines already
-        # scanned, and so depend on how the client's bytes happened to be split.
+        # below. A limit that changed with the state would apply to lines already scanned,
+        # and so depend on how the client's bytes happened to be split.
         self._command_limit = config.command_line_limit
-        self._line_reader = LineReader(
+        self._reader = LineReader(
             max(self._command_limit, MAX_RESPONSE_LENGTH)
             if config.auth_mechanisms
             else self._command_limit,
             config.bare_newline,
         )
-        self._held = bytearray()  # bytes read while a handler runs, not yet scanned
+        # The inbox: lines scanned and not answered yet (from _next on), and bytes not scanned
+        # yet (read while a handler runs or before the greeting, left after a message or a
+        # chunk, or after DATA/BDAT/STARTTLS, which change how what follows is read). The
+        # LineReader itself only ever holds the start of a line still incomplete.
+        self._lines: list[bytes | SmtpError] = []
+        self._next = 0
+        self._held = bytearray()
+        #: The reader of a message or a chunk while one is read (None: command lines).
+        self._input: DataReader | BdatReader | None = None
+        self._chunk: BdatCommand | None = None  # the BDAT chunk being read ...
+        self._chunk_refusal: Reply | None = None  # ... and its reply, if it is dropped
+        self._sasl: SaslExchange | None = None  # an AUTH exchange: lines are its responses
+        self._sasl_command: AuthCommand | None = None
+        # output and flow
         self._out: list[bytes] = []
-        self._busy = False  # an async handler (or the TLS handshake) is running
+        self._busy = False  # a handler (or the TLS handshake) runs: nothing more is read
         self._write_paused = False
-        self._write_timer: asyncio.TimerHandle | None = None
-        self._linger_timer: asyncio.TimerHandle | None = None
         self._reading = True
+        self._started = False
         self._closing = False  # graceful shutdown asked for
         self._ended = False  # the connection is gone and everything released
-        self._started = False
         self._tasks: set[asyncio.Task[None]] | None = None
+        # clocks (see _on_timer)
+        self._timer: LazyTimer | None = None
         self._last_activity = 0.0
-        self._timer: asyncio.TimerHandle | None = None
         self._handler_task: asyncio.Task[None] | None = None
-        self._handler_deadline: float | None = None
+        self._handler_deadline = 0.0  # 0: no handler runs on a clock
         self._handler_timed_out = False
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        # counters and limits
         self._bad_commands = 0
         self._junk_commands = 0
         self._auth_failures = 0
         self._commands = 0
         self._transactions = 0
         self._limit_reply: Reply | None = None  # a limit was passed: say it and close
-        # transaction
-        self.envelope: SmtpEnvelope | None = None
-        self._data_reader: DataReader | None = None
-        self._bdat_reader: BdatReader | None = None
-        self._bdat_command: BdatCommand | None = None
-        self._bdat_refusal: Reply | None = None
-        self._spool: MessageSpool | None = None  # the message as it arrives
-        self._message_size = 0  # BDAT: what earlier chunks of this message added up to
-        self._message_started = 0.0  # when DATA's 354 or the first BDAT came
-        self._message_bytes = 0  # bytes read for this message (for min_data_rate)
-        self._rate_marks: collections.deque[tuple[float, int]] = collections.deque()
-        self._streamed = 0  # bytes handed to message_chunk handlers
-        self._stream_refusal: Reply | None = None  # the stream failed: the message's reply
+        self._tx: Transaction | None = None
 
     def __repr__(self) -> str:
-        return f"<SmtpSession #{self.id} {self.peer!r} {self.state.value}>"
+        return f"<SmtpSession #{self.id} {self.peer!r} {self.state.name.lower()}>"
 
     @property
     def log(self) -> SessionLogger:
@@ -431,6 +415,23 @@ class SmtpSession(asyncio.BufferedProtocol):
         """The connection's transport (``None`` once closed)."""
         return self._transport
 
+    @property
+    def envelope(self) -> SmtpEnvelope | None:
+        """The open transaction's envelope (from an accepted MAIL to the reply to its
+        message), else ``None``."""
+        tx = self._tx
+        return tx.envelope if tx is not None else None
+
+    @property
+    def lmtp(self) -> bool:
+        """Whether this session speaks LMTP (RFC 2033)."""
+        return self.config.lmtp
+
+    @property
+    def is_idle(self) -> bool:
+        """No transaction open and no handler running."""
+        return not self._busy and self.state <= State.READY
+
     def start_transaction(self, greeting: Reply | str | None = None) -> None:
         """Send the greeting (RFC 5321 4.3.1: 220) and start reading commands.
 
@@ -448,11 +449,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         if reply.code != 220:
             self.close()
             return
-        self.state = State.NEED_HELO
-        self._arm_timer()
+        self.state = advance(self.state, P.GREETED)
+        self._arm_idle_timer()
         self._update_reading()
         if self._held:  # sent before the greeting (after a TLS handshake): read now
-            self._pump()
+            self._run()
 
     def close(self) -> None:
         """Close the connection once what was written has been sent (the seed's Dispose).
@@ -461,16 +462,15 @@ class SmtpSession(asyncio.BufferedProtocol):
         connection is shut (FIN) and what the client still sends is read and dropped for a
         moment, so that a client that pipelined more commands still reads its last reply (a
         close with unread input resets the connection, and a reset discards the reply from
-        the client's buffer). A client that
-        does not read what is left gets ``write_timeout`` seconds to take it; then the
-        connection is aborted.
+        the client's buffer). A client that does not read what is left gets
+        ``write_timeout`` seconds to take it; then the connection is aborted.
         """
-        self.state = State.CLOSED
+        self.state = advance(self.state, P.CLOSED)
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         self._flush()
-        unread = self._next_line < len(self._lines) or self._held or self._line_reader.pending
+        unread = self._next < len(self._lines) or self._held or self._reader.pending
         if (
             unread
             and self._linger_timer is None
@@ -490,14 +490,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         if transport.get_write_buffer_size():
             self._start_write_clock()
 
-    def _end_linger(self) -> None:
-        self._linger_timer = None
-        if self._transport is not None:
-            self._transport.close()
-
     def abort(self) -> None:
         """Drop the connection at once, discarding unsent data."""
-        self.state = State.CLOSED
+        self.state = advance(self.state, P.CLOSED)
         if self._transport is not None:
             self._transport.abort()
 
@@ -509,34 +504,25 @@ class SmtpSession(asyncio.BufferedProtocol):
         """
         self._closing = True
         if self.is_idle:
-            self._send_and_close(_R_SHUTDOWN)
-
-    @property
-    def is_idle(self) -> bool:
-        """No transaction open and no handler running."""
-        return not self._busy and self.state in (State.GREETING, State.NEED_HELO, State.READY)
-
-    @property
-    def lmtp(self) -> bool:
-        """Whether this session speaks LMTP (RFC 2033)."""
-        return self.config.lmtp
+            self._send_and_close(R.SHUTDOWN)
 
     # --- asyncio.BufferedProtocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not derive from asyncio's classes: no isinstance check.
         self._transport = cast(asyncio.Transport, transport)
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._timer = LazyTimer(loop, self._on_timer)
         if not self._peer_override:
             self.peer = transport.get_extra_info("peername")
         if transport.get_extra_info("ssl_object") is not None:
             self.tls = TlsInfo.of(transport)  # implicit TLS (RFC 8314)
-        self._last_activity = self._loop.time()
+        self._last_activity = loop.time()
         # Nothing is read before the greeting (RFC 5321 3.1). A greeting sent from here, the
         # usual case, comes before the transport's first read; only an asynchronous
         # ``on_session`` needs reading paused (which costs a system call or two on asyncio).
-        self._reading = True
         if log.isEnabledFor(logging.DEBUG):  # the session's logger is made on first use
             self.log.debug("connected")
         self._pools.metrics.connection_opened()
@@ -555,7 +541,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             result = on_session(self)
         except Exception:
             self.log.exception("on_session handler failed")
-            self._send_and_close(_R_UNAVAILABLE)
+            self._send_and_close(R.UNAVAILABLE)
             return
         if inspect.isawaitable(result):
             self._set_reading(False)
@@ -568,7 +554,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             await awaitable
         except Exception:
             self.log.exception("on_session handler failed")
-            self._send_and_close(_R_UNAVAILABLE)
+            self._send_and_close(R.UNAVAILABLE)
             return
         self.start_transaction()
 
@@ -576,8 +562,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         view = self._view
         if view is None:
             # Small buffers for commands, large ones while a message streams in.
-            streaming = self._data_reader is not None or self._bdat_reader is not None
-            self._buffer_owner = self._pools.data if streaming else self._pools.command
+            self._buffer_owner = (
+                self._pools.data if self._input is not None else self._pools.command
+            )
             self._buffer = self._buffer_owner.acquire()
             # A memoryview, not the bytearray: asyncio's TLS layer fills the buffer in
             # several reads through slices of it, and a bytearray slice would be a copy.
@@ -585,6 +572,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
+        """One read: to the reader of the mode, then answer what it completed."""
         view, buffer, owner = self._view, self._buffer, self._buffer_owner
         assert view is not None and buffer is not None
         # The buffer goes back to the pool right after this read: an idle session holds no
@@ -595,7 +583,37 @@ class SmtpSession(asyncio.BufferedProtocol):
         # this method returns (releasing it would raise BufferError there).
         try:
             with view[:nbytes] as data:
-                self._receive(data)
+                if self._busy or not self._started or self.state is State.CLOSED:
+                    # Held while a handler (or TLS) runs, and before the greeting: read
+                    # then. After the close (lingering), dropped.
+                    if self.state is not State.CLOSED:
+                        self._held += data
+                    return
+                reader = self._input
+                if reader is None:
+                    lines = self._reader.feed(data)
+                    if lines:
+                        if self._next < len(self._lines):
+                            self._lines.extend(lines)
+                        else:
+                            self._lines = lines
+                            self._next = 0
+                        self._run()
+                    return
+                # In a message the data timeout runs between reads (RFC 5321 4.5.3.2.5);
+                # a command line must be whole within idle_timeout of when it was awaited.
+                assert self._loop is not None
+                self._last_activity = self._loop.time()
+                tx = self._tx
+                if tx is not None:
+                    tx.bytes_read += len(data)
+                if type(reader) is DataReader:
+                    self._feed_message(reader, data)
+                else:
+                    self._feed_chunk(cast(BdatReader, reader), data)
+                if self._input is not None and tx is not None and not tx.clocked:
+                    self._arm_message_timer(tx)  # longer than a read: its clocks run
+                self._run()
         finally:
             owner.release(buffer)
 
@@ -622,27 +640,27 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._pools.metrics.connection_closed()
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         self._stop_write_clock()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
-        partial = self._data_reader is not None or self._bdat_reader is not None
-        partial = partial or self.state is State.BDAT
-        self.state = State.CLOSED
+        tx = self._tx
+        partial = self._input is not None or self.state is State.BDAT
+        self.state = advance(self.state, P.CLOSED)
         self._transport = None
-        self._data_reader = None
-        self._bdat_reader = None
+        self._input = None
         self._sasl = None
-        self._discard_spool()
-        self._lines.clear()
-        self._next_line = 0
-        self._line_reader.take_pending()
+        self._tx = None
+        self._lines = []
+        self._next = 0
+        self._reader.take_pending()
         self._held.clear()
+        if tx is not None:
+            tx.discard()
         if partial:
             self.log.info("connection lost during a message; discarded")
-            if self._handlers("message_chunk") and self.envelope is not None:
-                self._notify("message_discarded", MessageDiscardedEventArgs(self.envelope, None))
+            if tx is not None and self._handlers("message_chunk"):
+                self._notify("message_discarded", MessageDiscardedEventArgs(tx.envelope, None))
         if log.isEnabledFor(logging.DEBUG):
             self.log.debug("connection lost (%s)", exc or "closed")
         if self._handlers("disconnected"):
@@ -661,23 +679,6 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._write_paused = False
         self._stop_write_clock()
         self._update_reading()
-
-    def _start_write_clock(self) -> None:
-        if self._write_timer is None and self._loop is not None and self.config.write_timeout > 0:
-            self._write_timer = self._loop.call_later(
-                self.config.write_timeout, self._write_timed_out
-            )
-
-    def _stop_write_clock(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-
-    def _write_timed_out(self) -> None:
-        self._write_timer = None
-        if self._transport is not None:
-            self.log.info("client took no replies for %g s; aborted", self.config.write_timeout)
-            self.abort()
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -706,308 +707,361 @@ class SmtpSession(asyncio.BufferedProtocol):
             and self.state is not State.CLOSED
         )
 
-    def _receive(self, data: memoryview | bytes) -> None:
-        assert self._loop is not None
-        if self._data_reader is not None or self._bdat_reader is not None:
-            # In a message the data timeout runs between reads (RFC 5321 4.5.3.2.5); a
-            # command line must be whole within idle_timeout of when the session began
-            # waiting for it, however its bytes trickle in (Postfix's per-record deadline).
-            self._last_activity = self._loop.time()
-        if self._busy or not self._started or self.state is State.CLOSED:
-            # Held while a handler (or TLS) runs, and before the greeting: read then.
-            if self.state is not State.CLOSED:
-                self._held += data
-            return
-        self._consume(data)
-        self._pump()
-
-    def _consume(self, data: memoryview | bytes) -> None:
-        """Hand a read to whichever reader the session is in: message, chunk or commands."""
-        if self._data_reader is not None:
-            self._message_bytes += len(data)
-            self._feed_message(self._data_reader, data)
-        elif self._bdat_reader is not None:
-            self._message_bytes += len(data)
-            self._feed_chunk(self._bdat_reader, data)
+    def _consume(self, data: bytes) -> None:
+        """Bytes from the inbox: to the reader of the mode (nothing is answered here)."""
+        reader = self._input
+        if reader is None:
+            self._lines.extend(self._reader.feed(data))
+        elif type(reader) is DataReader:
+            if self._tx is not None:
+                self._tx.bytes_read += len(data)
+            self._feed_message(reader, data)
         else:
-            self._lines.extend(self._line_reader.feed(data))
+            if self._tx is not None:
+                self._tx.bytes_read += len(data)
+            self._feed_chunk(cast(BdatReader, reader), data)
 
-    def _pump(self) -> None:
-        """Answer every complete command line, in order, until one needs to wait."""
-        lines = self._lines
+    def _requeue(self, data: bytes) -> None:
+        """What followed a message or a chunk: commands, answered after its reply."""
+        if self._busy:
+            self._held += data
+        else:
+            self._lines.extend(self._reader.feed(data))
+
+    def _run(self) -> None:
+        """Answer every command line of the inbox, in order, until one must wait.
+
+        The read loop: each line takes one straight path (order, parse, handlers, reply) in
+        the method the protocol table names for its verb.
+        """
+        assert self._loop is not None
         while not self._busy and self.state is not State.CLOSED:
             if self._limit_reply is not None:
                 self.log.info("closing: %s", self._limit_reply)
                 self._send_and_close(self._limit_reply)
                 break
-            if self._next_line < len(lines):
-                line = lines[self._next_line]
-                self._next_line += 1
-                if self._next_line == len(lines):
-                    lines.clear()
-                    self._next_line = 0
-                self._handle_line(line)
-            elif self._held:
+            lines = self._lines
+            index = self._next
+            if index < len(lines):
+                line = lines[index]
+                self._next = index + 1
+                self._last_activity = self._loop.time()  # the next line's deadline runs from here
+                if self._sasl is not None:
+                    self._sasl_line(line)
+                    continue
+                self._commands += 1
+                if self.config.max_commands and self._commands > self.config.max_commands:
+                    self._limit_reply = R.TOO_MANY_COMMANDS
+                    continue
+                if type(line) is not bytes:
+                    self._write(_error_reply(cast(SmtpError, line)))
+                    continue
+                if len(line) + 2 > self._command_limit and line[:5].upper() != b"AUTH ":
+                    # RFC 5321 4.5.3.1.4 (an AUTH line may be longer: RFC 4954 4).
+                    self._write(R.LINE_TOO_LONG)
+                    continue
+                if line[:1] == b" ":
+                    # RFC 5321 4.1.1: a command line starts with its verb (a leading space
+                    # would let a DATA/BDAT slip past the line reader's stop rule).
+                    self._write(R.BAD_SYNTAX)
+                    continue
+                verb, argument = split_command(line)
+                entry = _DISPATCH.get(verb)
+                if entry is None:
+                    self._unknown(verb, argument)
+                else:
+                    rule, act = entry
+                    if (
+                        self.config.forbid_unauth_pipelining
+                        and verb in _LAST_IN_GROUP_BYTES
+                        and self.authenticated_as is None
+                        and (self._next < len(self._lines) or self._reader.pending or self._held)
+                    ):
+                        self.log.info("%s with more input behind it: closing", rule.verb)
+                        self._send_and_close(R.OUT_OF_SYNC)
+                        break
+                    act(self, rule, argument)
+                continue
+            if self._held:
                 held = bytes(self._held)
                 self._held.clear()
                 self._consume(held)
-            elif (
-                self._data_reader is None
-                and self._bdat_reader is None
-                and self._line_reader.pending
-            ):
+                continue
+            if self._input is None and self._reader.pending and self._sasl is None:
                 # Scanning stopped after DATA/BDAT/STARTTLS (a command that may change how
-                # what follows is read); the command was answered, so go on.
-                more = self._line_reader.feed(b"")
+                # what follows is read); it was answered without that change, so go on.
+                more = self._reader.feed(b"")
                 if not more:
                     break
-                lines.extend(more)
-            else:
-                break
+                self._lines = more
+                self._next = 0
+                continue
+            break
         self._flush()
         if self._closing and self.is_idle and self.state is not State.CLOSED:
-            self._send_and_close(_R_SHUTDOWN)
+            self._send_and_close(R.SHUTDOWN)
 
-    # --- commands ---------------------------------------------------------------------------
+    # --- the commands: one "check" and one "act" each ---------------------------------------
 
-    def _handle_line(self, line: bytes | SmtpError) -> None:
-        assert self._loop is not None
-        self._last_activity = self._loop.time()  # the next line's deadline runs from here
-        if self._sasl is not None:
-            self._auth_response(line)
-            return
-        self._commands += 1
-        if self.config.max_commands and self._commands > self.config.max_commands:
-            self._limit_reply = _R_TOO_MANY_COMMANDS
-            return
-        if not isinstance(line, bytes):
-            self._write(_error_reply(line))
-            return
-        if len(line) + 2 > self._command_limit and line[:5].upper() != b"AUTH ":
-            # RFC 5321 4.5.3.1.4 (an AUTH line may be longer: RFC 4954 4).
-            self._write(_R_LINE_TOO_LONG)
-            return
-        try:
-            command = parse_command(line, smtputf8=self._smtputf8_transaction)
-        except CommandSyntaxError as error:
-            verb = line.partition(b" ")[0].upper()
-            # A command out of order is told so before its syntax is judged (503 over 501).
-            refusal = _state.check(self.state, verb.decode("ascii", "replace"))
-            self._write(refusal if refusal is not None else _error_reply(error))
-            return
-        refusal = _state.check(self.state, command.verb)
-        if (
-            self.config.forbid_unauth_pipelining
-            and command.verb in _LAST_IN_GROUP
-            and self.authenticated_as is None
-            and (self._next_line < len(self._lines) or self._line_reader.pending or self._held)
-        ):
-            self.log.info("%s with more input behind it: closing", command.verb)
-            self._send_and_close(_R_OUT_OF_SYNC)
-            return
-        if isinstance(command, BdatCommand):
-            # RFC 3030: the chunk follows whatever the reply; read it (discarding it when
-            # refused) so the session stays in sync.
-            self._start_chunk(command, refusal)
-            return
+    def _parse(self, rule: Rule, verb: bytes, argument: bytes) -> Any:
+        """The command, or ``None`` when it got its refusal (out of order: 503 before syntax
+        is judged; then syntax)."""
+        refusal = rule.order[self.state]
         if refusal is not None:
             self._write(refusal)
+            return None
+        try:
+            return parse_argument(verb, argument)
+        except CommandSyntaxError as error:
+            self._write(_error_reply(error))
+            return None
+
+    def _decide(
+        self, rule: Rule, handlers: tuple[Any, ...], args: Any, done: Done, context: Any
+    ) -> Any:
+        """Run the handlers of a command; its reply (``None``: the default), or ``_WAIT`` when
+        a handler went asynchronous (``done(context, reply)`` follows, from the task)."""
+        try:
+            result = run_chain(handlers, self, args)
+            if result is None:
+                return None
+            if type(result) is Pending:
+                self._await(result, rule, done, context)
+                return _WAIT
+            return self._answer(result, rule)
+        except Exception as error:
+            answer = self._failure(rule.event, error, rule.failure)
+            if type(answer) is Pending:
+                self._await(answer, rule, done, context, failed=True)
+                return _WAIT
+            return self._checked_failure(answer, rule)
+
+    # HELO / EHLO / LHLO (RFC 5321 4.1.1.1; RFC 2033 4.1)
+
+    def _hello(self, rule: Rule, argument: bytes) -> None:
+        try:
+            command = parse_argument(rule.key, argument)
+        except CommandSyntaxError as error:
+            self._write(_error_reply(error))
             return
-        if command.verb in _JUNK_VERBS:
-            self._junk_commands += 1
-            limit = self.config.max_junk_commands
-            if limit and self._junk_commands > limit:
-                self._count_error()
-        method = _COMMAND_METHODS.get(command.verb)
-        if method is None:
-            self._dispatch(
-                "unhandled_command",
-                CommandEventArgs(command),
-                command.verb,
-                _R_UNKNOWN,
-                self._finish_simple,
-            )
-        else:
-            method(self, command)
-
-    @property
-    def _smtputf8_transaction(self) -> bool:
-        return self.envelope is not None and self.envelope.smtputf8
-
-    @property
-    def _starttls_offered(self) -> bool:
-        return self.config.tls_context is not None and self.tls is None
-
-    @property
-    def _auth_offered(self) -> bool:
-        # RFC 4954 4 / 14: no plaintext passwords over a connection without TLS, unless asked.
-        return (
-            bool(self._handlers("auth"))
-            and bool(self.config.auth_mechanisms)
-            and (self.tls is not None or self.config.auth_over_plaintext)
-        )
-
-    # HELO / EHLO / LHLO
-
-    def _on_helo(self, command: HeloCommand) -> None:
-        self._hello("helo", command, esmtp=False)
-
-    def _on_ehlo(self, command: EhloCommand) -> None:
-        self._hello("ehlo", command, esmtp=True)
-
-    def _on_lhlo(self, command: LhloCommand) -> None:
-        self._hello("lhlo", command, esmtp=True)
-
-    def _hello(
-        self,
-        event: str,
-        command: HeloCommand | EhloCommand | LhloCommand,
-        *,
-        esmtp: bool,
-    ) -> None:
+        lhlo = rule.verb == "LHLO"
         # RFC 2033 4.1: an LMTP server answers LHLO, never HELO/EHLO; and the reverse.
-        if self.config.lmtp != isinstance(command, LhloCommand):
-            self._write(_R_NOT_SMTP if isinstance(command, LhloCommand) else _R_NOT_LMTP)
+        if self.config.lmtp != lhlo:
+            self._write(R.NOT_SMTP if lhlo else R.NOT_LMTP)
             return
-        self._dispatch(
-            event,
-            CommandEventArgs(command),
-            command.verb,
-            Reply(250, "", self.config.hostname),
-            lambda verb, reply: self._finish_hello(command, reply, esmtp),
-        )
+        esmtp = rule.verb != "HELO"
+        keywords = self._keywords() if esmtp else []
+        handlers = self._handlers(rule.event)
+        reply = None
+        if handlers:
+            args = EhloEventArgs(command, keywords=keywords) if esmtp else CommandEventArgs(command)
+            reply = self._decide(rule, handlers, args, self._hello_done, (command, keywords))
+            if reply is _WAIT:
+                return
+        self._hello_done((command, keywords), reply)
 
-    def _finish_hello(
-        self, command: HeloCommand | EhloCommand | LhloCommand, reply: Reply, esmtp: bool
-    ) -> None:
-        accepted = reply.code // 100 == 2
+    def _keywords(self) -> list[str]:
+        return ehlo_keywords(self.config, starttls=self._starttls_offered, auth=self._auth_offered)
+
+    def _hello_done(self, context: tuple[Any, list[str]], reply: Reply | None) -> None:
+        command, keywords = context
+        verb = command.verb
+        accepted = reply is None or reply.code // 100 == 2
         if accepted:
-            # RFC 5321 4.1.4: HELO/EHLO resets the transaction. The EHLO reply lists exactly
-            # the extensions this session serves, whatever the handler's text (4.1.1.1).
+            # RFC 5321 4.1.4: HELO/EHLO resets the transaction. The EHLO reply lists the
+            # keywords (the extensions this session serves, as handlers left them) after the
+            # handler's first line, or the hostname (4.1.1.1).
             self._abandon_transaction()
             self.helo_name = command.client_hostname
-            self.esmtp = esmtp
-            lines: tuple[str, ...] = reply.lines
-            if esmtp:
-                keywords = ehlo_keywords(
-                    self.config, starttls=self._starttls_offered, auth=self._auth_offered
-                )
-                lines = (lines[0], *keywords)
-            reply = Reply(reply.code, "", lines)
-        self.state = _state.advance(self.state, command.verb, accepted)
-        # RFC 2034: enhanced codes come after the client learnt of them; a refusal has one.
-        self._write(reply, enhanced=not accepted)
+            self.esmtp = verb != "HELO"
+        self.state = advance(self.state, verb, accepted)
+        if not accepted:
+            assert reply is not None
+            self._write(reply)  # RFC 2034: a refusal has its enhanced code
+            return
+        if not self.esmtp:
+            hello = self._pools.hello if reply is None else Reply(reply.code, "", reply.lines)
+            self._out.append(hello.wire(False))
+            return
+        first = (reply if reply is not None else self._pools.hello).lines[0]
+        # RFC 2034: enhanced codes come after the client learnt of them.
+        key = (first, *keywords)
+        data = self._pools.ehlo.get(key)
+        if data is None:
+            data = Reply(250, "", key).wire(False)
+            if len(self._pools.ehlo) < _ANSWERS_MAX:
+                self._pools.ehlo[key] = data
+        self._out.append(data)
 
-    # MAIL / RCPT
+    # MAIL (RFC 5321 4.1.1.2)
 
-    def _on_mail(self, command: MailCommand) -> None:
+    def _mail(self, rule: Rule, argument: bytes) -> None:
         config = self.config
+        refusal = rule.order[self.state]
+        if refusal is not None:
+            self._write(refusal)
+            return
         if config.max_transactions and self._transactions >= config.max_transactions:
-            self._limit_reply = _R_TOO_MANY_TRANSACTIONS
+            self._limit_reply = R.TOO_MANY_TRANSACTIONS
+            return
+        try:
+            command = cast(MailCommand, parse_argument(b"MAIL", argument))
+        except CommandSyntaxError as error:
+            self._write(_error_reply(error))
             return
         if config.require_tls and self.tls is None:
-            self._write(_R_TLS_REQUIRED)
+            self._write(R.TLS_REQUIRED)
             return
         if config.auth_require and self.authenticated_as is None:
-            self._write(_R_AUTH_REQUIRED)
+            self._write(R.AUTH_REQUIRED)
             return
-        refusal = check_mail_parameters(command, config, auth=self._auth_offered)
+        if command.parameters:
+            refusal = check_mail_parameters(command, config, auth=self._auth_offered)
+            if refusal is not None:
+                self._write(refusal)
+                return
+        envelope = SmtpEnvelope(
+            return_path=command.return_path,
+            mail_parameters=dict(command.parameters) if command.parameters else {},
+            helo_name=self.helo_name,
+            peer=self.peer,
+            smtputf8=command.smtputf8 and config.smtputf8,
+            body_type=command.body,
+            dsn_ret=command.ret,
+            dsn_envid=command.envid,
+            auth_identity=self.authenticated_as,
+            auth_submitter=command.auth,
+            tls=self.tls is not None,
+        )
+        event = self._events.get("mail")
+        reply = None
+        if event is not None and event.handlers:
+            args = CommandEventArgs(command, envelope)
+            reply = self._decide(rule, event.handlers, args, self._mail_done, envelope)
+            if reply is _WAIT:
+                return
+        self._mail_done(envelope, reply)
+
+    def _mail_done(self, envelope: SmtpEnvelope, reply: Reply | None) -> None:
+        if reply is None:
+            self._transactions += 1
+            self._tx = Transaction(envelope)
+            self.state = _AFTER_MAIL
+            self._out.append(self._wire.MAIL_OK)
+            return
+        if reply.code // 100 == 2:
+            self._transactions += 1
+            self._tx = Transaction(envelope)
+            self.state = _AFTER_MAIL
+        self._write(reply)
+
+    # RCPT (RFC 5321 4.1.1.3)
+
+    def _rcpt(self, rule: Rule, argument: bytes) -> None:
+        refusal = rule.order[self.state]
         if refusal is not None:
             self._write(refusal)
             return
-        self._dispatch(
-            "mail",
-            CommandEventArgs(command),
-            "MAIL",
-            _R_MAIL_OK,
-            lambda verb, reply: self._finish_mail(command, reply),
-        )
-
-    def _finish_mail(self, command: MailCommand, reply: Reply) -> None:
-        accepted = reply.code // 100 == 2
-        if accepted:
-            self._transactions += 1
-            self.envelope = SmtpEnvelope(
-                return_path=command.return_path,
-                mail_parameters=dict(command.parameters),
-                helo_name=self.helo_name,
-                peer=self.peer,
-                smtputf8=command.smtputf8 and self.config.smtputf8,
-                body_type=command.body,
-                dsn_ret=command.ret,
-                dsn_envid=command.envid,
-                auth_identity=self.authenticated_as,
-                auth_submitter=command.auth,
-                tls=self.tls is not None,
+        tx = self._tx
+        assert tx is not None  # the order says a transaction is open
+        envelope = tx.envelope
+        try:
+            command = cast(
+                RcptCommand, parse_argument(b"RCPT", argument, smtputf8=envelope.smtputf8)
             )
-        self.state = _state.advance(self.state, "MAIL", accepted)
-        self._write(reply)
-
-    def _on_rcpt(self, command: RcptCommand) -> None:
-        envelope = self.envelope
-        assert envelope is not None
+        except CommandSyntaxError as error:
+            self._write(_error_reply(error))
+            return
         limit = self.config.max_recipients
         if limit and len(envelope.recipients) >= limit:
-            self._write(_R_TOO_MANY_RCPTS)
+            self._write(R.TOO_MANY_RCPTS)
             return
-        refusal = check_rcpt_parameters(command, self.config)
-        if refusal is not None:
-            self._write(refusal)
+        if command.parameters:
+            refusal = check_rcpt_parameters(command, self.config)
+            if refusal is not None:
+                self._write(refusal)
+                return
+        event = self._events.get("rcpt")
+        reply = None
+        if event is not None and event.handlers:
+            args = CommandEventArgs(command, envelope)
+            reply = self._decide(rule, event.handlers, args, self._rcpt_done, command)
+            if reply is _WAIT:
+                return
+        self._rcpt_done(command, reply)
+
+    def _rcpt_done(self, command: RcptCommand, reply: Reply | None) -> None:
+        tx = self._tx
+        if (reply is None or reply.code // 100 == 2) and tx is not None:
+            envelope = tx.envelope
+            envelope.recipients.append(command.recipient_address)
+            envelope.rcpt_parameters.append(dict(command.parameters))
+            envelope.dsn_notify.append(command.notify)
+            envelope.dsn_orcpt.append(command.orcpt)
+            self.state = _AFTER_RCPT
+        if reply is None:
+            self._out.append(self._wire.RCPT_OK)
+        else:
+            self._write(reply)
+
+    # DATA (RFC 5321 4.1.1.4)
+
+    def _data(self, rule: Rule, argument: bytes) -> None:
+        command = self._parse(rule, b"DATA", argument)
+        if command is None:
             return
-        self._dispatch(
-            "rcpt",
-            CommandEventArgs(command),
-            "RCPT",
-            _R_RCPT_OK,
-            lambda verb, reply: self._finish_rcpt(command, reply),
-        )
-
-    def _finish_rcpt(self, command: RcptCommand, reply: Reply) -> None:
-        accepted = reply.code // 100 == 2
-        if accepted and self.envelope is not None:
-            self.envelope.recipients.append(command.recipient_address)
-            self.envelope.rcpt_parameters.append(dict(command.parameters))
-            self.envelope.dsn_notify.append(command.notify)
-            self.envelope.dsn_orcpt.append(command.orcpt)
-        self.state = _state.advance(self.state, "RCPT", accepted)
-        self._write(reply)
-
-    # DATA
-
-    def _on_data(self, command: DataCommand) -> None:
-        if self.envelope is not None and self.envelope.body_type == "BINARYMIME":
-            self._write(_R_BINARYMIME_DATA)  # RFC 3030 3
+        tx = self._tx
+        if tx is not None and tx.envelope.body_type == "BINARYMIME":
+            self._write(R.BINARYMIME_DATA)  # RFC 3030 3
             return
-        self._dispatch("data", CommandEventArgs(command), "DATA", _R_DATA_GO, self._finish_data)
+        event = self._events.get("data")
+        reply = None
+        if event is not None and event.handlers:
+            args = CommandEventArgs(command, tx.envelope if tx is not None else None)
+            reply = self._decide(rule, event.handlers, args, self._data_done, command)
+            if reply is _WAIT:
+                return
+        self._data_done(command, reply)
 
-    def _finish_data(self, verb: str, reply: Reply) -> None:
-        self._write(reply)
-        if reply.code != 354:
-            return
+    def _data_done(self, command: DataCommand, reply: Reply | None) -> None:
+        if reply is not None:
+            self._write(reply)
+            if reply.code != 354:
+                return
+        else:
+            self._out.append(self._wire.DATA_GO)
         self._flush()
-        self.state = State.DATA
-        self._start_message_clock()
+        tx = self._tx
+        assert tx is not None and self._loop is not None
+        self.state = _AFTER_DATA
+        tx.started = self._loop.time()
+        tx.bytes_read = 0
         config = self.config
-        self._data_reader = reader = DataReader(
+        reader = DataReader(
             config.max_message_size, config.max_text_line_length, config.bare_newline
         )
-        pending = self._line_reader.take_pending()
+        self._input = reader
+        pending = self._reader.take_pending()
         if pending:
+            tx.bytes_read += len(pending)
             self._feed_message(reader, pending)
+            if self._input is not None and not tx.clocked:
+                self._arm_message_timer(tx)
 
     def _feed_message(self, reader: DataReader, data: memoryview | bytes) -> None:
         chunk = reader.feed(data)
-        if reader.error is not None and self._spool is not None:
-            self._discard_spool()  # refused at its end whatever comes: keep nothing of it
-        then = (lambda: self._message_read(reader)) if reader.done else None
-        if chunk and self._take_chunk(chunk, then):
-            return  # an async chunk handler runs; ``then`` follows it
-        if then is not None:
-            then()
+        tx = self._tx
+        assert tx is not None
+        if reader.error is not None and tx.spool is not None:
+            tx.discard()  # refused at its end whatever comes: keep nothing of it
+        if chunk and self._keep(tx, chunk):
+            return  # an async chunk handler runs; _after_chunk_handlers goes on
+        if reader.done:
+            self._message_read(reader)
 
     def _message_read(self, reader: DataReader) -> None:
         """The end mark was read: answer the message, then what was pipelined after it."""
-        self._data_reader = None
+        self._input = None
         trailing = reader.trailing
         error = reader.error
         self._end_of_message(_message_error_reply(error) if error is not None else None)
@@ -1016,309 +1070,342 @@ class SmtpSession(asyncio.BufferedProtocol):
             # message's reply, in order.
             self._requeue(trailing)
 
-    def _start_message_clock(self) -> None:
-        assert self._loop is not None
-        self._message_started = self._loop.time()
-        self._message_bytes = 0
-        self._rate_marks.clear()
-        self._rearm_timer()  # the data timeout and rate checks apply from now on
-
-    def _take_chunk(self, chunk: bytes, then: Callable[[], None] | None) -> bool:
+    def _keep(self, tx: Transaction, chunk: bytes) -> bool:
         """Keep a piece of the message, or stream it to ``message_chunk`` handlers.
 
         Returns true when an async handler took it: reading pauses until it is done
-        (back-pressure), and ``then`` runs after it.
+        (back-pressure), and the message goes on from :meth:`_after_chunk_handlers`.
         """
-        handlers = self._handlers("message_chunk")
-        if not handlers:
-            if self._stream_refusal is not None:
+        if tx.refusal is not None:
+            return False
+        event = self._events.get("message_chunk")
+        if event is None or not event.handlers:
+            if tx.spool is None and tx.first is None and len(chunk) <= self.config.spool_threshold:
+                tx.first = chunk  # a small message in one piece needs no spool
                 return False
-            spool = self._spool
-            if spool is None:
-                spool = self._spool = MessageSpool(
-                    self.config.spool_threshold, self.config.spool_directory
-                )
+            spool = tx.spool
             try:
+                if spool is None:
+                    spool = tx.spool = MessageSpool(
+                        self.config.spool_threshold, self.config.spool_directory
+                    )
+                    first, tx.first = tx.first, None
+                    if first is not None:
+                        spool.write(first)
                 spool.write(chunk)
             except OSError as error:
                 # The disk refused (full, read-only): the rest of the message is read and
                 # dropped, and the client told to try again later (452 4.3.1).
                 self.log.error("cannot spool the message: %s", error)
-                self._discard_spool()
-                self._stream_refusal = _R_STORAGE_FAILED
+                tx.discard()
+                tx.refusal = R.STORAGE_FAILED
             return False
-        envelope = self.envelope
-        if envelope is None or self._stream_refusal is not None:
-            return False
-        args = MessageChunkEventArgs(envelope, chunk, self._streamed)
-        self._streamed += len(chunk)
-        for index, handler in enumerate(handlers):
-            try:
-                result = handler(self, args)
-            except Exception as error:
-                self._stream_refusal = self._chunk_failure(error)
-                return False
-            if inspect.isawaitable(result):
-                self._busy = True
-                self._flush()
-                self._update_reading()
-                self._handler_task = self._spawn(
-                    self._stream_async(result, handlers[index + 1 :], args, then)
-                )
-                self._start_handler_clock(self.config.handler_timeout)
-                return True
-        return False
-
-    async def _stream_async(
-        self,
-        pending: Awaitable[Any],
-        rest: tuple[Callable[[Any, MessageChunkEventArgs], HandlerResult], ...],
-        args: MessageChunkEventArgs,
-        then: Callable[[], None] | None,
-    ) -> None:
+        args = MessageChunkEventArgs(tx.envelope, chunk, tx.streamed)
+        tx.streamed += len(chunk)
         try:
-            await pending
-            for handler in rest:
-                result = handler(self, args)
-                if inspect.isawaitable(result):
-                    await result
+            result = run_all(event.handlers, self, args)
+        except Exception as error:
+            tx.refusal = self._chunk_failure(error)
+            return False
+        if type(result) is not Pending:
+            return False
+        self._busy = True
+        self._flush()
+        self._update_reading()
+        self._handler_task = self._spawn(self._stream(result, tx))
+        self._start_handler_clock(self.config.handler_timeout)
+        return True
+
+    async def _stream(self, pending: Pending, tx: Transaction) -> None:
+        try:
+            await pending.coroutine
         except asyncio.CancelledError:
             if not self._handler_timed_out:
                 raise
-            self._stream_refusal = _R_HANDLER_TIMEOUT
+            tx.refusal = R.HANDLER_TIMEOUT
         except Exception as error:
-            self._stream_refusal = self._chunk_failure(error)
+            tx.refusal = self._chunk_failure(error)
         self._stop_handler_clock()
         self._busy = False
         if self.state is State.CLOSED or self._transport is None:
             return
-        if then is not None:
-            then()
+        self._after_chunk_handlers()
         self._update_reading()
-        self._pump()
+        self._run()
 
-    def _requeue(self, data: bytes) -> None:
-        if self._busy:
-            self._held += data
+    def _after_chunk_handlers(self) -> None:
+        """Async chunk handlers are done: the message or chunk goes on where it stopped."""
+        reader = self._input
+        if reader is None or not reader.done:
+            return
+        if type(reader) is DataReader:
+            self._message_read(reader)
         else:
-            self._lines.extend(self._line_reader.feed(data))
+            self._end_of_chunk(cast(BdatReader, reader))
 
     # BDAT (RFC 3030)
 
-    def _start_chunk(self, command: BdatCommand, refusal: Reply | None) -> None:
+    def _bdat(self, rule: Rule, argument: bytes) -> None:
+        try:
+            command = cast(BdatCommand, parse_argument(b"BDAT", argument))
+        except CommandSyntaxError as error:
+            refusal = rule.order[self.state]  # out of order: 503 before syntax is judged
+            self._write(refusal if refusal is not None else _error_reply(error))
+            return
         config = self.config
         if command.size > (config.max_message_size or sys.maxsize):
             # A chunk larger than any message may be (or than any size a reader can count,
-            # 2**63 - 1): reading it only to discard it could take forever, and not reading
-            # it would take its bytes for commands. Said, and closed.
+            # 2**63 - 1): reading it only to drop it could take forever, and not reading it
+            # would take its bytes for commands. Said, and closed.
             self.log.info("BDAT chunk of %d octets refused; closing", command.size)
-            self._send_and_close(R_TOO_BIG)
+            self._send_and_close(R.TOO_BIG)
             return
+        # RFC 3030: the chunk follows whatever the reply; read it (and drop it when refused)
+        # so the session stays in sync.
+        refusal = rule.order[self.state]
         if refusal is None and not config.chunking:
-            refusal = _R_NOT_IMPLEMENTED
-        if refusal is None and self.envelope is None:  # pragma: no cover - state says so
-            refusal = _R_HANDLER_FAILED
-        self._bdat_command = command
-        self._bdat_refusal = refusal
-        self._bdat_reader = reader = BdatReader(
-            command.size, config.max_message_size, self._message_size
-        )
-        if self.state is not State.BDAT:
-            self._start_message_clock()
-        pending = self._line_reader.take_pending()
+            refusal = R.NOT_IMPLEMENTED
+        tx = self._tx
+        if refusal is None and tx is None:  # pragma: no cover - the order says it is open
+            refusal = R.HANDLER_FAILED
+        self._chunk = command
+        self._chunk_refusal = refusal
+        reader = BdatReader(command.size, config.max_message_size, tx.size if tx else 0)
+        self._input = reader
+        if tx is not None and refusal is None and self.state is not State.BDAT:
+            assert self._loop is not None
+            tx.started = self._loop.time()
+            tx.bytes_read = 0
+            tx.rate_marks.clear()
+        pending = self._reader.take_pending()
         if reader.done:  # BDAT 0
             self._end_of_chunk(reader, pending)
         elif pending:
+            if tx is not None:
+                tx.bytes_read += len(pending)
             self._feed_chunk(reader, pending)
 
     def _feed_chunk(self, reader: BdatReader, data: memoryview | bytes) -> None:
         chunk = reader.feed(data)
-        if reader.error is not None and self._spool is not None:
-            self._discard_spool()  # the transaction fails (RFC 3030 2): keep nothing of it
-        then = (lambda: self._end_of_chunk(reader, reader.trailing)) if reader.done else None
-        if chunk and self._bdat_refusal is None and self._take_chunk(chunk, then):
-            return  # an async chunk handler runs; ``then`` follows it
-        if then is not None:
-            then()
+        tx = self._tx
+        if reader.error is not None and tx is not None and tx.spool is not None:
+            tx.discard()  # the transaction fails (RFC 3030 2): keep nothing of it
+        if chunk and self._chunk_refusal is None and tx is not None and self._keep(tx, chunk):
+            return  # an async chunk handler runs; _after_chunk_handlers goes on
+        if reader.done:
+            self._end_of_chunk(reader)
 
-    def _end_of_chunk(self, reader: BdatReader, trailing: bytes) -> None:
-        command, refusal = self._bdat_command, self._bdat_refusal
+    def _end_of_chunk(self, reader: BdatReader, trailing: bytes | None = None) -> None:
+        command, refusal = self._chunk, self._chunk_refusal
         assert command is not None
-        self._bdat_reader = None
-        self._bdat_command = None
+        self._input = None
+        self._chunk = None
+        self._chunk_refusal = None
+        if trailing is None:
+            trailing = reader.trailing
+        tx = self._tx
         if refusal is not None:
             self._write(refusal)  # the chunk was read and dropped
         elif reader.error is not None:
             # RFC 3030 2: a failed chunk fails the whole transaction.
             self._end_of_message(_message_error_reply(reader.error))
-        else:
-            self._message_size = reader.size
-            self._dispatch(
-                "bdat",
-                CommandEventArgs(command),
-                "BDAT",
-                Reply(250, "2.0.0", f"{command.size} octets received"),
-                lambda verb, reply: self._finish_chunk(command, reply),
-            )
+        elif tx is not None:
+            tx.size = reader.size
+            handlers = self._handlers("bdat")
+            reply = None
+            if handlers:
+                args = CommandEventArgs(command, tx.envelope)
+                reply = self._decide(RULES["BDAT"], handlers, args, self._chunk_done, command)
+            if reply is not _WAIT:
+                self._chunk_done(command, reply)
         if trailing:
             self._requeue(trailing)
 
-    def _finish_chunk(self, command: BdatCommand, reply: Reply) -> None:
-        if reply.code // 100 != 2:
+    def _chunk_done(self, command: BdatCommand, reply: Reply | None) -> None:
+        if reply is not None and reply.code // 100 != 2:
             self._end_of_message(reply)
         elif command.last:
-            self.state = State.BDAT
+            self.state = advance(self.state, "BDAT")
             self._end_of_message(None)
         else:
-            self.state = _state.advance(self.state, "BDAT", True)
+            self.state = advance(self.state, "BDAT")
+            if reply is None:
+                reply = Reply(250, "2.0.0", f"{command.size} octets received")
             self._write(reply)
 
     # The end of a message, DATA or BDAT LAST
 
     def _end_of_message(self, refusal: Reply | None) -> None:
-        spool, self._spool = self._spool, None
-        envelope = self.envelope
-        streamed = bool(self._handlers("message_chunk"))
-        if refusal is None and self._stream_refusal is not None:
-            refusal = self._stream_refusal
-        if refusal is not None or envelope is None:
+        tx = self._tx
+        events = self._events
+        chunk_event = events.get("message_chunk")
+        streamed = chunk_event is not None and bool(chunk_event.handlers)
+        if refusal is None and tx is not None:
+            refusal = tx.refusal
+        if refusal is not None or tx is None:
             # Read to its end, so the session is in sync; never delivered.
-            reply = refusal if refusal is not None else _R_HANDLER_FAILED
-            if spool is not None:
-                spool.discard()
+            reply = refusal if refusal is not None else R.HANDLER_FAILED
+            if tx is not None:
+                tx.discard()
             self.log.info("message refused: %s", reply)
-            if streamed and envelope is not None:
-                self._notify("message_discarded", MessageDiscardedEventArgs(envelope, reply))
-            self._finish_message("DATA", reply)
+            if streamed and tx is not None:
+                self._notify("message_discarded", MessageDiscardedEventArgs(tx.envelope, reply))
+            self._message_done(None, reply)
             return
+        envelope = tx.envelope
         if streamed:
             envelope.message = None
-            size = self._streamed
-            args = MessageReceivedEventArgs(envelope, b"", True, size)
+            args = MessageReceivedEventArgs(envelope, b"", True, tx.streamed)
+            size = tx.streamed
         else:
             # The spool (memory, or its file) goes with the envelope: read when a handler
             # asks, deleted when nothing refers to the message any more.
-            size = spool.size if spool is not None else 0
-            args = MessageReceivedEventArgs(envelope, spool if spool is not None else b"")
-        self._dispatch(
-            "message_received",
-            args,
-            "DATA",
-            _R_QUEUED,
-            lambda verb, reply: self._finish_message(verb, reply, size),
-            failure=_R_MESSAGE_HANDLER_FAILED,
-            # RFC 2033 4.2: in LMTP, one reply per accepted recipient, in order.
-            coerce=self._to_recipient_replies if self.config.lmtp else None,
-        )
+            spool = tx.spool
+            if spool is not None:
+                args = MessageReceivedEventArgs(envelope, spool, False, spool.size)
+                size = spool.size
+            else:
+                first = tx.first if tx.first is not None else b""
+                args = MessageReceivedEventArgs(envelope, first, False, len(first))
+                size = len(first)
+        event = events.get("message_received")
+        answer = None
+        if event is not None and event.handlers:
+            answer = self._decide(_MESSAGE, event.handlers, args, self._message_done, args)
+            if answer is _WAIT:
+                return
+        self._message_done(args, answer, size)
 
-    def _finish_message(self, verb: str, reply: Reply | list[Reply], size: int = 0) -> None:
-        recipients = len(self.envelope.recipients) if self.envelope is not None else 1
-        self._reset_transaction()
-        self.state = _state.end_of_message(self.state)
-        replies = (
-            reply
-            if isinstance(reply, list)
-            else [reply] * (max(recipients, 1) if self.config.lmtp else 1)
-        )
-        if any(each.code // 100 == 2 for each in replies):
+    def _message_done(
+        self,
+        args: MessageReceivedEventArgs | None,
+        reply: Reply | list[Reply] | None,
+        size: int = -1,
+    ) -> None:
+        tx = self._tx
+        recipients = len(tx.envelope.recipients) if tx is not None else 1
+        self._tx = None
+        self.state = advance(self.state, P.END_OF_MESSAGE)
+        if reply is None:
+            accepted = True
+            # The default reply (RFC 2033 4.2: one per recipient in LMTP).
+            wire = self._wire.QUEUED
+            self._out.extend([wire] * recipients if self.config.lmtp else [wire])
+        else:
+            replies = (
+                reply
+                if isinstance(reply, list)
+                else [reply] * (max(recipients, 1) if self.config.lmtp else 1)
+            )
+            accepted = any(each.code // 100 == 2 for each in replies)
+            for each in replies:
+                self._write(each)
+        if accepted:
+            if size < 0:
+                size = args.size if args is not None else 0
             self._pools.metrics.message_accepted(size)
             self._junk_commands = 0
-        for each in replies:
-            self._write(each)
 
-    def _to_recipient_replies(self, result: object, verb: str, default: Reply) -> list[Reply]:
-        envelope = self.envelope
-        count = len(envelope.recipients) if envelope is not None else 1
-        if isinstance(result, (list, tuple)):
-            if len(result) != count:
-                raise ValueError(f"LMTP handler gave {len(result)} replies for {count} recipients")
-            return [self._to_reply(each, verb, default) for each in result]
-        return [self._to_reply(result, verb, default)] * count
+    # RSET, NOOP, VRFY, EXPN, HELP, and verbs nobody knows
 
-    # RSET, NOOP, VRFY, EXPN, HELP, QUIT
+    def _simple(self, rule: Rule, argument: bytes) -> None:
+        command = self._parse(rule, rule.key, argument)
+        if command is None:
+            return
+        if rule.verb in _JUNK_VERBS:
+            self._junk_commands += 1
+            limit = self.config.max_junk_commands
+            if limit and self._junk_commands > limit:
+                self._count_error()
+        handlers = self._handlers(rule.event)
+        reply = None
+        if handlers:
+            reply = self._decide(rule, handlers, CommandEventArgs(command), self._simple_done, rule)
+            if reply is _WAIT:
+                return
+        self._simple_done(rule, reply)
 
-    def _on_rset(self, command: RsetCommand) -> None:
-        self._dispatch("rset", CommandEventArgs(command), "RSET", _R_OK, self._finish_rset)
-
-    def _finish_rset(self, verb: str, reply: Reply) -> None:
-        accepted = reply.code // 100 == 2
-        if accepted:
+    def _simple_done(self, rule: Rule, reply: Reply | None) -> None:
+        verb = rule.verb
+        accepted = reply is None or reply.code // 100 == 2
+        if verb == "RSET" and accepted:
             self._abandon_transaction()
-        self.state = _state.advance(self.state, "RSET", accepted)
-        self._write(reply)
+        self.state = advance(self.state, verb, accepted)
+        self._write(reply if reply is not None else rule.default)
 
-    def _on_noop(self, command: NoopCommand) -> None:
-        self._dispatch("noop", CommandEventArgs(command), "NOOP", _R_OK, self._finish_simple)
+    def _unknown(self, verb: bytes, argument: bytes) -> None:
+        command = parse_argument(verb, argument)  # an SmtpCommand: unknown verbs never fail
+        handlers = self._handlers("unhandled_command")
+        reply = None
+        if handlers:
+            rule = UNKNOWN
+            reply = self._decide(rule, handlers, CommandEventArgs(command), self._simple_done, rule)
+            if reply is _WAIT:
+                return
+        self._simple_done(UNKNOWN, reply)
 
-    def _on_vrfy(self, command: VrfyCommand) -> None:
-        self._dispatch("vrfy", CommandEventArgs(command), "VRFY", _R_VRFY, self._finish_simple)
+    # QUIT (RFC 5321 4.1.1.10)
 
-    def _on_expn(self, command: ExpnCommand) -> None:
-        self._dispatch("expn", CommandEventArgs(command), "EXPN", _R_EXPN, self._finish_simple)
+    def _quit(self, rule: Rule, argument: bytes) -> None:
+        command = self._parse(rule, b"QUIT", argument)
+        if command is None:
+            return
+        handlers = self._handlers("quit")
+        reply = None
+        if handlers:
+            reply = self._decide(
+                rule, handlers, CommandEventArgs(command), self._quit_done, command
+            )
+            if reply is _WAIT:
+                return
+        self._quit_done(command, reply)
 
-    def _on_help(self, command: HelpCommand) -> None:
-        self._dispatch("help", CommandEventArgs(command), "HELP", _R_HELP, self._finish_simple)
-
-    def _on_quit(self, command: QuitCommand) -> None:
-        self._dispatch("quit", CommandEventArgs(command), "QUIT", _R_BYE, self._finish_quit)
-
-    def _finish_quit(self, verb: str, reply: Reply) -> None:
+    def _quit_done(self, command: QuitCommand, reply: Reply | None) -> None:
         # RFC 5321 4.1.1.10: the server MUST send an OK reply and then close.
-        self._write(reply)
+        self._write(reply if reply is not None else R.BYE)
         self._flush()
-        self.state = State.CLOSED
+        self.state = advance(self.state, "QUIT")
         if self._handlers("close_requested"):
             self._notify("close_requested", EventArgs())
         self.close()
 
-    def _finish_simple(self, verb: str, reply: Reply) -> None:
-        self._write(reply)
-
-    def _abandon_transaction(self) -> None:
-        """RSET, a new HELO/EHLO or TLS ends an open transaction: what was streamed of its
-        message (BDAT chunks) is discarded, and its handlers are told so."""
-        envelope = self.envelope
-        if envelope is not None and self._streamed and self._handlers("message_chunk"):
-            self._notify("message_discarded", MessageDiscardedEventArgs(envelope, None))
-        self._reset_transaction()
-
-    def _discard_spool(self) -> None:
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            spool.discard()
-
-    def _reset_transaction(self) -> None:
-        self.envelope = None
-        self._discard_spool()
-        self._message_size = 0
-        self._streamed = 0
-        self._stream_refusal = None
-
     # STARTTLS (RFC 3207)
 
-    def _on_starttls(self, command: StarttlsCommand) -> None:
+    @property
+    def _starttls_offered(self) -> bool:
+        return self.config.tls_context is not None and self.tls is None
+
+    def _starttls(self, rule: Rule, argument: bytes) -> None:
+        command = self._parse(rule, b"STARTTLS", argument)
+        if command is None:
+            return
         if self.tls is not None:
-            self._write(_R_TLS_ACTIVE)
+            self._write(R.TLS_ACTIVE)
             return
         if not self._starttls_offered:
-            self._write(_R_NOT_IMPLEMENTED)
+            self._write(R.NOT_IMPLEMENTED)
             return
-        self._dispatch(
-            "starttls", CommandEventArgs(command), "STARTTLS", _R_TLS_GO, self._finish_starttls
-        )
+        handlers = self._handlers("starttls")
+        reply = None
+        if handlers:
+            args = CommandEventArgs(command)
+            reply = self._decide(rule, handlers, args, self._starttls_done, command)
+            if reply is _WAIT:
+                return
+        self._starttls_done(command, reply)
 
-    def _finish_starttls(self, verb: str, reply: Reply) -> None:
-        self._write(reply)
-        if reply.code != 220:
+    def _starttls_done(self, command: StarttlsCommand, reply: Reply | None) -> None:
+        self._write(reply if reply is not None else R.TLS_GO)
+        if reply is not None and reply.code != 220:
             return
         self._flush()
         # RFC 3207 5 / CVE-2011-0411: nothing the client sent after STARTTLS, before the
         # handshake, may be read as a command; the line reader stopped right after STARTTLS.
         # A client that did not wait for our 220 may have sent its ClientHello with the
         # command: TLS bytes go to the TLS layer, plaintext is dropped.
-        early = self._line_reader.take_pending() + bytes(self._held)
-        self._lines.clear()
-        self._next_line = 0
+        early = self._reader.take_pending() + bytes(self._held)
+        self._lines = []
+        self._next = 0
         self._held.clear()
         if early and not looks_like_tls(early):
             self.log.info("discarded %d bytes sent after STARTTLS", len(early))
@@ -1339,9 +1426,8 @@ class SmtpSession(asyncio.BufferedProtocol):
                 early_data=early_data,
             )
         except HANDSHAKE_ERRORS as error:
-            self.log.info("TLS handshake failed: %s", str(error) or type(error).__name__)
+            self.log.info("TLS handshake failed: %s", describe(error))
             self._busy = False
-            self.state = State.CLOSED
             self._end(error)
             return
         except BaseException:
@@ -1356,42 +1442,55 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.log.debug("TLS up (%s, %s)", self.tls.version, self.tls.cipher)
         # RFC 3207 4.2: forget everything learnt from the client before TLS.
         self._abandon_transaction()
-        self.state = State.NEED_HELO
+        self.state = advance(self.state, P.TLS_STARTED)
         self.helo_name = None
         self.esmtp = False
         self.authenticated_as = None
         self._busy = False
         self._reading = False
         self._update_reading()
-        self._pump()
+        self._run()
 
     # AUTH (RFC 4954)
 
-    def _on_auth(self, command: AuthCommand) -> None:
+    @property
+    def _auth_offered(self) -> bool:
+        # RFC 4954 4 / 14: no plaintext passwords over a connection without TLS, unless asked.
+        return (
+            bool(self._handlers("auth"))
+            and bool(self.config.auth_mechanisms)
+            and (self.tls is not None or self.config.auth_over_plaintext)
+        )
+
+    def _auth(self, rule: Rule, argument: bytes) -> None:
+        command = self._parse(rule, b"AUTH", argument)
+        if command is None:
+            return
         if self.authenticated_as is not None:
-            self._write(_R_AUTH_TWICE)
+            self._write(R.AUTH_TWICE)
             return
         if not self._auth_offered:
             if self._handlers("auth") and self.tls is None and self._starttls_offered:
-                self._write(_R_AUTH_ENCRYPTION)
+                self._write(R.AUTH_ENCRYPTION)
             else:
-                self._write(_R_AUTH_NOT_ENABLED)
+                self._write(R.AUTH_NOT_ENABLED)
             return
         if command.mechanism not in self.config.auth_mechanisms:
-            self._write(_R_AUTH_MECHANISM)
+            self._write(R.AUTH_MECHANISM)
             return
         self._sasl = SaslExchange(command.mechanism, self.config.hostname)
         self._sasl_command = command
-        self._auth_step(command.initial_response)
+        self._sasl_step(command.initial_response)
 
-    def _auth_response(self, line: bytes | SmtpError) -> None:
+    def _sasl_line(self, line: bytes | SmtpError) -> None:
+        """A line of an AUTH exchange: the client's response to our challenge."""
         if isinstance(line, SmtpError):
             self._end_sasl()
-            self._write(_R_AUTH_LINE if isinstance(line, LineTooLong) else _error_reply(line))
+            self._write(R.AUTH_LINE if isinstance(line, LineTooLong) else _error_reply(line))
             return
-        self._auth_step(line.decode("ascii", "replace").strip(" "))
+        self._sasl_step(line.decode("ascii", "replace").strip(" "))
 
-    def _auth_step(self, response: str | None) -> None:
+    def _sasl_step(self, response: str | None) -> None:
         sasl, command = self._sasl, self._sasl_command
         assert sasl is not None and command is not None
         try:
@@ -1406,28 +1505,19 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self._end_sasl()
         # Never log credentials: the mechanism and the identity only.
-        self._dispatch(
-            "auth",
-            AuthEventArgs(command, result),
-            "AUTH",
-            _R_AUTH_FAILED,
-            lambda verb, reply: self._finish_auth(result.username, reply),
-            failure=_R_AUTH_HANDLER_FAILED,
-            coerce=self._to_auth_reply,
-        )
+        handlers = self._handlers("auth")
+        args = AuthEventArgs(command, result)
+        reply = self._decide(_AUTH, handlers, args, self._auth_done, result)
+        if reply is not _WAIT:
+            self._auth_done(result, reply)
 
     def _end_sasl(self) -> None:
         self._sasl = None
         self._sasl_command = None
 
-    def _to_auth_reply(self, result: object, verb: str, default: Reply) -> Reply:
-        if result is True:
-            return _R_AUTH_OK
-        if result is False or result is None:
-            return _R_AUTH_FAILED
-        return self._to_reply(result, verb, default)
-
-    def _finish_auth(self, username: str, reply: Reply) -> None:
+    def _auth_done(self, credentials: Credentials, answer: Reply | None) -> None:
+        reply = answer if answer is not None else R.AUTH_FAILED
+        username = credentials.username
         if reply.code // 100 == 2:
             self.authenticated_as = username
             self.log.info("authenticated as %r", username)
@@ -1443,7 +1533,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._count_error()
         limit = self.config.max_auth_failures
         if limit and self._auth_failures >= limit and self._limit_reply is None:
-            self._limit_reply = _R_TOO_MANY_AUTH_FAILURES
+            self._limit_reply = R.TOO_MANY_AUTH_FAILURES
         delay = self.config.auth_failure_delay
         if self._auth_failures > 1 and delay > 0 and self._loop is not None:
             self._busy = True
@@ -1459,164 +1549,94 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self._write(reply)
         self._update_reading()
-        self._pump()
+        self._run()
+
+    # The transaction
+
+    def _abandon_transaction(self) -> None:
+        """RSET, a new HELO/EHLO or TLS ends an open transaction: what was streamed of its
+        message (BDAT chunks) is discarded, and its handlers are told so."""
+        tx = self._tx
+        if tx is None:
+            return
+        self._tx = None
+        tx.discard()
+        if tx.streamed and self._handlers("message_chunk"):
+            self._notify("message_discarded", MessageDiscardedEventArgs(tx.envelope, None))
 
     # --- handlers ---------------------------------------------------------------------------
 
-    def _dispatch(
-        self,
-        event: str,
-        args: ArgsT,
-        verb: str,
-        default: Reply,
-        finish: Finish,
-        failure: Reply = _R_HANDLER_FAILED,
-        coerce: Coerce | None = None,
+    def _await(
+        self, pending: Pending, rule: Rule, done: Done, context: Any, failed: bool = False
     ) -> None:
-        """Run the handlers of the event named ``event``; ``finish(verb, reply)`` with theirs.
+        """A handler went asynchronous: the rest runs in a task while reading pauses, so
+        replies stay in order (RFC 2920 3.1); ``done(context, reply)`` follows."""
+        self._busy = True
+        self._flush()
+        self._update_reading()
+        self._handler_task = self._spawn(self._finish(pending, rule, done, context, failed))
+        self._start_handler_clock(
+            self.config.message_handler_timeout if rule is _MESSAGE else self.config.handler_timeout
+        )
 
-        Synchronous handlers run inline. The first awaitable moves the rest into a task; the
-        session stops reading until it is done, so replies stay in order (RFC 2920 3.1).
-        A handler that raises, or answers something that is not a valid reply, is logged with
-        its traceback and the client gets ``failure`` (451 4.3.0; 554 5.3.0 after DATA).
-        """
-        to_reply = coerce if coerce is not None else self._to_reply
-        handlers = self._handlers(event)
-        if not handlers:
-            finish(verb, to_reply(None, verb, default))
-            return
-        try:
-            for index, handler in enumerate(handlers):
-                result = handler(self, args)
-                if inspect.isawaitable(result):
-                    self._busy = True
-                    self._flush()
-                    self._update_reading()
-                    rest = handlers[index + 1 :]
-                    self._handler_task = self._spawn(
-                        self._dispatch_async(
-                            result, rest, args, verb, default, finish, failure, to_reply
-                        )
-                    )
-                    self._start_handler_clock(
-                        self.config.message_handler_timeout
-                        if isinstance(args, MessageReceivedEventArgs)
-                        else self.config.handler_timeout
-                    )
-                    return
-                if result is not None:
-                    break
-            else:
-                result = None
-            reply = to_reply(result, verb, default)
-        except Exception as error:
-            answer = self._failure(event, error, failure)
-            if inspect.isawaitable(answer):  # an async handler_error hook
-                self._busy = True
-                self._flush()
-                self._update_reading()
-                self._handler_task = self._spawn(
-                    self._dispatch_async(answer, (), args, verb, failure, finish, failure, to_reply)
-                )
-                self._start_handler_clock(self.config.handler_timeout)
-                return
-            reply = self._checked_failure(answer, verb, failure, to_reply)
-        finish(verb, reply)
-
-    async def _dispatch_async(
-        self,
-        pending: Awaitable[Any],
-        rest: tuple[Callable[[Any, ArgsT], HandlerResult], ...],
-        args: ArgsT,
-        verb: str,
-        default: Reply,
-        finish: Finish,
-        failure: Reply,
-        to_reply: Coerce,
+    async def _finish(
+        self, pending: Pending, rule: Rule, done: Done, context: Any, failed: bool
     ) -> None:
+        reply: Any
         try:
-            result: Any = await pending
-            for handler in rest:
-                if result is not None:
-                    break
-                result = handler(self, args)
-                if inspect.isawaitable(result):
-                    result = await result
-            reply = to_reply(result, verb, default)
+            result = await pending.coroutine
+            reply = self._checked_failure(result, rule) if failed else self._answer(result, rule)
         except asyncio.CancelledError:
             if not self._handler_timed_out:
                 raise  # the session is going away
-            reply = to_reply(_R_HANDLER_TIMEOUT, verb, _R_HANDLER_TIMEOUT)
+            reply = self._answer(R.HANDLER_TIMEOUT, rule)
         except Exception as error:
-            answer = self._failure(verb.lower(), error, failure)
-            if inspect.isawaitable(answer):
+            answer = self._failure(rule.event, error, rule.failure)
+            if type(answer) is Pending:
                 try:
-                    answer = await answer
+                    answer = await answer.coroutine
                 except Exception:
-                    self.log.exception("handler_error hook failed")
+                    self.log.exception("handler_error handler failed")
                     answer = None
-            reply = self._checked_failure(answer, verb, failure, to_reply)
+            reply = self._checked_failure(answer, rule)
         self._stop_handler_clock()
         self._busy = False
         if self.state is State.CLOSED or self._transport is None:
             return
-        finish(verb, reply)
+        done(context, reply)
         self._update_reading()
-        self._pump()
+        self._run()
 
-    def _failure(self, event: str, error: Exception, failure: Reply) -> object:
-        """The answer to a handler that raised ``error``.
-
-        An :class:`~alephsmtp.errors.SmtpError` is the handler's own answer: its reply, 5xx
-        included. Anything else is a fault on our side, logged with its traceback: a
-        ``handler_error`` hook may choose the reply (or an awaitable of it), else ``failure``,
-        a temporary error (451 4.3.0) so the client retries: a fault is never a bounce. The
-        exception's text never reaches the client.
-        """
-        if isinstance(error, SmtpError):
-            return _error_reply(error)
-        self.log.error("%s handler failed", event, exc_info=error)
-        hooks = self._handlers("handler_error")
-        if hooks:
-            args = HandlerErrorEventArgs(event, error, failure)
-            for hook in hooks:
-                try:
-                    answer = hook(self, args)
-                except Exception:
-                    self.log.exception("handler_error hook failed")
-                    continue
-                if answer is not None:
-                    return answer
-        return failure
-
-    def _checked_failure(
-        self, answer: object, verb: str, failure: Reply, to_reply: Coerce
-    ) -> Reply | list[Reply]:
-        """``answer`` as a reply, or ``failure`` when it is not a valid one."""
-        try:
-            result: Reply | list[Reply] = to_reply(answer, verb, failure)
-        except (TypeError, ValueError):
-            self.log.exception("handler_error hook gave no valid reply")
-            result = to_reply(failure, verb, failure)
-        return result
-
-    def _chunk_failure(self, error: Exception) -> Reply:
-        """The reply a message gets when a ``message_chunk`` handler raised: its own
-        (an SmtpError), else a temporary failure."""
-        if isinstance(error, SmtpError):
-            return _error_reply(error)
-        self.log.error("message_chunk handler failed", exc_info=error)
-        return _R_MESSAGE_HANDLER_FAILED
-
-    def _to_reply(self, result: object, verb: str, default: Reply) -> Reply:
+    def _answer(self, result: object, rule: Rule) -> Any:
+        """A handler's answer as the reply (``None`` for the default); ``TypeError`` or
+        ``ValueError`` for an answer that is not a valid reply to this command."""
         if result is None:
-            return default
+            return None
+        if rule is _AUTH:
+            if result is True:
+                return R.AUTH_OK
+            if result is False:
+                return None
+        elif rule is _MESSAGE and self.config.lmtp and isinstance(result, (list, tuple)):
+            return self._recipient_replies(result)
+        key = (rule.verb, result) if isinstance(result, str) else None
+        if key is not None:
+            reply = self._pools.answers.get(key)
+            if reply is not None:
+                return reply
+        reply = self._valid_reply(result, rule)
+        if key is not None and len(self._pools.answers) < _ANSWERS_MAX:
+            self._pools.answers[key] = reply
+        return reply
+
+    def _valid_reply(self, result: object, rule: Rule) -> Reply:
+        verb = rule.verb
         if not isinstance(result, (Reply, str)):
             raise TypeError(f"{verb} handler returned {type(result).__name__}, not a reply")
         reply = coerce_reply(result)
         # RFC 5321 4.2 / 4.3.2: 354 is DATA's go-ahead and the only 3xx any of these commands
         # may get; DATA itself gets 354 or a refusal, never a 2xx.
-        if default.code == 354:
+        if rule.default.code == 354:
             if reply.code != 354 and reply.code < 400:
                 raise ValueError(f"{verb} handler answered {reply.code}, not 354 or an error")
         elif reply.code // 100 == 3:
@@ -1625,15 +1645,67 @@ class SmtpSession(asyncio.BufferedProtocol):
             reply = reply.with_enhanced(default_enhanced_code(verb, reply.code))
         return reply
 
+    def _recipient_replies(self, result: list[Any] | tuple[Any, ...]) -> list[Reply]:
+        """LMTP (RFC 2033 4.2): one reply per accepted recipient, in order."""
+        tx = self._tx
+        count = len(tx.envelope.recipients) if tx is not None else 1
+        if len(result) != count:
+            raise ValueError(f"LMTP handler gave {len(result)} replies for {count} recipients")
+        return [
+            each if each is not None else R.QUEUED
+            for each in (self._answer(item, _MESSAGE) for item in result)
+        ]
+
+    def _failure(self, event: str, error: Exception, failure: Reply) -> object:
+        """The answer to a handler that raised ``error``.
+
+        An :class:`~alephsmtp.errors.SmtpError` is the handler's own answer: its reply, 5xx
+        included. Anything else is a fault on our side, logged with its traceback: a
+        ``handler_error`` handler may choose the reply (or return an awaitable of it), else
+        ``failure``, a temporary error (451 4.3.0) so the client retries: a fault is never a
+        bounce. The exception's text never reaches the client.
+        """
+        if isinstance(error, SmtpError):
+            return _error_reply(error)
+        self.log.error("%s handler failed", event, exc_info=error)
+        hooks = self._handlers("handler_error")
+        if hooks:
+            try:
+                answer = run_chain(hooks, self, HandlerErrorEventArgs(event, error, failure))
+            except Exception:
+                self.log.exception("handler_error handler failed")
+                return failure
+            if answer is not None:
+                return answer
+        return failure
+
+    def _checked_failure(self, answer: object, rule: Rule) -> Any:
+        """``answer`` (of a handler_error handler) as a reply, or the rule's failure reply
+        when it is none or not a valid one."""
+        try:
+            reply = self._answer(answer, rule)
+        except (TypeError, ValueError):
+            self.log.exception("handler_error handler gave no valid reply")
+            reply = None
+        return reply if reply is not None else self._answer(rule.failure, rule)
+
+    def _chunk_failure(self, error: Exception) -> Reply:
+        """The reply a message gets when a ``message_chunk`` handler raised: its own
+        (an SmtpError), else a temporary failure."""
+        if isinstance(error, SmtpError):
+            return _error_reply(error)
+        self.log.error("message_chunk handler failed", exc_info=error)
+        return R.MESSAGE_HANDLER_FAILED
+
     def _notify(self, event: str, args: EventArgs) -> None:
         """Raise an event whose handlers' results are not replies (close, disconnect)."""
-        for handler in self._handlers(event):
-            try:
-                result = handler(self, args)
-                if inspect.isawaitable(result):
-                    self._spawn(_ignore_result(result, self.log, event))
-            except Exception:
-                self.log.exception("%s handler failed", event)
+        try:
+            pending = run_all(self._handlers(event), self, args)
+        except Exception:
+            self.log.exception("%s handler failed", event)
+            return
+        if type(pending) is Pending:
+            self._spawn(_ignore_result(pending.coroutine, self.log, event))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         assert self._loop is not None
@@ -1645,138 +1717,123 @@ class SmtpSession(asyncio.BufferedProtocol):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_handler_clock(self, timeout: float) -> None:
-        if timeout > 0 and self._loop is not None:
-            self._handler_deadline = self._loop.time() + timeout
-            self._rearm_timer()
-
-    def _stop_handler_clock(self) -> None:
-        self._handler_task = None
-        self._handler_deadline = None
-        self._handler_timed_out = False
-        if self._loop is not None:
-            self._last_activity = self._loop.time()
-        self._rearm_timer()
-
-    def _rearm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._arm_timer()
-
     # --- writing ----------------------------------------------------------------------------
 
-    def _write(self, reply: Reply, enhanced: bool = True) -> None:
-        if reply.code >= 400:
-            self._pools.metrics.rejected(reply.code)
-        if reply.code in _BAD_COMMAND_CODES:
-            self._count_error()
-        key = reply if enhanced else Reply(reply.code, "", reply.text)
-        # The written form of a reply is kept for all the server's sessions: most replies are
-        # the same few, and rendering one is far dearer than a lookup.
-        cache = self._pools.replies
-        try:
-            data = cache.get(key)
-        except TypeError:  # unhashable text (a list): not cached
-            data = None
-        if data is None:
-            data = key.to_bytes(self.config.enhanced_status_codes)
-            if len(cache) < _REPLY_CACHE_SIZE:
-                with contextlib.suppress(TypeError):
-                    cache[key] = data
-        self._out.append(data)
+    def _write(self, reply: Reply) -> None:
+        code = reply.code
+        if code >= 400:
+            self._pools.metrics.rejected(code)
+            if code in _BAD_COMMAND_CODES:
+                self._count_error()
+            elif code == 421 and self._limit_reply is None and self._started:
+                # RFC 5321 3.8: after a 421 the server closes; nothing after it is answered.
+                self._limit_reply = R.ALREADY_SAID
+        self._out.append(reply.wire(self.config.enhanced_status_codes))
 
     def _count_error(self) -> None:
         """One more error; at max_bad_commands the session is told so and closed."""
         self._bad_commands += 1
         limit = self.config.max_bad_commands
         if limit and self._bad_commands >= limit and self._limit_reply is None:
-            self._limit_reply = _R_TOO_MANY_ERRORS
+            self._limit_reply = R.TOO_MANY_ERRORS
 
     def _flush(self) -> None:
-        if not self._out:
+        out = self._out
+        if not out:
             return
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
+        data = b"".join(out) if len(out) > 1 else out[0]
+        out.clear()
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
     def _send_and_close(self, reply: Reply) -> None:
-        self._write(reply)
+        if reply is not R.ALREADY_SAID:
+            self._write(reply)
         self._flush()
         self.close()
 
-    # --- timers -----------------------------------------------------------------------------
+    # --- clocks -----------------------------------------------------------------------------
 
-    @property
-    def _in_message(self) -> bool:
-        return (
-            self._data_reader is not None
-            or self._bdat_reader is not None
-            or self.state in (State.DATA, State.BDAT)
-        )
+    def _arm_idle_timer(self) -> None:
+        if self._timer is not None and self.config.idle_timeout > 0:
+            self._timer.wake_by(self._last_activity + self.config.idle_timeout)
 
-    def _arm_timer(self) -> None:
-        """One timer for the nearest deadline; a read only stamps the time (cheap)."""
-        loop, config = self._loop, self.config
-        if loop is None or self.state is State.CLOSED:
-            return
-        now = loop.time()
-        if self._busy and self._handler_deadline is not None:
-            deadline = self._handler_deadline
-        elif self._in_message:
-            deadline = self._last_activity + config.data_timeout
-            if config.min_data_rate:
-                deadline = min(deadline, now + _RATE_CHECK_PERIOD)
-        elif config.idle_timeout > 0:
-            deadline = self._last_activity + config.idle_timeout
-        else:
-            return
-        self._timer = loop.call_later(max(deadline - now, 0.0), self._on_timer)
+    def _arm_message_timer(self, tx: Transaction) -> None:
+        """A message longer than one read: the data timeout and rate checks apply."""
+        assert self._loop is not None and self._timer is not None
+        tx.clocked = True
+        config = self.config
+        when = self._loop.time() + config.data_timeout
+        if config.min_data_rate:
+            when = min(when, tx.started + _RATE_CHECK_PERIOD)
+        self._timer.wake_by(when)
+
+    def _start_handler_clock(self, timeout: float) -> None:
+        if timeout > 0 and self._loop is not None and self._timer is not None:
+            self._handler_deadline = self._loop.time() + timeout
+            self._timer.wake_by(self._handler_deadline)
+
+    def _stop_handler_clock(self) -> None:
+        self._handler_task = None
+        self._handler_deadline = 0.0
+        self._handler_timed_out = False
+        if self._loop is not None:
+            self._last_activity = self._loop.time()
 
     def _on_timer(self) -> None:
-        self._timer = None
+        """The timer fired: whatever is due is done, and it is asked for the next time."""
         loop, config = self._loop, self.config
-        if self.state is State.CLOSED or loop is None:
+        if self.state is State.CLOSED or loop is None or self._timer is None:
             return
         now = loop.time()
+        tx = self._tx
         if self._busy:
-            if self._handler_deadline is not None and now >= self._handler_deadline:
+            if self._handler_deadline and now >= self._handler_deadline:
                 self._expire_handler()
-            else:
-                self._last_activity = now  # the client waits for us, not we for it
-        elif self._in_message:
+                return  # the handler's task ends (cancelled) and the session goes on
+            self._last_activity = now  # the client waits for us, not we for it
+            if self._handler_deadline:
+                self._timer.wake_by(self._handler_deadline)
+                return
+        if self._input is not None:
             if now - self._last_activity >= config.data_timeout:
                 self.log.info("timeout while reading a message")
-                self._send_and_close(_R_TIMEOUT)
+                self._send_and_close(R.TIMEOUT)
                 return
-            if config.min_data_rate and self._rate_too_low(now):
-                self._send_and_close(_R_SLOW)
+            if config.min_data_rate and tx is not None and self._rate_too_low(tx, now):
+                self._send_and_close(R.SLOW)
                 return
-        elif config.idle_timeout > 0 and now - self._last_activity >= config.idle_timeout:
-            self.log.info("idle timeout")
-            self._send_and_close(_R_TIMEOUT)
+            wake = self._last_activity + config.data_timeout
+            if config.min_data_rate:
+                wake = min(wake, now + _RATE_CHECK_PERIOD)
+        elif config.idle_timeout > 0:
+            if now - self._last_activity >= config.idle_timeout:
+                self.log.info("idle timeout")
+                self._send_and_close(R.TIMEOUT)
+                return
+            wake = self._last_activity + config.idle_timeout
+        else:
             return
-        self._arm_timer()
+        self._timer.wake_by(wake)
 
-    def _rate_too_low(self, now: float) -> bool:
+    def _rate_too_low(self, tx: Transaction, now: float) -> bool:
         """A slowloris client: bytes trickle in just often enough to beat the data timeout.
 
         The rate is judged over the last ``data_rate_grace`` seconds (from the mark taken at
         a check at least that long ago), not over the whole message, so a fast start buys
         nothing: 33 MiB at once, then a byte every 25 s, is cut as soon as a window holds it.
         """
-        marks = self._rate_marks
+        marks = tx.rate_marks
         if not marks:
-            marks.append((self._message_started, 0))
+            marks.append((tx.started, 0))
         window = self.config.data_rate_grace
         while len(marks) > 1 and marks[1][0] <= now - window:
             marks.popleft()
         since, before = marks[0]
-        marks.append((now, self._message_bytes))
+        marks.append((now, tx.bytes_read))
         span = now - since
-        received = self._message_bytes - before
+        received = tx.bytes_read - before
         if span >= window and received < self.config.min_data_rate * span:
             self.log.info("data rate too low: %d bytes in the last %.0f s", received, span)
             return True
@@ -1785,11 +1842,33 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _expire_handler(self) -> None:
         """A handler took longer than its timeout: it is cancelled, the client gets 451."""
         task = self._handler_task
-        self._handler_deadline = None
+        self._handler_deadline = 0.0
         if task is not None and not task.done():
             self.log.warning("handler timed out; cancelled")
             self._handler_timed_out = True
             task.cancel()
+
+    def _start_write_clock(self) -> None:
+        if self._write_timer is None and self._loop is not None and self.config.write_timeout > 0:
+            self._write_timer = self._loop.call_later(
+                self.config.write_timeout, self._write_timed_out
+            )
+
+    def _stop_write_clock(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        if self._transport is not None:
+            self.log.info("client took no replies for %g s; aborted", self.config.write_timeout)
+            self.abort()
+
+    def _end_linger(self) -> None:
+        self._linger_timer = None
+        if self._transport is not None:
+            self._transport.close()
 
 
 def _can_write_eof(transport: asyncio.Transport) -> bool:
@@ -1806,19 +1885,25 @@ async def _ignore_result(awaitable: Awaitable[Any], logger: SessionLogger, name:
         logger.exception("%s handler failed", name)
 
 
-_COMMAND_METHODS: dict[str, Callable[[SmtpSession, Any], None]] = {
-    "HELO": SmtpSession._on_helo,
-    "EHLO": SmtpSession._on_ehlo,
-    "LHLO": SmtpSession._on_lhlo,
-    "MAIL": SmtpSession._on_mail,
-    "RCPT": SmtpSession._on_rcpt,
-    "DATA": SmtpSession._on_data,
-    "RSET": SmtpSession._on_rset,
-    "NOOP": SmtpSession._on_noop,
-    "QUIT": SmtpSession._on_quit,
-    "VRFY": SmtpSession._on_vrfy,
-    "EXPN": SmtpSession._on_expn,
-    "HELP": SmtpSession._on_help,
-    "STARTTLS": SmtpSession._on_starttls,
-    "AUTH": SmtpSession._on_auth,
+# verb (as split_command gives it) -> (its rule, the session method that answers it)
+_DISPATCH: dict[bytes, tuple[Rule, Callable[[SmtpSession, Rule, bytes], None]]] = {
+    verb.encode(): (RULES[verb], method)
+    for verb, method in (
+        ("HELO", SmtpSession._hello),
+        ("EHLO", SmtpSession._hello),
+        ("LHLO", SmtpSession._hello),
+        ("MAIL", SmtpSession._mail),
+        ("RCPT", SmtpSession._rcpt),
+        ("DATA", SmtpSession._data),
+        ("BDAT", SmtpSession._bdat),
+        ("RSET", SmtpSession._simple),
+        ("NOOP", SmtpSession._simple),
+        ("VRFY", SmtpSession._simple),
+        ("EXPN", SmtpSession._simple),
+        ("HELP", SmtpSession._simple),
+        ("QUIT", SmtpSession._quit),
+        ("STARTTLS", SmtpSession._starttls),
+        ("AUTH", SmtpSession._auth),
+    )
 }
+_LAST_IN_GROUP_BYTES = frozenset(verb.encode() for verb in _LAST_IN_GROUP)

@@ -907,7 +907,7 @@ async def run_stream(
         if close and not transport.closed:
             transport.close()
         await _until_reading(h, out)
-        out.state = h.session.state.value
+        out.state = h.session.state.name.lower()
         out.written = bytes(transport.written)
         if transport.closed:
             pools = h.session._pools

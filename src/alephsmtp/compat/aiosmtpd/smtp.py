@@ -38,7 +38,6 @@ from alephsmtp import __version__ as _alephsmtp_version
 from alephsmtp.config import SessionConfig
 from alephsmtp.envelope import SmtpEnvelope
 from alephsmtp.events import AuthEventArgs, CommandEventArgs, MessageReceivedEventArgs
-from alephsmtp.extensions import ehlo_keywords
 from alephsmtp.proxy import ProxyHeader, ProxyProtocolReceiver
 from alephsmtp.replies import Reply
 from alephsmtp.session import SmtpSession
@@ -431,6 +430,13 @@ _R_FAULT = verbatim_reply("451 4.3.0 Error: local error in processing")
 _ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 Missing = Callable[[], Reply | None] | None
+
+
+def _keywords_from(reply: Any, keywords: list[str]) -> Any:
+    """An EHLO hook's multi-line reply: its lines after the first are the keyword lines."""
+    if isinstance(reply, Reply) and reply.code // 100 == 2:
+        keywords[:] = list(reply.lines[1:])
+    return reply
 
 
 class SMTP(asyncio.BufferedProtocol):
@@ -949,33 +955,29 @@ class SMTP(asyncio.BufferedProtocol):
         if hook is None:
             aio.host_name = hostname
             return None  # alephsmtp's EHLO reply: the keywords of what it serves
-        responses = self._ehlo_responses(session)
+        keywords: list[str] = getattr(e, "keywords", [])
+        responses = [f"250-{self.hostname}", *(f"250-{keyword}" for keyword in keywords)]
+        responses[-1] = "250 " + responses[-1][4:]
         if self._info.ehlo_old:
             # The deprecated 4-argument hook: the planned lines, then the hook's last one.
             self._pushed.extend(responses[:-1])
             return self._run(
                 hook, (self, aio, self.envelope, hostname), None, "EHLO" in self._inline
             )
-        # The hook may change the first line; the keyword lines are alephsmtp's (the session
-        # lists what it serves, RFC 5321 4.1.1.1; see NEEDS.md).
-        return self._run(
+        # The hook returns the lines to send; the session lists ``e.keywords`` after the
+        # first line (RFC 5321 4.1.1.1), so the hook's lines 2..n become those keywords.
+        result = self._run(
             hook,
             (self, aio, self.envelope, hostname, responses),
             None,
             "EHLO" in self._inline,
         )
+        if inspect.isawaitable(result):
+            return self._keywords_later(result, keywords)
+        return _keywords_from(result, keywords)
 
-    def _ehlo_responses(self, session: SmtpSession) -> list[str]:
-        config = session.config
-        keywords = ehlo_keywords(
-            config,
-            starttls=config.tls_context is not None and session.tls is None,
-            auth=bool(config.auth_mechanisms)
-            and (session.tls is not None or config.auth_over_plaintext),
-        )
-        lines = [f"250-{self.hostname}", *(f"250-{keyword}" for keyword in keywords)]
-        lines[-1] = "250 " + lines[-1][4:]
-        return lines
+    async def _keywords_later(self, pending: Awaitable[Any], keywords: list[str]) -> Any:
+        return _keywords_from(await pending, keywords)
 
     def _on_mail(self, session: SmtpSession, e: CommandEventArgs[Any]) -> Any:
         if self._guarded and (refusal := self._guard("MAIL")) is not None:
