@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .addresses import Address
+
+if TYPE_CHECKING:
+    from .milter.report import MilterReport
 
 __all__ = ["SmtpEnvelope"]
 
@@ -38,7 +41,7 @@ class SmtpEnvelope:
     message: bytes | None = None
     # What optional subsystems found, when they are in use (None otherwise): the milters'
     # verdicts and edits (alephsmtp.milter), SPF/DKIM/DMARC/ARC results (alephsmtp.mailauth).
-    milter: Any = None
+    milter: MilterReport | None = None
     auth_results: Any = None
 
     @property
