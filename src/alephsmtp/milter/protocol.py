@@ -825,7 +825,7 @@ def negotiate(
     """
     if answer.version > version or answer.version < 2:
         raise ProtocolError(f"filter protocol version {answer.version}, MTA speaks 2 to {version}")
-    extra = answer.actions & ~offered_actions & 0xFFFFFFFF
+    extra = int(answer.actions) & ~int(offered_actions) & 0xFFFFFFFF
     if extra:
         raise ProtocolError(
             f"filter asks for actions 0x{answer.actions:x}, MTA offered 0x{offered_actions:x}"
