@@ -305,7 +305,7 @@ def test_decoder_splits_anywhere(cuts: list[int]) -> None:
     decoder = p.PacketDecoder()
     packets = []
     start = 0
-    for cut in sorted(min(c, len(stream)) for c in cuts) + [len(stream)]:
+    for cut in [*sorted(min(c, len(stream)) for c in cuts), len(stream)]:
         packets += decoder.feed(stream[start:cut])
         start = cut
     assert [p.decode_response(*packet) for packet in packets] == [
@@ -432,7 +432,7 @@ def test_scanner_pieces_equal_whole(cuts: list[int]) -> None:
     fields = []
     body = b""
     start = 0
-    for cut in sorted(cuts) + [len(MESSAGE)]:
+    for cut in [*sorted(cuts), len(MESSAGE)]:
         more, rest = scanner.feed(MESSAGE[start:cut])
         fields += more
         body += rest
