@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -73,6 +74,7 @@ class FakeMilter:
         protocol: int = 0,
         macros: dict[p.MacroStage, tuple[str, ...]] | None = None,
         negotiation: Action | None = None,
+        port: int = 0,
     ) -> None:
         self.script: Script = script or {}
         self.answer = p.Negotiate(version, actions, protocol, macros or {})
@@ -80,14 +82,14 @@ class FakeMilter:
         self.conversations: list[Conversation] = []
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.port = 0
+        self.port = port
 
     @property
     def endpoint(self) -> str:
         return f"inet:127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> FakeMilter:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -186,3 +188,37 @@ class FakeMilter:
         if close:
             writer.close()
         return not close
+
+
+class ThreadedFakeMilter:
+    """A :class:`FakeMilter` in a thread of its own, for MTAs that are not in the test's event
+    loop (Postfix, an alephsmtp server in a thread). Swap ``milter.script`` between messages;
+    read ``milter.conversations`` once the MTA is done."""
+
+    def __init__(self, port: int = 0, **options: Any) -> None:
+        self.milter = FakeMilter(port=port, **options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> FakeMilter:
+        ready = threading.Event()
+
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            async with self.milter:
+                ready.set()
+                await self._stop.wait()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+        self._thread.start()
+        assert ready.wait(10), "the fake milter did not start"
+        return self.milter
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None
+        assert self._stop is not None
+        assert self._thread is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)

@@ -1025,6 +1025,7 @@ class MilterSession:
             return None
         if transaction.discard:
             self._end_transaction()
+            self._report(transaction, e, discarded=True)
             self._discard_streamed(e)
             return _R_DISCARDED
         return self._message(transaction, e)
@@ -1078,6 +1079,7 @@ class MilterSession:
                 return self._refuse(transaction, e, self._reply(outcome, reply))
             if outcome == _DISCARD:
                 transaction.discard = True
+                self._report(transaction, e, discarded=True)
                 self._discard_streamed(e)
                 return _R_DISCARDED
             if not edits:
@@ -1110,14 +1112,20 @@ class MilterSession:
             e.message = message
             e.size = len(message)
             e.envelope.message = message
+        self._report(transaction, e, applied=not streamed)
+        return None
+
+    def _report(
+        self, transaction: _Transaction, e: Any, *, applied: bool = True, discarded: bool = False
+    ) -> None:
         e.envelope.milter = MilterReport(
             transaction.queue_id,
             tuple(self._session_verdicts) + tuple(transaction.verdicts),
             tuple(transaction.edits),
             transaction.quarantine,
-            applied=not streamed,
+            applied=applied,
+            discarded=discarded,
         )
-        return None
 
     def _refuse(self, transaction: _Transaction, e: Any, reply: Reply | None) -> Reply | None:
         if reply is not None:

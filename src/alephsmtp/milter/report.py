@@ -58,7 +58,8 @@ class MilterReport:
     ``applied`` is true when the header and body edits are already in the message handed to
     ``message_received`` (``e.message``); for a streamed message it is false, and
     :meth:`apply` makes the edited message from the bytes you stored. Envelope edits (sender,
-    recipients) are always applied to the envelope.
+    recipients) are always applied to the envelope. ``discarded``: a milter said DISCARD; the
+    client was told 250 and no handler after the milters saw the message.
     """
 
     queue_id: str
@@ -66,6 +67,7 @@ class MilterReport:
     edits: tuple[MilterEdit, ...] = ()
     quarantine: str | None = None
     applied: bool = True
+    discarded: bool = False
 
     @property
     def added_headers(self) -> tuple[tuple[str, str], ...]:
