@@ -75,6 +75,7 @@ class FakeMilter:
         macros: dict[p.MacroStage, tuple[str, ...]] | None = None,
         negotiation: Action | None = None,
         port: int = 0,
+        path: str | None = None,
     ) -> None:
         self.script: Script = script or {}
         self.answer = p.Negotiate(version, actions, protocol, macros or {})
@@ -83,12 +84,16 @@ class FakeMilter:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = port
+        self.path = path  # a Unix socket instead of TCP
 
     @property
     def endpoint(self) -> str:
-        return f"inet:127.0.0.1:{self.port}"
+        return f"unix:{self.path}" if self.path else f"inet:127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> FakeMilter:
+        if self.path:
+            self._server = await asyncio.start_unix_server(self._serve, self.path)
+            return self
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -195,8 +200,8 @@ class ThreadedFakeMilter:
     loop (Postfix, an alephsmtp server in a thread). Swap ``milter.script`` between messages;
     read ``milter.conversations`` once the MTA is done."""
 
-    def __init__(self, port: int = 0, **options: Any) -> None:
-        self.milter = FakeMilter(port=port, **options)
+    def __init__(self, script: Script | None = None, **options: Any) -> None:
+        self.milter = FakeMilter(script, **options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None

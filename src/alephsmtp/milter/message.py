@@ -114,7 +114,7 @@ class HeaderScanner:
         del pending[:start]
         held = len(pending) + sum(len(line) for line in self._current)
         if self.size + held > self.max_header:
-            if pending[:1] not in (b" ", b"\t"):
+            if bytes(pending[:1]) not in (b" ", b"\t"):
                 self._close_field(fields)  # the open line cannot continue that field
             body = b"".join(self._current) + bytes(pending)
             self._current = []
