@@ -37,6 +37,13 @@ _NO_REPLY = {
     p.SMFIC_BODY: p.Step.NR_BODY,
 }
 _SILENT = {p.SMFIC_MACRO, p.SMFIC_ABORT, p.SMFIC_QUIT, p.SMFIC_QUIT_NC}
+_CONTENT = {p.SMFIC_HEADER, p.SMFIC_EOH, p.SMFIC_BODY, p.SMFIC_BODYEOB}
+_VERDICTS = (p.Accept, p.Reject, p.Tempfail, p.Discard, p.ReplyCode)
+
+
+def _decides(action: Any) -> bool:
+    """Whether an action ends with a verdict on the message (libmilter goes back to HELO)."""
+    return isinstance(action, list) and any(isinstance(r, _VERDICTS) for r in action)
 
 
 @dataclass
@@ -74,12 +81,16 @@ class FakeMilter:
         protocol: int = 0,
         macros: dict[p.MacroStage, tuple[str, ...]] | None = None,
         negotiation: Action | None = None,
+        libmilter: bool = True,
         port: int = 0,
         path: str | None = None,
     ) -> None:
         self.script: Script = script or {}
         self.answer = p.Negotiate(version, actions, protocol, macros or {})
         self.negotiation = negotiation
+        # As libmilter: after a verdict on the message, the rest of its content is ignored,
+        # unanswered (its state machine is back at HELO). False: answer everything.
+        self.libmilter = libmilter
         self.conversations: list[Conversation] = []
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -127,6 +138,7 @@ class FakeMilter:
         self.conversations.append(conversation)
         decoder = p.PacketDecoder()
         flags = self.answer.protocol
+        decided = False  # a verdict was given on the current message
         try:
             while True:
                 data = await reader.read(65536)
@@ -138,6 +150,10 @@ class FakeMilter:
                     conversation.commands.append(command)
                     count = conversation.counts.get(code, 0)
                     conversation.counts[code] = count + 1
+                    if code in _CONTENT and decided and self.libmilter:
+                        continue  # libmilter: not reachable from HELO, ignored
+                    if code in (p.SMFIC_MAIL, p.SMFIC_ABORT, p.SMFIC_HELO):
+                        decided = False
                     if code == p.SMFIC_OPTNEG:
                         action: Action = self.negotiation or [self.answer]
                     elif code in _SILENT or (code in _NO_REPLY and flags & _NO_REPLY[code]):
@@ -148,6 +164,8 @@ class FakeMilter:
                         continue
                     else:
                         action = self._action(code, count, command, conversation)
+                    if code in _CONTENT and _decides(action):
+                        decided = True
                     if not await self._perform(action, writer):
                         conversation.closed_by_mta = True
                         return

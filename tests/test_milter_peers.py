@@ -79,7 +79,8 @@ async def mx(*endpoints: str) -> AsyncIterator[Mx]:
         assert box is not None
         session.message_received += lambda s, e: box.received.append(e)
 
-    await server.start(Milters(list(endpoints), command_timeout=30).wrap(on_session))
+    milters = Milters(list(endpoints), command_timeout=30)
+    await server.start(milters.wrap(on_session))
     box = Mx(server.port)
     try:
         yield box

@@ -153,27 +153,41 @@ class _Stage:
     that leaves its reply out (``SMFIP_NR_*``), its macro stage, and whether it is about the
     message content (content timeout) or the connection (accept/reject last the session)."""
 
+    index: int
     name: str
     command: bytes
-    no_send: Step
-    no_reply: Step
+    no_send: int
+    no_reply: int
     macros: MacroStage | None
     content: bool = False
     connection: bool = False
 
 
 _CONNECT = _Stage(
-    "connect", SMFIC_CONNECT, Step.NOCONNECT, Step.NR_CONN, MacroStage.CONNECT, connection=True
+    0,
+    "connect",
+    SMFIC_CONNECT,
+    int(Step.NOCONNECT),
+    int(Step.NR_CONN),
+    MacroStage.CONNECT,
+    connection=True,
 )
-_HELO = _Stage("helo", SMFIC_HELO, Step.NOHELO, Step.NR_HELO, MacroStage.HELO, connection=True)
-_MAIL = _Stage("mail", SMFIC_MAIL, Step.NOMAIL, Step.NR_MAIL, MacroStage.ENVFROM)
-_RCPT = _Stage("rcpt", SMFIC_RCPT, Step.NORCPT, Step.NR_RCPT, MacroStage.ENVRCPT)
-_DATA = _Stage("data", SMFIC_DATA, Step.NODATA, Step.NR_DATA, MacroStage.DATA)
-_UNKNOWN = _Stage("unknown", SMFIC_UNKNOWN, Step.NOUNKNOWN, Step.NR_UNKN, None)
-_HEADER = _Stage("header", SMFIC_HEADER, Step.NOHDRS, Step.NR_HDR, None, content=True)
-_EOH = _Stage("end-of-header", SMFIC_EOH, Step.NOEOH, Step.NR_EOH, MacroStage.EOH, content=True)
-_BODY = _Stage("body", SMFIC_BODY, Step.NOBODY, Step.NR_BODY, None, content=True)
-_EOM = _Stage("end-of-message", SMFIC_BODYEOB, Step(0), Step(0), MacroStage.EOM, content=True)
+_HELO = _Stage(
+    1, "helo", SMFIC_HELO, int(Step.NOHELO), int(Step.NR_HELO), MacroStage.HELO, connection=True
+)
+_MAIL = _Stage(2, "mail", SMFIC_MAIL, int(Step.NOMAIL), int(Step.NR_MAIL), MacroStage.ENVFROM)
+_RCPT = _Stage(3, "rcpt", SMFIC_RCPT, int(Step.NORCPT), int(Step.NR_RCPT), MacroStage.ENVRCPT)
+_DATA = _Stage(4, "data", SMFIC_DATA, int(Step.NODATA), int(Step.NR_DATA), MacroStage.DATA)
+_UNKNOWN = _Stage(5, "unknown", SMFIC_UNKNOWN, int(Step.NOUNKNOWN), int(Step.NR_UNKN), None)
+_HEADER = _Stage(6, "header", SMFIC_HEADER, int(Step.NOHDRS), int(Step.NR_HDR), None, content=True)
+_EOH = _Stage(
+    7, "end-of-header", SMFIC_EOH, int(Step.NOEOH), int(Step.NR_EOH), MacroStage.EOH, content=True
+)
+_BODY = _Stage(8, "body", SMFIC_BODY, int(Step.NOBODY), int(Step.NR_BODY), None, content=True)
+_EOM = _Stage(9, "end-of-message", SMFIC_BODYEOB, 0, 0, MacroStage.EOM, content=True)
+
+_LEADSPC = int(Step.HDR_LEADSPC)
+_STAGES = (_CONNECT, _HELO, _MAIL, _RCPT, _DATA, _UNKNOWN, _HEADER, _EOH, _BODY, _EOM)
 
 # The macros sent before each event unless the milter asked for others (Postfix's defaults,
 # milter_*_macros, plus the client's address and port at connect).
@@ -251,7 +265,19 @@ def _milter_reply(text: str) -> Reply:
 class _Link:
     """One milter in one session: its connection, what was negotiated, where it stands."""
 
-    __slots__ = ("config", "connection", "in_transaction", "options", "reply", "skip", "state")
+    __slots__ = (
+        "config",
+        "connection",
+        "in_transaction",
+        "leading_space",
+        "macro_names",
+        "options",
+        "plan",
+        "reply",
+        "resync",
+        "skip",
+        "state",
+    )
 
     def __init__(self, config: _Config) -> None:
         self.config = config
@@ -261,14 +287,36 @@ class _Link:
         self.reply: Reply | None = None  # what it answers for good (_REJECT_CON, _ERROR)
         self.skip: _Stage | None = None  # SMFIR_SKIP: leave out further events of this kind
         self.in_transaction = False  # it saw MAIL (or more) and no end of message or abort
+        self.resync = False  # an early verdict may have left answers in flight: reconnect
+        self.leading_space = False  # SMFIP_HDR_LEADSPC: header values keep their blank
+        # Per stage (by index), worked out once from the negotiation: (not in the milter's
+        # protocol version, sent, answered), and the macro names to send before it.
+        self.plan: list[tuple[bool, bool, bool]] | None = None
+        self.macro_names: list[tuple[str, ...]] = []
+
+    def negotiated(self, options: Negotiated) -> None:
+        self.options = options
+        # Plain ints: IntFlag arithmetic costs a call per operation.
+        skipped, protocol = int(options.skipped), int(options.protocol)
+        self.leading_space = bool(protocol & _LEADSPC)
+        self.plan = [
+            (
+                bool(skipped & stage.no_send),
+                not protocol & stage.no_send,
+                not protocol & stage.no_reply,
+            )
+            for stage in _STAGES
+        ]
+        self.macro_names = [
+            (options.macros.get(stage.macros) or _DEFAULT_MACROS[stage.macros])
+            if stage.macros is not None
+            else ()
+            for stage in _STAGES
+        ]
 
     @property
     def name(self) -> str:
         return self.config.name
-
-    @property
-    def leading_space(self) -> bool:
-        return self.options is not None and bool(self.options.protocol & Step.HDR_LEADSPC)
 
     def abort_transaction(self) -> None:
         """SMFIC_ABORT if a transaction is open at the milter (it gets no reply)."""
@@ -290,14 +338,14 @@ class _Link:
 class _Feed:
     """The message on its way to one milter: header fields, end of header, body chunks."""
 
-    __slots__ = ("body", "done", "eoh_sent", "open_line", "scanner", "skip_body")
+    __slots__ = ("body", "done", "edits", "eoh_sent", "open_line", "scanner")
 
     def __init__(self) -> None:
         self.scanner = HeaderScanner()
         self.body = bytearray()  # body bytes not sent yet (less than one chunk)
         self.open_line = False  # the body so far does not end with LF
         self.eoh_sent = False
-        self.skip_body = False
+        self.edits: list[Modification] = []  # the milter's end-of-message edits
         self.done: tuple[str, Reply | None] | None = None  # the milter decided before the end
 
 
@@ -393,8 +441,11 @@ class Milters:
         connect stage), then ``on_session``."""
 
         async def on_milter_session(session: SmtpSession) -> None:
-            milters = self.attach(session)
-            await milters
+            # The connect stage runs here, in the session's own on_session task: no task of
+            # its own, as no command can come before the greeting.
+            milters = MilterSession(self, session, start=False)
+            await milters._connect()
+            await milters._greet()
             if milters.refused:
                 return
             if on_session is not None:
@@ -408,7 +459,7 @@ class Milters:
 class MilterSession:
     """The milters of one SMTP session (made by :meth:`Milters.attach`)."""
 
-    def __init__(self, milters: Milters, session: SmtpSession) -> None:
+    def __init__(self, milters: Milters, session: SmtpSession, *, start: bool = True) -> None:
         self.milters = milters
         self.session = session
         self.refused = False  # the greeting refused the session for a milter
@@ -417,6 +468,7 @@ class MilterSession:
         self._session_verdicts: list[MilterVerdict] = []
         self._transaction: _Transaction | None = None
         self._streaming = False  # our message_chunk handler is on the session
+        self._helo: str | None = None  # the last HELO/EHLO name (shown again on reconnection)
         self._closed = False
         self._connected: asyncio.Task[None] | None = None
         session.helo += self._on_helo
@@ -434,7 +486,7 @@ class MilterSession:
         session.message_received += self._on_message
         session.message_discarded += self._on_discarded
         session.disconnected += self._on_disconnected
-        if self._links:
+        if self._links and start:
             self._connected = asyncio.get_running_loop().create_task(self._connect())
 
     def __await__(self) -> Generator[Any, None, None]:
@@ -473,16 +525,18 @@ class MilterSession:
         for link in self._links:
             if self._closed:
                 return
-            try:
-                await self._open(link)
-            except MilterError as error:
-                self._failed(link, _CONNECT, error, None)
-                if link.reply is not None:
-                    return
-                continue
-            outcome, _ = await self._event(link, _CONNECT, packet, None)
+            outcome = await self._connect_link(link, packet)
             if outcome in (_REJECT, _SHUTDOWN):
                 return
+
+    async def _connect_link(self, link: _Link, packet: bytes) -> str:
+        try:
+            await self._open(link)
+        except MilterError as error:
+            self._failed(link, _CONNECT, error, None)
+            return _REJECT if link.reply is not None else _CONTINUE
+        outcome, _ = await self._event(link, _CONNECT, packet, None)
+        return outcome
 
     async def _open(self, link: _Link) -> None:
         config = link.config
@@ -494,7 +548,7 @@ class MilterSession:
         if not isinstance(answer, Negotiate):
             raise MilterProtocolError(f"milter {link.name}: {answer!r} instead of negotiation")
         try:
-            link.options = negotiate(answer, ALL_ACTIONS, ALL_PROTOCOL)
+            link.negotiated(negotiate(answer, ALL_ACTIONS, ALL_PROTOCOL))
         except ProtocolError as error:
             raise MilterProtocolError(f"milter {link.name}: {error}") from None
         link.state = _READY
@@ -562,95 +616,169 @@ class MilterSession:
 
         A failure (no answer, closed, protocol broken) applies the milter's default action.
         """
+        return await self._batch(link, [(stage, packet)], edits)
+
+    async def _batch(
+        self,
+        link: _Link,
+        events: Sequence[tuple[_Stage, bytes]],
+        edits: list[Modification] | None,
+    ) -> tuple[str, Reply | None]:
+        """Send events to one milter in one write and read their answers in order; the first
+        answer that is not "continue" ends it. A milter that fails gets its default action.
+
+        The message content goes this way (header fields, end of header, body chunks, end of
+        message): one round trip instead of one per field. libmilter answers each event until
+        it decides, then ignores the rest of the message (its state machine goes back to HELO),
+        so the answers stay in step; a filter that answered the rest anyway would not, so after
+        an early verdict the connection is made afresh before its next use.
+        """
         state = link.state
         if state in (_ERROR, _REJECT_CON):
             return (_REJECT, link.reply) if link.reply is not None else (_CONTINUE, None)
         if state in (_CLOSED, _ACCEPT_CON):
             return _CONTINUE, None
-        if state == _ACCEPT_MSG and not stage.connection:
+        if state == _ACCEPT_MSG and not events[0][0].connection:
             return _CONTINUE, None
-        options = link.options
-        connection = link.connection
-        assert options is not None and connection is not None
-        if options.skipped & stage.no_send:
-            return _CONTINUE, None  # not in the milter's protocol version
-        if link.skip is not None:
-            if link.skip is stage:
-                return _CONTINUE, None
-            link.skip = None
-        sends = options.sends(stage.no_send)
-        out = self._macro_packet(options, stage) if stage.macros is not None else b""
-        if sends:
-            out += packet
-        if out:
-            connection.send(out)
-        if not sends or (stage.no_reply and not options.replies(stage.no_reply)):
-            return _CONTINUE, None
-        timeout = link.config.content_timeout if stage.content else link.config.command_timeout
+        progress = [events[0][0]]  # the event whose answer is awaited (for the failure report)
         try:
-            while True:
-                response = await connection.response(timeout)
-                kind = type(response)
-                if kind is Continue:
-                    return _CONTINUE, None
-                if kind is Progress:
-                    continue
-                if kind is Quarantine:
-                    assert isinstance(response, Quarantine)
-                    self._quarantine(link, stage, response.reason)
-                    continue
-                if kind is Accept:
-                    link.state = _ACCEPT_CON if stage.connection else _ACCEPT_MSG
-                    self._record(link, stage, _ACCEPT)
-                    return _ACCEPT, None
-                if kind is Reject or kind is Tempfail or kind is ReplyCode:
-                    if isinstance(response, ReplyCode):
-                        reply = _milter_reply(response.text)
-                    else:
-                        reply = _R_REJECT if kind is Reject else _R_TEMPFAIL
-                    action = "reject" if reply.code // 100 == 5 else "tempfail"
-                    self._record(link, stage, action, reply)
-                    if stage.connection:
-                        link.state = _REJECT_CON
-                        link.reply = reply
-                        link.close()
-                    return _REJECT, reply
-                if kind is Discard:
-                    if stage.connection:
-                        log.warning(
-                            "milter %s: DISCARD is not allowed at %s", link.name, stage.name
-                        )
-                        return _CONTINUE, None
-                    link.state = _ACCEPT_MSG
-                    self._record(link, stage, _DISCARD)
-                    return _DISCARD, None
-                if kind is Skip:
-                    link.skip = stage
-                    return _SKIP, None
-                if kind is Shutdown:
-                    link.state = _REJECT_CON
-                    link.reply = _R_SHUTDOWN
-                    self._record(link, stage, _SHUTDOWN, _R_SHUTDOWN)
-                    link.close()
-                    return _SHUTDOWN, _R_SHUTDOWN
-                if edits is not None and isinstance(response, Modification):
-                    if not response.action & options.actions:
-                        raise MilterProtocolError(
-                            f"milter {link.name}: {type(response).__name__} without "
-                            "having negotiated it"
-                        )
-                    edits.append(response)
-                    continue
-                raise MilterProtocolError(
-                    f"milter {link.name}: unexpected {type(response).__name__} at {stage.name}"
-                )
+            if link.resync:
+                await self._reopen(link)
+                if link.state != _READY:
+                    return await self._batch(link, events, edits)
+            return await self._exchange(link, events, edits, progress)
         except (MilterError, ProtocolError) as error:
-            return self._failed(link, stage, error, edits)
+            return self._failed(link, progress[0], error, edits)
         except asyncio.CancelledError:
             # The session gave up on us (handler timeout, or it is closing): the milter is
             # somewhere in its answer, so nothing more can be read from it.
-            self._failed(link, stage, MilterError("cancelled"), edits)
+            self._failed(link, progress[0], MilterError("cancelled"), edits)
             raise
+
+    async def _exchange(
+        self,
+        link: _Link,
+        events: Sequence[tuple[_Stage, bytes]],
+        edits: list[Modification] | None,
+        progress: list[_Stage],
+    ) -> tuple[str, Reply | None]:
+        """:meth:`_batch` without the failure policy: a failure raises."""
+        connection = link.connection
+        plan = link.plan
+        assert connection is not None and plan is not None
+        out: list[bytes] = []
+        waiting: list[_Stage] = []  # the events that get an answer, in order
+        for stage, packet in events:
+            skipped, sends, replies = plan[stage.index]
+            if skipped:
+                continue  # not in the milter's protocol version
+            if link.skip is not None:
+                if link.skip is stage:
+                    continue  # SMFIR_SKIP: no more events of this kind...
+                link.skip = None  # ...until another kind comes (milter8_event)
+            if stage.macros is not None:
+                macros = self._macro_packet(link, stage)
+                if macros:
+                    out.append(macros)
+            if sends:
+                out.append(packet)
+                if replies:
+                    waiting.append(stage)
+        if out:
+            connection.send(out[0] if len(out) == 1 else b"".join(out))
+        last = len(waiting) - 1
+        for index, stage in enumerate(waiting):
+            progress[0] = stage
+            outcome, reply = await self._answer(link, stage, edits if stage is _EOM else None)
+            if stage is _EOM:
+                link.in_transaction = False  # the message is over for it
+                if outcome in (_CONTINUE, _SKIP):
+                    self._record(link, _EOM, _CONTINUE)
+            if outcome == _SKIP:
+                link.skip = stage
+                continue
+            if outcome != _CONTINUE:
+                if index < last:
+                    link.resync = True
+                return outcome, reply
+        if waiting and waiting[-1].content:
+            await connection.drain()  # a milter slower than the client slows it down
+        return _CONTINUE, None
+
+    async def _answer(
+        self, link: _Link, stage: _Stage, edits: list[Modification] | None
+    ) -> tuple[str, Reply | None]:
+        """Read the milter's answer to one event: progress and quarantine notes, edits (end of
+        message only), then one verdict."""
+        connection = link.connection
+        options = link.options
+        assert connection is not None and options is not None
+        timeout = link.config.content_timeout if stage.content else link.config.command_timeout
+        while True:
+            response = await connection.response(timeout)
+            kind = type(response)
+            if kind is Continue:
+                return _CONTINUE, None
+            if kind is Progress:
+                continue
+            if kind is Quarantine:
+                assert isinstance(response, Quarantine)
+                self._quarantine(link, stage, response.reason)
+                continue
+            if kind is Accept:
+                link.state = _ACCEPT_CON if stage.connection else _ACCEPT_MSG
+                self._record(link, stage, _ACCEPT)
+                return _ACCEPT, None
+            if kind is Reject or kind is Tempfail or kind is ReplyCode:
+                if isinstance(response, ReplyCode):
+                    reply = _milter_reply(response.text)
+                else:
+                    reply = _R_REJECT if kind is Reject else _R_TEMPFAIL
+                action = "reject" if reply.code // 100 == 5 else "tempfail"
+                self._record(link, stage, action, reply)
+                if stage.connection:
+                    link.state = _REJECT_CON
+                    link.reply = reply
+                    link.close()
+                return _REJECT, reply
+            if kind is Discard:
+                if stage.connection:
+                    log.warning("milter %s: DISCARD is not allowed at %s", link.name, stage.name)
+                    return _CONTINUE, None
+                link.state = _ACCEPT_MSG
+                self._record(link, stage, _DISCARD)
+                return _DISCARD, None
+            if kind is Skip:
+                return _SKIP, None
+            if kind is Shutdown:
+                link.state = _REJECT_CON
+                link.reply = _R_SHUTDOWN
+                self._record(link, stage, _SHUTDOWN, _R_SHUTDOWN)
+                link.close()
+                return _SHUTDOWN, _R_SHUTDOWN
+            if edits is not None and isinstance(response, Modification):
+                if not response.action & options.actions:
+                    raise MilterProtocolError(
+                        f"milter {link.name}: {type(response).__name__} without "
+                        "having negotiated it"
+                    )
+                edits.append(response)
+                continue
+            raise MilterProtocolError(
+                f"milter {link.name}: unexpected {type(response).__name__} at {stage.name}"
+            )
+
+    async def _reopen(self, link: _Link) -> None:
+        """A fresh connection after an early verdict left the old one possibly out of step:
+        negotiate again and show the milter the connection and the HELO again."""
+        link.resync = False
+        if link.connection is not None:
+            link.connection.abort()
+        link.in_transaction = False
+        await self._open(link)
+        outcome, _ = await self._event(link, _CONNECT, self._connect_packet(), None)
+        if outcome == _CONTINUE and self._helo is not None:
+            await self._event(link, _HELO, encode_helo(self._helo), None)
 
     def _failed(
         self,
@@ -681,11 +809,9 @@ class MilterSession:
             return _CONTINUE, None
         return _REJECT, link.reply
 
-    def _macro_packet(self, options: Negotiated, stage: _Stage) -> bytes:
-        assert stage.macros is not None
-        names = options.macros.get(stage.macros) or _DEFAULT_MACROS[stage.macros]
+    def _macro_packet(self, link: _Link, stage: _Stage) -> bytes:
         macros = self._macros
-        pairs = [(name, macros[name]) for name in names if name in macros]
+        pairs = [(name, macros[name]) for name in link.macro_names[stage.index] if name in macros]
         if not pairs:
             return b""
         return encode_macros(stage.command, pairs)
@@ -736,10 +862,9 @@ class MilterSession:
                 if link.reply is not None:
                     return True
                 continue
-            if link.state in (_READY, _ACCEPT_MSG) and link.options is not None:
-                if link.state == _ACCEPT_MSG and not stage.connection:
-                    continue
-                if stage.macros is not None or link.options.sends(stage.no_send):
+            if link.state == _READY and link.plan is not None:
+                skipped, sends, _ = link.plan[stage.index]
+                if not skipped and (sends or link.macro_names[stage.index]):
                     return True
         return False
 
@@ -760,15 +885,16 @@ class MilterSession:
     def _on_helo(self, session: SmtpSession, e: Any) -> Awaitable[Reply | None] | None:
         if not self._links:
             return None
-        return self._helo(e.command.client_hostname)
+        return self._hello(e.command.client_hostname)
 
-    async def _helo(self, name: str) -> Reply | None:
+    async def _hello(self, name: str) -> Reply | None:
         wait = self._wait()
         if wait is not None:
             await wait
         # A new HELO/EHLO (after STARTTLS too) ends any open transaction.
         self._end_transaction()
         self._macros.update(self._tls_macros())
+        self._helo = name
         outcome, reply = await self._chain(_HELO, encode_helo(name))
         # Sendmail/Postfix compatibility: a milter's refusal at HELO is not HELO's reply; it
         # answers MAIL and the other commands instead. Only 421 closes at once.
@@ -966,34 +1092,22 @@ class MilterSession:
                 await self._feed(link, feed, chunk, final=False)
 
     async def _feed(self, link: _Link, feed: _Feed, data: bytes, *, final: bool) -> None:
-        """Send ``data`` (the next part of the message) to one milter: the header fields it
-        completes, the end of header, full body chunks; all the rest when ``final``."""
+        """Send ``data`` (the next part of the message) to one milter, in one batch: the header
+        fields it completes, the end of header, full body chunks; when ``final``, the rest
+        and the end of the message (whose answer, with the edits, goes to ``feed``)."""
         leading_space = link.leading_space
         fields, body = feed.scanner.feed(data) if data else ([], b"")
         if final and feed.scanner.in_header:
             more, rest = feed.scanner.finish()
             fields += more
             body += rest
-        for field in fields:
-            outcome, reply = await self._event(
-                link,
-                _HEADER,
-                encode_header(field.name, milter_value(field.raw, leading_space=leading_space)),
-                None,
-            )
-            if outcome == _SKIP:
-                continue
-            if outcome != _CONTINUE:
-                feed.done = (outcome, reply)
-                return
+        events: list[tuple[_Stage, bytes]] = [
+            (_HEADER, encode_header(f.name, milter_value(f.raw, leading_space=leading_space)))
+            for f in fields
+        ]
         if not feed.scanner.in_header and not feed.eoh_sent:
             feed.eoh_sent = True
-            outcome, reply = await self._event(link, _EOH, encode_end_of_headers(), None)
-            if outcome not in (_CONTINUE, _SKIP):
-                feed.done = (outcome, reply)
-                return
-        if feed.skip_body:
-            return
+            events.append((_EOH, encode_end_of_headers()))
         pending = feed.body
         if body:
             pending += body
@@ -1003,21 +1117,21 @@ class MilterSession:
             pending += b"\r\n"
             feed.open_line = False
         start = 0
-        while len(pending) - start >= MAX_BODY_CHUNK or (final and start < len(pending)):
-            chunk = bytes(pending[start : start + MAX_BODY_CHUNK])
-            start += len(chunk)
-            outcome, reply = await self._event(link, _BODY, encode_body(chunk), None)
-            if link.connection is not None and outcome == _CONTINUE:
-                await link.connection.drain()
-            if outcome == _SKIP:
-                feed.skip_body = True
-                break
-            if outcome != _CONTINUE:
-                feed.done = (outcome, reply)
-                break
+        size = len(pending)
+        while size - start >= MAX_BODY_CHUNK or (final and start < size):
+            end = min(start + MAX_BODY_CHUNK, size)
+            events.append((_BODY, encode_body(pending[start:end])))
+            start = end
         del pending[:start]
-        if feed.skip_body or feed.done is not None:
-            pending.clear()
+        if final:
+            events.append((_EOM, encode_end_of_body()))
+        if not events:
+            return
+        outcome, reply = await self._batch(link, events, feed.edits if final else None)
+        if outcome not in (_CONTINUE, _SKIP):
+            feed.done = (outcome, reply)
+        elif final:
+            feed.done = (_CONTINUE, None)
 
     def _on_message(self, session: SmtpSession, e: Any) -> Awaitable[Reply | None] | Reply | None:
         transaction = self._transaction
@@ -1058,23 +1172,13 @@ class MilterSession:
                 continue
             if link.state != _READY:
                 continue  # never connected, accepted the connection or this message
-            edits: list[Modification] = []
-            if streamed:
-                feed = transaction.feeds.get(id(link)) or _Feed()
-                if feed.done is None:
-                    await self._feed(link, feed, b"", final=True)
-                done = feed.done
-            else:
+            feed = transaction.feeds.get(id(link)) if streamed else None
+            if feed is None:
                 feed = _Feed()
-                await self._feed(link, feed, message, final=True)
-                done = feed.done
-            if done is None:
-                outcome, reply = await self._event(link, _EOM, encode_end_of_body(), edits)
-                link.in_transaction = False
-                if outcome in (_CONTINUE, _SKIP):
-                    self._record(link, _EOM, _CONTINUE)
-            else:
-                outcome, reply = done
+            if feed.done is None:
+                await self._feed(link, feed, b"" if streamed else message, final=True)
+            outcome, reply = feed.done or (_CONTINUE, None)
+            edits = feed.edits
             if outcome in (_REJECT, _SHUTDOWN):
                 return self._refuse(transaction, e, self._reply(outcome, reply))
             if outcome == _DISCARD:

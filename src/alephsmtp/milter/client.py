@@ -95,12 +95,15 @@ class MilterConnection(asyncio.Protocol):
 
     __slots__ = (
         "_closed",
+        "_deadline",
         "_decoder",
         "_drain_waiter",
         "_error",
         "_loop",
         "_paused",
         "_responses",
+        "_timeout",
+        "_timer",
         "_transport",
         "_waiter",
         "endpoint",
@@ -117,6 +120,9 @@ class MilterConnection(asyncio.Protocol):
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._timeout = 0.0
 
     @classmethod
     async def open(cls, endpoint: Endpoint, timeout: float) -> MilterConnection:
@@ -161,6 +167,7 @@ class MilterConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._closed = True
+        self._stop_timer()
         if self._error is None:
             reason = f": {exc}" if exc else ""
             self._fail(MilterClosed(f"milter {self.endpoint} closed the connection{reason}"))
@@ -201,13 +208,18 @@ class MilterConnection(asyncio.Protocol):
         if not self._responses:
             if self._error is not None:
                 raise self._error
-            waiter = self._waiter = self._loop.create_future()
-            # One timer, no task: cheaper than asyncio.wait_for on every response.
-            timer = self._loop.call_later(timeout, self._time_out, waiter, timeout)
+            loop = self._loop
+            self._deadline = loop.time() + timeout
+            self._timeout = timeout
+            # One lazy timer per connection, not one per response (a timer handle and a heap
+            # entry each): it fires at the deadline it was set for and, if the wait has moved
+            # on, sets itself for the new one.
+            if self._timer is None:
+                self._timer = loop.call_at(self._deadline, self._check_deadline)
+            waiter = self._waiter = loop.create_future()
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
             if not self._responses:
                 assert self._error is not None
@@ -217,6 +229,7 @@ class MilterConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close the socket (what was written is still sent)."""
         self._closed = True
+        self._stop_timer()
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -225,6 +238,7 @@ class MilterConnection(asyncio.Protocol):
         """Drop the socket at once: after a timeout or a protocol error the stream is out of
         step and nothing more may be read from it (Postfix shuts it down likewise)."""
         self._closed = True
+        self._stop_timer()
         transport = self._transport
         if transport is not None:
             transport.abort()
@@ -239,7 +253,18 @@ class MilterConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _time_out(self, waiter: asyncio.Future[None], timeout: float) -> None:
-        if not waiter.done():
-            self._fail(MilterTimeout(f"milter {self.endpoint}: no answer in {timeout:g} s"))
-            self.abort()
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._closed:
+            return  # not waiting: the next wait sets a timer again
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+            return
+        self._fail(MilterTimeout(f"milter {self.endpoint}: no answer in {self._timeout:g} s"))
+        self.abort()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -359,7 +359,7 @@ def encode_end_of_headers() -> bytes:
     return packet(SMFIC_EOH)
 
 
-def encode_body(chunk: bytes) -> bytes:
+def encode_body(chunk: bytes | bytearray | memoryview) -> bytes:
     """``SMFIC_BODY``: raw body bytes, CRLF line ends, at most :data:`MAX_BODY_CHUNK`."""
     if len(chunk) > MAX_BODY_CHUNK:
         raise ValueError(f"a body chunk holds at most {MAX_BODY_CHUNK} bytes")
