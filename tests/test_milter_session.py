@@ -440,6 +440,17 @@ async def test_discard_accepts_and_drops(code: bytes) -> None:
     assert len(box.received) == 1
 
 
+async def test_shutdown_at_helo_answers_the_next_command() -> None:
+    # HELO's answer is read before the milter's next event (it never refuses HELO itself).
+    script = {p.SMFIC_HELO: [p.Shutdown()]}
+    async with FakeMilter(script) as milter, mta(Milters([milter.endpoint])) as box:
+        client = await box.client()
+        assert await client.cmd("MAIL FROM:<a@example.org>") == (
+            "421 4.7.0 Server closing connection"
+        )
+        assert await client.reply() == "<closed>"
+
+
 async def test_shutdown_says_421_and_closes() -> None:
     async with (
         FakeMilter({p.SMFIC_RCPT: [p.Shutdown()]}) as milter,

@@ -272,6 +272,7 @@ class _Link:
         "leading_space",
         "macro_names",
         "options",
+        "pending",
         "plan",
         "reply",
         "resync",
@@ -288,6 +289,7 @@ class _Link:
         self.skip: _Stage | None = None  # SMFIR_SKIP: leave out further events of this kind
         self.in_transaction = False  # it saw MAIL (or more) and no end of message or abort
         self.resync = False  # an early verdict may have left answers in flight: reconnect
+        self.pending: list[_Stage] = []  # events sent whose answers are still to be read
         self.leading_space = False  # SMFIP_HDR_LEADSPC: header values keep their blank
         # Per stage (by index), worked out once from the negotiation: (not in the milter's
         # protocol version, sent, answered), and the macro names to send before it.
@@ -633,6 +635,8 @@ class MilterSession:
         so the answers stay in step; a filter that answered the rest anyway would not, so after
         an early verdict the connection is made afresh before its next use.
         """
+        if link.pending:
+            await self._settle(link)
         state = link.state
         if state in (_ERROR, _REJECT_CON):
             return (_REJECT, link.reply) if link.reply is not None else (_CONTINUE, None)
@@ -689,7 +693,9 @@ class MilterSession:
         last = len(waiting) - 1
         for index, stage in enumerate(waiting):
             progress[0] = stage
-            outcome, reply = await self._answer(link, stage, edits if stage is _EOM else None)
+            outcome, reply = await self._answer(
+                link, stage, edits if stage is _EOM else None, last - index + 1
+            )
             if stage is _EOM:
                 link.in_transaction = False  # the message is over for it
                 if outcome in (_CONTINUE, _SKIP):
@@ -706,7 +712,7 @@ class MilterSession:
         return _CONTINUE, None
 
     async def _answer(
-        self, link: _Link, stage: _Stage, edits: list[Modification] | None
+        self, link: _Link, stage: _Stage, edits: list[Modification] | None, due: int = 1
     ) -> tuple[str, Reply | None]:
         """Read the milter's answer to one event: progress and quarantine notes, edits (end of
         message only), then one verdict."""
@@ -715,7 +721,7 @@ class MilterSession:
         assert connection is not None and options is not None
         timeout = link.config.content_timeout if stage.content else link.config.command_timeout
         while True:
-            response = await connection.response(timeout)
+            response = await connection.response(timeout, due)
             kind = type(response)
             if kind is Continue:
                 return _CONTINUE, None
@@ -772,6 +778,7 @@ class MilterSession:
         """A fresh connection after an early verdict left the old one possibly out of step:
         negotiate again and show the milter the connection and the HELO again."""
         link.resync = False
+        link.pending = []
         if link.connection is not None:
             link.connection.abort()
         link.in_transaction = False
@@ -869,7 +876,7 @@ class MilterSession:
         return False
 
     def _reply(self, outcome: str, reply: Reply | None) -> Reply | None:
-        if outcome == _SHUTDOWN:
+        if outcome == _SHUTDOWN or (reply is not None and reply.code == 421):
             self._shutdown()
         if outcome in (_REJECT, _SHUTDOWN):
             return reply
@@ -885,22 +892,60 @@ class MilterSession:
     def _on_helo(self, session: SmtpSession, e: Any) -> Awaitable[Reply | None] | None:
         if not self._links:
             return None
-        return self._hello(e.command.client_hostname)
-
-    async def _hello(self, name: str) -> Reply | None:
+        name = e.command.client_hostname
         wait = self._wait()
         if wait is not None:
-            await wait
+            return self._hello_after(wait, name)
+        self._hello(name)
+        return None
+
+    async def _hello_after(self, wait: Awaitable[None], name: str) -> Reply | None:
+        await wait
+        self._hello(name)
+        return None
+
+    def _hello(self, name: str) -> None:
+        """HELO/EHLO goes to every milter without waiting for the answers.
+
+        Sendmail/Postfix compatibility: a milter's refusal at HELO is not HELO's reply; it
+        answers MAIL and the other commands instead. So HELO is answered at once and the
+        milters' answers are read before their next event (a shutdown then answers 421 there).
+        """
         # A new HELO/EHLO (after STARTTLS too) ends any open transaction.
         self._end_transaction()
         self._macros.update(self._tls_macros())
         self._helo = name
-        outcome, reply = await self._chain(_HELO, encode_helo(name))
-        # Sendmail/Postfix compatibility: a milter's refusal at HELO is not HELO's reply; it
-        # answers MAIL and the other commands instead. Only 421 closes at once.
-        if outcome == _SHUTDOWN:
-            return self._reply(outcome, reply)
-        return None
+        packet = encode_helo(name)
+        for link in self._links:
+            if link.state not in (_READY, _ACCEPT_MSG) or link.resync:
+                continue  # out, or made afresh (with this HELO) before its next event
+            connection, plan = link.connection, link.plan
+            assert connection is not None and plan is not None
+            skipped, sends, replies = plan[_HELO.index]
+            if skipped:
+                continue
+            out = self._macro_packet(link, _HELO)
+            if sends:
+                out += packet
+                if replies:
+                    link.pending.append(_HELO)
+            if out:
+                connection.send(out)
+
+    async def _settle(self, link: _Link) -> None:
+        """Read the answers to events sent without waiting (HELO) before the next event."""
+        pending, link.pending = link.pending, []
+        progress = [pending[0]]
+        try:
+            for index, stage in enumerate(pending):
+                progress[0] = stage
+                outcome, _ = await self._answer(link, stage, None, len(pending) - index)
+                if outcome not in (_CONTINUE, _SKIP):
+                    if index < len(pending) - 1:
+                        link.resync = True
+                    return
+        except (MilterError, ProtocolError) as error:
+            self._failed(link, progress[0], error, None)
 
     def _tls_macros(self) -> dict[str, str]:
         tls = self.session.tls
@@ -1016,13 +1061,17 @@ class MilterSession:
         if not self._links:
             return None
         wait = self._wait()
-        if wait is not None:
-            return self._after(wait, self._lasting_reply)
+        if wait is not None or any(link.pending for link in self._links):
+            return self._lasting_reply_after(wait)
         return self._lasting_reply()
 
-    async def _after(self, wait: Awaitable[None], then: Callable[[], Reply | None]) -> Reply | None:
-        await wait
-        return then()
+    async def _lasting_reply_after(self, wait: Awaitable[None] | None) -> Reply | None:
+        if wait is not None:
+            await wait
+        for link in self._links:
+            if link.pending:
+                await self._settle(link)
+        return self._lasting_reply()
 
     def _lasting_reply(self) -> Reply | None:
         for link in self._links:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import PacketDecoder, ProtocolError, Response, decode_response
+from .protocol import Continue, PacketDecoder, ProtocolError, Response, decode_response
 
 __all__ = [
     "Endpoint",
@@ -106,6 +106,7 @@ class MilterConnection(asyncio.Protocol):
         "_timer",
         "_transport",
         "_waiter",
+        "_wanted",
         "endpoint",
     )
 
@@ -123,6 +124,7 @@ class MilterConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._timeout = 0.0
+        self._wanted = 1
 
     @classmethod
     async def open(cls, endpoint: Endpoint, timeout: float) -> MilterConnection:
@@ -152,14 +154,20 @@ class MilterConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._error is not None:
             return
+        responses = self._responses
+        decisive = False  # something other than "continue" came: the reader looks at once
         try:
             for command, payload in self._decoder.feed(data):
-                self._responses.append(decode_response(command, payload))
+                response = decode_response(command, payload)
+                responses.append(response)
+                if type(response) is not Continue:
+                    decisive = True
         except ProtocolError as error:
             self._fail(MilterProtocolError(f"milter {self.endpoint}: {error}"))
             self.close()
             return
-        self._wake()
+        if decisive or len(responses) >= self._wanted:
+            self._wake()
 
     def eof_received(self) -> bool | None:
         return False  # a half-closed milter answers no more: close
@@ -203,11 +211,16 @@ class MilterConnection(asyncio.Protocol):
             await self._drain_waiter
             self._drain_waiter = None
 
-    async def response(self, timeout: float) -> Response:
-        """The next response; :class:`MilterTimeout` after ``timeout`` seconds without one."""
+    async def response(self, timeout: float, expected: int = 1) -> Response:
+        """The next response; :class:`MilterTimeout` after ``timeout`` seconds without one.
+
+        ``expected``: how many plain "continue" answers are due (a batch of events): the
+        reader is woken once they are all in, or at the first other answer, not per packet.
+        """
         if not self._responses:
             if self._error is not None:
                 raise self._error
+            self._wanted = expected
             loop = self._loop
             self._deadline = loop.time() + timeout
             self._timeout = timeout
