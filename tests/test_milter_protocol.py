@@ -524,3 +524,32 @@ def test_edits_without_blank_line_get_one() -> None:
     assert apply(b"A: 1\r\nbody\r\n", [p.AddHeader("B", "2")]) == b"A: 1\r\nB: 2\r\n\r\nbody\r\n"
     assert apply(b"A: 1", [p.AddHeader("B", "2")]) == b"A: 1\r\nB: 2\r\n"
     assert apply(b"A: 1\r\n", []) == b"A: 1\r\n"  # nothing to do: the same bytes
+
+
+_LINES = st.sampled_from(
+    [
+        b"Subject: hi\r\n",
+        b"X-A:\r\n",
+        b"Name : v\r\n",
+        b" folded\r\n",
+        b"\tfolded\r\n",
+        b"\r\n",
+        b"\n",
+        b"not a field\r\n",
+        b"From: lf only\n",
+        b"body line\r\n",
+        b"X-Bad name: v\r\n",
+    ]
+)
+
+
+@given(st.lists(_LINES, max_size=12), st.sampled_from([b"", b"X-End: open", b" open", b"tail"]))
+def test_split_message_agrees_with_the_scanner(lines: list[bytes], tail: bytes) -> None:
+    message = b"".join(lines) + tail
+    scanner = HeaderScanner(max_header=len(message) + 1)
+    fields, body = scanner.feed(message)
+    if scanner.in_header:
+        more, rest = scanner.finish()
+        fields += more
+        body += rest
+    assert split_message(message) == (fields, scanner.blank_line, body)

@@ -165,14 +165,40 @@ class HeaderScanner:
             fields.append(HeaderField(match.group(1), raw))
 
 
+# One whole header field (its first line and its continuation lines), for split_message.
+_FIELD_LINES = re.compile(rb"([!-9;-~]+)[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*")
+
+
 def split_message(message: bytes) -> tuple[list[HeaderField], bool, bytes]:
-    """A whole message: its header fields, whether an empty line ended them, and the body."""
-    scanner = HeaderScanner(max_header=len(message) + 1)
-    fields, body = scanner.feed(message)
-    if scanner.in_header:
-        more, body = scanner.finish()
-        fields += more
-    return fields, scanner.blank_line, body
+    """A whole message: its header fields, whether an empty line ended them, and the body.
+
+    The same split as :class:`HeaderScanner` fed the whole message (a test holds them
+    equal), one regular-expression match per field instead of a step per line.
+    """
+    fields: list[HeaderField] = []
+    position = 0
+    match = _FIELD_LINES.match
+    while True:
+        found = match(message, position)
+        if found is None:
+            break
+        fields.append(HeaderField(found.group(1), found.group(0)))
+        position = found.end()
+    rest = message[position:]
+    if rest.startswith(b"\r\n"):
+        return fields, True, message[position + 2 :]
+    if rest.startswith(b"\n"):
+        return fields, True, message[position + 1 :]
+    last_line = _FIELD.match(rest) if rest and b"\n" not in rest else None
+    if last_line is not None:  # an unterminated last field
+        fields.append(HeaderField(last_line.group(1), rest))
+        return fields, False, b""
+    if fields and rest[:1] in (b" ", b"\t") and b"\n" not in rest:
+        # An unterminated continuation of the last field.
+        last = fields.pop()
+        fields.append(HeaderField(last.name, last.raw + rest))
+        return fields, False, b""
+    return fields, False, rest
 
 
 def body_of(body: bytes) -> bytes:
