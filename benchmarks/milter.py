@@ -3,9 +3,9 @@
 Run from the repository root, as root on Debian/Ubuntu (``scripts/install-peers`` installs
 Postfix, OpenDKIM and opendkim-tools; ``scripts/bench-setup`` smtp-source)::
 
-    python benchmarks/milter.py                 # about a minute
-    python benchmarks/milter.py --quick         # a smoke run
-    python benchmarks/milter.py --messages 20000 --json /tmp/milter.json
+    python benchmarks/milter.py                 # 5,000 messages a run: about 8 minutes
+    python benchmarks/milter.py --quick         # a smoke run, about a minute
+    python benchmarks/milter.py --messages 2000 --repeat 3 --json /tmp/milter.json
 
 One OpenDKIM signs every message (a key made by opendkim-genkey; 127.0.0.1 is an internal
 host). In front of it, each in turn, on 127.0.0.1:
@@ -23,7 +23,9 @@ utime + stime from ``/proc/<pid>/stat`` before and after each run, summed for Po
 its ``smtpd`` and ``cleanup`` processes (the ones that receive a message and run the milter
 conversation; Postfix's queue manager and discard agent deliver, and are left out, as
 alephsmtp delivers nothing). OpenDKIM's CPU per message is shown too: the same program doing
-the same work behind both. Results go to ``benchmarks/results/milter.json``.
+the same work behind both; it is the bottleneck, so msg/s is about OpenDKIM. With ``--repeat
+N`` each figure is the best of N rounds (least server CPU per message). Results go to
+``benchmarks/results/milter.json``; the exit status is 1 if any run had errors.
 """
 
 from __future__ import annotations
@@ -424,6 +426,78 @@ def report(runs: list[Run]) -> str:
     return "\n".join(out)
 
 
+def one_round(
+    args: argparse.Namespace, home: Path, path: Path, milter: str, opendkim: Daemon, count: int
+) -> list[Run]:
+    """Every server, both scenarios, once."""
+    runs: list[Run] = []
+    servers = [("alephsmtp-asyncio+opendkim", milter, "asyncio")]
+    if have_uvloop():
+        servers.append(("alephsmtp-uvloop+opendkim", milter, "uvloop"))
+    servers.append(("alephsmtp-asyncio (no milter)", None, "asyncio"))
+    for name, endpoint, loop in servers:
+        print(f"  {name}")
+        server = AlephServer.start(name, endpoint, loop)
+        try:
+            smtp_source(server.port, path, args.warmup, 4, False)
+            for scenario in SCENARIOS:
+                runs.append(
+                    measure(
+                        name,
+                        scenario,
+                        server.port,
+                        path,
+                        count,
+                        args.sessions,
+                        lambda s=server: cpu_seconds(s.proc.pid),
+                        opendkim.proc.pid if endpoint else None,
+                    )
+                )
+        finally:
+            received, signed = server.stop()
+        if endpoint and signed != received:
+            runs[-1].errors.append(f"{received - signed} of {received} not signed")
+        print(f"    {received} messages received, {signed} signed")
+    print("  postfix+opendkim")
+    postfix_home = Path(tempfile.mkdtemp(prefix="postfix-", dir=home))
+    postfix_home.chmod(0o755)
+    postfix = Postfix.start(postfix_home, milter)
+    try:
+        smtp_source(postfix.port, path, args.warmup, 4, False)  # starts its processes
+        for scenario in SCENARIOS:
+            runs.append(
+                measure(
+                    "postfix-3.7+opendkim",
+                    scenario,
+                    postfix.port,
+                    path,
+                    count,
+                    args.sessions,
+                    postfix.receivers,
+                    opendkim.proc.pid,
+                )
+            )
+    finally:
+        postfix.stop()
+    return runs
+
+
+def best_of(runs: list[Run]) -> list[Run]:
+    """Per server and scenario, the run with the least server CPU per message (the machine is
+    shared: the least disturbed round is the most telling); errors of every round kept."""
+    best: dict[tuple[str, str], Run] = {}
+    errors: dict[tuple[str, str], list[str]] = {}
+    for run in runs:
+        key = (run.server, run.scenario)
+        errors.setdefault(key, []).extend(run.errors)
+        kept = best.get(key)
+        if kept is None or (run.cpu_us_per_msg or 1e12) < (kept.cpu_us_per_msg or 1e12):
+            best[key] = run
+    for key, run in best.items():
+        run.errors = errors[key]
+    return list(best.values())
+
+
 def bench_main(args: argparse.Namespace) -> int:
     missing = [name for name in ("opendkim", "opendkim-genkey", "postfix") if program(name) is None]
     if postfix_tool("smtp-source") is None:
@@ -445,68 +519,30 @@ def bench_main(args: argparse.Namespace) -> int:
             path = home / "message.txt"
             path.write_text(message_text(KiB, 0.02))
             print(f"message: {message_size(path.read_text())} bytes; opendkim at {milter}")
-            servers = [("alephsmtp-asyncio+opendkim", milter, "asyncio")]
-            if have_uvloop():
-                servers.append(("alephsmtp-uvloop+opendkim", milter, "uvloop"))
-            servers.append(("alephsmtp-asyncio (no milter)", None, "asyncio"))
-            for name, endpoint, loop in servers:
-                print(f"  {name}")
-                server = AlephServer.start(name, endpoint, loop)
-                try:
-                    smtp_source(server.port, path, 100, 4, False)  # warm-up
-                    for scenario in SCENARIOS:
-                        runs.append(
-                            measure(
-                                name,
-                                scenario,
-                                server.port,
-                                path,
-                                count,
-                                args.sessions,
-                                lambda s=server: cpu_seconds(s.proc.pid),
-                                opendkim.proc.pid if endpoint else None,
-                            )
-                        )
-                finally:
-                    received, signed = server.stop()
-                if endpoint and signed != received:
-                    runs[-1].errors.append(f"{received - signed} of {received} not signed")
-                print(f"    {received} messages received, {signed} signed")
-            print("  postfix+opendkim")
-            (home / "postfix").mkdir()
-            (home / "postfix").chmod(0o755)
-            postfix = Postfix.start(home / "postfix", milter)
-            try:
-                smtp_source(postfix.port, path, 100, 4, False)  # warm-up: starts its processes
-                for scenario in SCENARIOS:
-                    runs.append(
-                        measure(
-                            "postfix-3.7+opendkim",
-                            scenario,
-                            postfix.port,
-                            path,
-                            count,
-                            args.sessions,
-                            postfix.receivers,
-                            opendkim.proc.pid,
-                        )
-                    )
-            finally:
-                postfix.stop()
+            for round_number in range(1, args.repeat + 1):
+                if args.repeat > 1:
+                    print(f"round {round_number} of {args.repeat}")
+                runs += one_round(args, home, path, milter, opendkim, count)
         finally:
             opendkim.stop()
+    best = best_of(runs)
     print()
-    print(report(runs))
+    if args.repeat > 1:
+        print(f"best of {args.repeat} rounds (least server CPU per message)")
+    print(report(best))
     write_json(
         args.json,
         {
             "machine": info,
             "messages": count,
             "sessions": args.sessions,
+            "repeat": args.repeat,
+            "best": [asdict(r) for r in best],
             "runs": [asdict(r) for r in runs],
         },
     )
-    return 0
+    errors = sum(len(run.errors) for run in best)
+    return 1 if errors else 0
 
 
 def main() -> int:
@@ -514,6 +550,10 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=0, help="per run (default: 5000)")
     parser.add_argument("--sessions", type=int, default=4, help="smtp-source -s (default: 4)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 300 messages")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; the best is shown")
+    parser.add_argument(
+        "--warmup", type=int, default=100, help="messages before each server's runs"
+    )
     parser.add_argument("--json", default=str(RESULTS / "milter.json"))
     parser.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--milter", default=None, help=argparse.SUPPRESS)
