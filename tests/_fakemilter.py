@@ -156,6 +156,9 @@ class FakeMilter:
                         decided = False
                     if code == p.SMFIC_OPTNEG:
                         action: Action = self.negotiation or [self.answer]
+                        if isinstance(action, tuple):  # ("sleep", s): answer, late
+                            await asyncio.sleep(action[1])
+                            action = [self.answer]
                     elif code in _SILENT or (code in _NO_REPLY and flags & _NO_REPLY[code]):
                         if code == p.SMFIC_QUIT:
                             writer.close()

@@ -950,3 +950,16 @@ async def test_one_milter_connection_per_session_closed_with_quit() -> None:
     assert all(
         c.codes().endswith(b"EQ") and c.codes().count(b"E") == 2 for c in milter.conversations
     )
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["wrap", "attach"])
+async def test_client_gone_during_the_connect_stage_leaves_no_milter_connection(
+    wrap: bool,
+) -> None:
+    milter = FakeMilter(negotiation=("sleep", 0.3))
+    async with milter, mta(Milters([milter.endpoint]), wrap=wrap) as box:
+        _, writer = await asyncio.open_connection("127.0.0.1", box.port)
+        writer.transport.abort()  # while the milter negotiates
+        await until(lambda: bool(milter.conversations))
+        await milter.wait_closed()  # closed by the MTA, not left open
+    assert len(milter.conversations) == 1

@@ -524,12 +524,18 @@ class MilterSession:
         refuses the connection ends the stage (Postfix's milter_conn_event)."""
         self._macros.update(self._connection_macros())
         packet = self._connect_packet()
-        for link in self._links:
+        try:
+            for link in self._links:
+                if self._closed:
+                    return
+                outcome = await self._connect_link(link, packet)
+                if outcome in (_REJECT, _SHUTDOWN):
+                    return
+        finally:
             if self._closed:
-                return
-            outcome = await self._connect_link(link, packet)
-            if outcome in (_REJECT, _SHUTDOWN):
-                return
+                # The client left while a milter was being connected: close what came up.
+                for link in self._links:
+                    link.close()
 
     async def _connect_link(self, link: _Link, packet: bytes) -> str:
         try:
