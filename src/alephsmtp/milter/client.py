@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 
+_timeout = getattr(asyncio, "timeout", None)
+
+
 class MilterError(Exception):
     """A milter could not be used: the failure policy (``default_action``) decides."""
 
@@ -138,7 +141,11 @@ class MilterConnection(asyncio.Protocol):
                 coroutine = loop.create_connection(
                     lambda: connection, endpoint.host or "127.0.0.1", endpoint.port
                 )
-            await asyncio.wait_for(coroutine, timeout)
+            if _timeout is not None:  # Python 3.11+: no task of its own, unlike wait_for
+                async with _timeout(timeout):
+                    await coroutine
+            else:  # pragma: no cover - Python 3.10
+                await asyncio.wait_for(coroutine, timeout)
         except asyncio.TimeoutError:
             raise MilterUnavailable(f"connect to milter {endpoint}: timed out") from None
         except OSError as error:
