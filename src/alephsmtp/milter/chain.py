@@ -1125,9 +1125,6 @@ class MilterSession:
             session.message_chunk += self._on_chunk
             self._streaming = True
 
-    def _message_links(self) -> list[_Link]:
-        return [link for link in self._links if link.state != _CLOSED]
-
     def _on_chunk(self, session: SmtpSession, e: Any) -> Awaitable[None] | None:
         transaction = self._transaction
         if transaction is None or transaction.discard or not transaction.streamed:
