@@ -222,8 +222,13 @@ class Postfix:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for_port(port, 60, proc)
-        return cls(home, port, proc)
+        postfix = cls(home, port, proc)
+        try:
+            wait_for_port(port, 60, proc)
+        except BaseException:
+            postfix.stop()  # whatever it started
+            raise
+        return postfix
 
     def master_pid(self) -> int:
         return int((self.home / "queue" / "pid" / "master.pid").read_text().split()[0])

@@ -121,8 +121,12 @@ class Postfix:
         (home / "master.cf").write_text(smtpd + SERVICES)
         assert POSTFIX is not None
         self.daemon = Daemon([POSTFIX, "-c", str(home), "start-fg"], home / "postfix.log")
-        for name, port in self.ports.items():
-            self.daemon.wait_for_port(port, f"postfix smtpd ({name})")
+        try:
+            for name, port in self.ports.items():
+                self.daemon.wait_for_port(port, f"postfix smtpd ({name})")
+        except BaseException:
+            self.stop()  # whatever it started
+            raise
 
     def queue(self) -> list[dict[str, Any]]:
         """The queue as ``postqueue -j`` lists it."""
