@@ -13,7 +13,7 @@ import os
 import secrets
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import __version__, _mailauth_cli
@@ -35,6 +35,7 @@ examples:
             --auth-file users.txt --auth-require      submission with STARTTLS and AUTH
   alephsmtp --lmtp --port 24 --eml-dir /var/spool/lmtp   an LMTP server
   alephsmtp --host 0.0.0.0 --port 25 --workers 4 --proxy-protocol   behind HAProxy
+  alephsmtp --milter inet:127.0.0.1:11332 --milter inet:127.0.0.1:8891   rspamd, then OpenDKIM
 """
 
 
@@ -184,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _mailauth_cli.add_arguments(parser)
+    milters = parser.add_argument_group("milters (Postfix's smtpd_milters: rspamd, OpenDKIM, ...)")
+    milters.add_argument(
+        "--milter",
+        action="append",
+        default=None,
+        metavar="ENDPOINT",
+        help="a milter, inet:HOST:PORT or unix:PATH; repeat for several (in this order)",
+    )
+    milters.add_argument(
+        "--milter-default-action",
+        choices=["tempfail", "accept", "reject"],
+        default="tempfail",
+        help="when a milter cannot be used (default: %(default)s)",
+    )
 
     parser.add_argument(
         "--log-level",
@@ -315,7 +330,9 @@ def _summary(session: Any, e: Any) -> None:
     )
 
 
-def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession], None]]:
+def _build(
+    args: argparse.Namespace,
+) -> tuple[SmtpServer, Callable[[SmtpSession], Awaitable[None] | None]]:
     if args.tls_key and not args.tls_cert:
         raise CliError("--tls-key needs --tls-cert")
     if (args.implicit_tls or args.require_tls) and not args.tls_cert:
@@ -372,6 +389,15 @@ def _build(args: argparse.Namespace) -> tuple[SmtpServer, Callable[[SmtpSession]
         for handler in handlers:
             session.message_received += handler
 
+    if args.milter:
+        # The milters come first in every session; the greeting waits for their connect stage.
+        from .milter import Milters
+
+        try:
+            milters = Milters(args.milter, default_action=args.milter_default_action)
+        except ValueError as error:
+            raise CliError(str(error)) from None
+        return server, milters.wrap(on_session)
     return server, on_session
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .addresses import Address
 from .spool import MessageSpool
+
+if TYPE_CHECKING:
+    from .milter.report import MilterReport
 
 __all__ = ["SmtpEnvelope"]
 
@@ -40,7 +43,7 @@ class SmtpEnvelope:
     tls: bool = False  # the transaction came over TLS
     # What optional subsystems found, when they are in use (None otherwise): the milters'
     # verdicts and edits (alephsmtp.milter), SPF/DKIM/DMARC/ARC results (alephsmtp.mailauth).
-    milter: Any = None
+    milter: MilterReport | None = None
     auth_results: Any = None
     _content: bytes | MessageSpool | None = field(default=None, init=False, repr=False)
 
