@@ -238,6 +238,10 @@ class MessageReceivedEventArgs(EventArgs):
             return self._size
         return self.envelope.message_size
 
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size = value
+
     def open(self) -> BinaryIO:
         """The message as a binary file (readable, seekable), read from memory or from its
         spool file without loading it whole; each call gives an independent view."""
