@@ -155,7 +155,8 @@ class WorkerSupervisor:
             for slot in self._slots:
                 self._start(slot)
             if not self._signals:
-                log.info("started %d workers on port %d", workers, self._port)
+                started = sum(1 for slot in self._slots if slot.process is not None)
+                log.info("started %d workers on port %d", started, self._port)
             failed = self._supervise()
         finally:
             for sig, handler in previous.items():
@@ -262,14 +263,16 @@ class WorkerSupervisor:
         assert process is not None
         process.join()
         slot.process = None
-        ended = _describe_exit(process.exitcode)
+        pid, exitcode = process.pid, process.exitcode
+        process.close()  # its sentinel now, not whenever the object is collected
+        ended = _describe_exit(exitcode)
         if stopping:
-            if process.exitcode == 0:
-                log.info("worker %d (pid %s) stopped", slot.number, process.pid)
+            if exitcode == 0:
+                log.info("worker %d (pid %s) stopped", slot.number, pid)
             else:
-                log.warning("worker %d (pid %s) %s while stopping", slot.number, process.pid, ended)
+                log.warning("worker %d (pid %s) %s while stopping", slot.number, pid, ended)
             return
-        self._failed(slot, process.pid, ended)
+        self._failed(slot, pid, ended)
 
     def _failed(self, slot: _Slot, pid: int | None, ended: str) -> None:
         """An exit nobody asked for: restart after the backoff, or give up on this slot."""
