@@ -22,6 +22,7 @@ from .handlers import Deliver, EmlDirectory, MaildirStore, MboxStore, PrintMessa
 from .parser import IMPLEMENTATION
 from .server import SmtpServer
 from .session import SmtpSession
+from .workers import WorkersFailed
 
 __all__ = ["build_parser", "check_credentials", "load_credentials", "main"]
 
@@ -402,12 +403,16 @@ def _build(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until interrupted; returns the exit status (2: could not start)."""
+    """Run the server until interrupted; returns the exit status (2: could not start,
+    1: every worker failed)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        # Under --workers every line names its process: the supervisor's or a worker's.
+        format="%(asctime)s "
+        + ("[%(process)d] " if args.workers > 1 else "")
+        + "%(name)s %(levelname)s %(message)s",
     )
     try:
         server, on_session = _build(args)
@@ -415,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         print(f"alephsmtp: {error}", file=sys.stderr)
         return 2
+    except WorkersFailed as error:  # the log above says why each worker failed
+        print(f"alephsmtp: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         where = ", ".join(args.host or ["127.0.0.1"])
         print(

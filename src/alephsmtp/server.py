@@ -20,16 +20,14 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import importlib
 import ipaddress
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import socket
 from collections.abc import Callable, Coroutine, Sequence
-from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, Literal
 
@@ -38,6 +36,8 @@ from .proxy import ProxyHeader, ProxyProtocolReceiver, address_in_networks
 from .replies import Reply
 from .session import OnSession, SessionConfig, SmtpSession, _Pools
 from .tls import TlsAcceptor
+from .workers import WorkerSupervisor
+from .workers import supported as _workers_supported
 
 __all__ = ["LoopName", "SmtpServer", "connection_capacity"]
 
@@ -328,8 +328,10 @@ class SmtpServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: stop accepting, let transactions finish, then close."""
+        log.info("stopping (%d session(s) open)", len(self.sessions))
         self.close()
         await self.wait_closed(self.shutdown_grace if grace is None else grace)
+        log.info("stopped")
 
     async def __aenter__(self) -> SmtpServer:
         await self.start()
@@ -345,7 +347,13 @@ class SmtpServer:
 
     # --- blocking entry points -------------------------------------------------------------
 
-    def run(self, on_session: OnSession | None = None, *, loop: LoopName = "auto") -> None:
+    def run(
+        self,
+        on_session: OnSession | None = None,
+        *,
+        loop: LoopName = "auto",
+        supervisor: WorkerSupervisor | None = None,
+    ) -> None:
         """Serve until SIGINT/SIGTERM (or :meth:`close`), then shut down gracefully.
 
         ``loop`` chooses the event loop: ``"auto"`` (the default) runs on uvloop when it is
@@ -354,19 +362,24 @@ class SmtpServer:
 
         With ``workers=N`` (N > 1) it runs N worker processes, each with its own event loop
         and its own listening socket on the same address (``SO_REUSEPORT``: the kernel spreads
-        connections over them). The parent binds the address first, without listening, so
-        that port 0 becomes one concrete port for every worker and an address in use fails
-        here (``OSError``). Workers are forked, not spawned: ``on_session`` may be any
-        callable (a closure, a lambda), nothing is pickled, and the caller should have no
-        other threads running. SIGINT/SIGTERM to the parent stops every worker gracefully
-        (each as :meth:`stop` does) and ``run`` returns once all have exited; a worker that
-        dies is logged, not restarted (if all die unasked, ``RuntimeError``). Without
-        ``SO_REUSEPORT`` or ``fork`` (Windows) one process serves, with a warning.
+        connections over them), under a :class:`~alephsmtp.workers.WorkerSupervisor`
+        (``supervisor``, default: the default restart policy). The parent binds the address
+        first, without listening, so that port 0 becomes one concrete port for every worker
+        and an address in use fails here (``OSError``). Workers are forked, not spawned:
+        ``on_session`` may be any callable (a closure, a lambda), nothing is pickled, and the
+        caller should have no other threads running. SIGINT/SIGTERM to the parent stops every
+        worker gracefully (each as :meth:`stop` does) and ``run`` returns once all have
+        exited; a worker that dies unasked is restarted with a backoff, and when every worker
+        keeps failing ``run`` raises :class:`~alephsmtp.workers.WorkersFailed` (a
+        ``RuntimeError``). Without ``SO_REUSEPORT`` or ``fork`` (Windows) one process serves,
+        with a warning.
         """
         runner = _loop_runner(loop)
         if self.workers > 1:
-            if hasattr(socket, "SO_REUSEPORT") and _can_fork():
-                self._run_workers(on_session, runner)
+            if _workers_supported():
+                supervisor = supervisor if supervisor is not None else WorkerSupervisor()
+                serve = functools.partial(self._serve_worker, on_session, runner)
+                supervisor.run(serve, self.workers, host=self.host, port=self._port)
                 return
             log.warning("workers need SO_REUSEPORT and fork; serving from one process")
             self.workers = 1
@@ -397,91 +410,21 @@ class SmtpServer:
                     loop.add_signal_handler(sig, self.close)
         finally:
             if worker:
-                # A worker starts with these blocked (see _run_workers): the loop takes them now.
+                # A worker starts with these blocked (alephsmtp.workers): the loop takes them now.
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         try:
             await self.serve_forever()
         finally:
             await self.stop()
 
-    # --- worker processes ---------------------------------------------------------------------
+    # --- worker processes (alephsmtp.workers runs them) -----------------------------------------
 
-    def _run_workers(self, on_session: OnSession | None, runner: _Runner) -> None:
-        reservation = self._reserve_port()
-        port = int(reservation.getsockname()[1])
-        context = multiprocessing.get_context("fork")
-        workers: list[BaseProcess] = []
-        stopping = False
-
-        def stop(signum: int, frame: object) -> None:
-            nonlocal stopping
-            stopping = True
-            for worker in workers:
-                if worker.exitcode is None and worker.pid is not None:  # not reaped: still ours
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGTERM)
-
-        previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
-        try:
-            for number in range(1, self.workers + 1):
-                # Forked with SIGINT/SIGTERM blocked: the child inherits ``stop`` and must not
-                # run it; it resets them and lets them in once its loop handles them (_run).
-                mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-                try:
-                    if stopping:
-                        break
-                    worker = context.Process(
-                        target=self._worker_main,
-                        args=(on_session, runner, port, reservation),
-                        name=f"alephsmtp-worker-{number}",
-                    )
-                    worker.start()
-                    workers.append(worker)
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                log.info("worker %d started (pid %s) on port %d", number, worker.pid, port)
-            _reap(workers, lambda: stopping)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            reservation.close()
-        if not stopping:
-            raise RuntimeError("every worker exited without being asked to stop")
-
-    def _worker_main(
-        self,
-        on_session: OnSession | None,
-        runner: _Runner,
-        port: int,
-        reservation: socket.socket,
-    ) -> None:
-        """A forked worker: its own loop and listening socket; SIGINT/SIGTERM still blocked."""
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        reservation.close()  # the parent's; ours is the listening one
+    def _serve_worker(self, on_session: OnSession | None, runner: _Runner, port: int) -> None:
+        """In a forked worker: its own loop and listening socket; SIGINT/SIGTERM still blocked."""
         self._port = port
         self.reuse_port = True
         self.workers = 1
         runner(self._run(on_session, worker=True))
-
-    def _reserve_port(self) -> socket.socket:
-        """Bind (not listen) the first address with SO_REUSEPORT: a concrete port, early."""
-        hosts = [self.host] if self.host is None or isinstance(self.host, str) else self.host
-        host = next(iter(hosts), None) or None  # None, "" or []: every interface
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-        return sock
 
 
 _R_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
@@ -629,26 +572,6 @@ def _loop_runner(loop: str) -> _Runner:
             run: _Runner = uvloop.run
             return run
     return asyncio.run
-
-
-def _can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods()
-
-
-def _reap(workers: list[BaseProcess], stopping: Callable[[], bool]) -> None:
-    """Wait until every worker has exited, logging each exit that was not asked for."""
-    remaining = list(workers)
-    while remaining:  # bounded: every round reaps at least one worker
-        ready = multiprocessing.connection.wait([worker.sentinel for worker in remaining])
-        for worker in [worker for worker in remaining if worker.sentinel in ready]:
-            worker.join()
-            remaining.remove(worker)
-            if worker.exitcode == 0 and stopping():
-                log.info("%s (pid %s) stopped", worker.name, worker.pid)
-            else:
-                log.error(
-                    "%s (pid %s) exited with status %s", worker.name, worker.pid, worker.exitcode
-                )
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
