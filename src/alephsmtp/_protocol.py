@@ -58,9 +58,13 @@ class Rule:
     failure: Reply = R.HANDLER_FAILED
     #: The verb as bytes, as the parsing core's ``split_command`` gives it.
     key: bytes = field(init=False, repr=False, compare=False)
+    #: The name of ``default`` in :mod:`.replies` (its wire form is read by that name).
+    default_name: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", self.verb.encode("ascii"))
+        names = [name for name in R.NAMES if getattr(R, name) is self.default]
+        object.__setattr__(self, "default_name", names[0] if names else "")
 
 
 def _order(**refusals: Reply | None) -> tuple[Reply | None, ...]:

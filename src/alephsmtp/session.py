@@ -176,7 +176,7 @@ class _Pools:
     """What a server's sessions share: the buffer pools (small for commands, large for a
     message), the fixed replies as written, the handlers' answers as written, the metrics."""
 
-    __slots__ = ("answers", "command", "data", "ehlo", "hello", "metrics", "wire")
+    __slots__ = ("answers", "command", "data", "ehlo", "hello", "keywords", "metrics", "wire")
 
     def __init__(self, config: SessionConfig, metrics: Metrics | None = None) -> None:
         self.command = BufferPool(config.command_buffer_size, 64)
@@ -186,6 +186,7 @@ class _Pools:
         # (verb, a handler's answer) -> the Reply sent; EHLO replies by what they list.
         self.answers: dict[tuple[str, object], Reply] = {}
         self.ehlo: dict[tuple[str, ...], bytes] = {}
+        self.keywords: dict[tuple[bool, bool], tuple[str, ...]] = {}
         self.metrics = metrics if metrics is not None else Metrics()
 
 
@@ -810,6 +811,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         if refusal is not None:
             self._write(refusal)
             return None
+        if not argument:
+            bare = _BARE_COMMANDS.get(verb)  # DATA, RSET, NOOP, QUIT...: one instance each
+            if bare is not None:
+                return bare
         try:
             return parse_argument(verb, argument)
         except CommandSyntaxError as error:
@@ -1317,10 +1322,11 @@ class SmtpSession(asyncio.BufferedProtocol):
             limit = self.config.max_junk_commands
             if limit and self._junk_commands > limit:
                 self._count_error()
-        handlers = self._handlers(rule.event)
+        event = self._events.get(rule.event)
         reply = None
-        if handlers:
-            reply = self._decide(rule, handlers, CommandEventArgs(command), self._simple_done, rule)
+        if event is not None and event.handlers:
+            args = CommandEventArgs(command)
+            reply = self._decide(rule, event.handlers, args, self._simple_done, rule)
             if reply is _WAIT:
                 return
         self._simple_done(rule, reply)
@@ -1330,8 +1336,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         accepted = reply is None or reply.code // 100 == 2
         if verb == "RSET" and accepted:
             self._abandon_transaction()
-        self.state = advance(self.state, verb, accepted)
-        self._write(reply if reply is not None else rule.default)
+            self.state = advance(self.state, verb)
+        if reply is None and rule.default.code < 400:
+            self._out.append(getattr(self._wire, rule.default_name))
+        else:
+            self._write(reply if reply is not None else rule.default)
 
     def _unknown(self, verb: bytes, argument: bytes) -> None:
         command = parse_argument(verb, argument)  # an SmtpCommand: unknown verbs never fail
@@ -1456,8 +1465,10 @@ class SmtpSession(asyncio.BufferedProtocol):
     @property
     def _auth_offered(self) -> bool:
         # RFC 4954 4 / 14: no plaintext passwords over a connection without TLS, unless asked.
+        event = self._events.get("auth")
         return (
-            bool(self._handlers("auth"))
+            event is not None
+            and bool(event.handlers)
             and bool(self.config.auth_mechanisms)
             and (self.tls is not None or self.config.auth_over_plaintext)
         )
@@ -1907,3 +1918,7 @@ _DISPATCH: dict[bytes, tuple[Rule, Callable[[SmtpSession, Rule, bytes], None]]] 
     )
 }
 _LAST_IN_GROUP_BYTES = frozenset(verb.encode() for verb in _LAST_IN_GROUP)
+# The commands a verb alone makes, one frozen instance each (parsed once, here).
+_BARE_COMMANDS: dict[bytes, SmtpCommand] = {
+    verb: parse_argument(verb, b"") for verb in (b"DATA", b"RSET", b"NOOP", b"QUIT", b"HELP")
+}

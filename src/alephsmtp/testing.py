@@ -44,9 +44,10 @@ from email.message import EmailMessage
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import replies as R
 from .envelope import SmtpEnvelope
-from .events import AuthEventArgs, MessageReceivedEventArgs
-from .replies import Reply, coerce_reply
+from .events import AuthEventArgs, MessageReceivedEventArgs, Pending, run_chain
+from .replies import coerce_reply
 from .server import SmtpServer
 from .session import OnSession, SmtpSession, TlsInfo
 
@@ -54,11 +55,6 @@ if TYPE_CHECKING:
     import trustme
 
 __all__ = ["CapturedMessage", "SmtpTestServer"]
-
-# What the session answers a message when no handler chose a reply ("250 2.0.0 OK: queued"):
-# the capturing handler runs the other handlers itself, so when all of them pass it has to
-# give this reply explicitly (returning None would make the session call them a second time).
-_R_QUEUED = Reply(250, "2.0.0", "OK: queued")
 
 # Names a wildcard address is reached by from this host.
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
@@ -357,36 +353,23 @@ class SmtpTestServer:
         return password is not None and e.check_password(password)
 
     def _run_message_handlers(self, session: SmtpSession, e: MessageReceivedEventArgs) -> Any:
-        """Run the other handlers as the session would; capture if their answer accepts."""
+        """Run the other handlers as the session would (the one handler chain); capture the
+        message if their answer accepts it."""
         others = [h for h in session.message_received.handlers if h != self._run_message_handlers]
-        for index, handler in enumerate(others):
-            result = handler(session, e)
-            if inspect.isawaitable(result):
-                return self._finish_async(result, others[index + 1 :], session, e)
-            if result is not None:
-                return self._decided(result, session, e)
-        return self._decided(None, session, e)
-
-    async def _finish_async(
-        self,
-        pending: Awaitable[Any],
-        rest: Sequence[Callable[[Any, MessageReceivedEventArgs], Any]],
-        session: SmtpSession,
-        e: MessageReceivedEventArgs,
-    ) -> Any:
-        result = await pending
-        for handler in rest:
-            if result is not None:
-                break
-            result = handler(session, e)
-            if inspect.isawaitable(result):
-                result = await result
+        result = run_chain(others, session, e)
+        if type(result) is Pending:
+            return self._decided_later(result, session, e)
         return self._decided(result, session, e)
+
+    async def _decided_later(
+        self, pending: Pending, session: SmtpSession, e: MessageReceivedEventArgs
+    ) -> Any:
+        return self._decided(await pending.coroutine, session, e)
 
     def _decided(self, result: Any, session: SmtpSession, e: MessageReceivedEventArgs) -> Any:
         if _accepts(result):
             self._capture(session, e)
-        return _R_QUEUED if result is None else result
+        return R.QUEUED if result is None else result
 
 
 def _accepts(result: Any) -> bool:
