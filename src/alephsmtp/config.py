@@ -83,6 +83,9 @@ class SessionConfig:
     # bounded, however large the messages (Postfix writes its queue file the same way).
     spool_threshold: int = 1 << 20
     spool_directory: str | None = None
+    # Time handlers (per event) and the wait from a message's end to its reply, for the
+    # metrics' latency histograms; off unless an exporter wants them (a clock read or two).
+    measure_latency: bool = False
     command_buffer_size: int = 16 << 10
     data_buffer_size: int = 256 << 10
 

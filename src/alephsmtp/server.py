@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
+from . import replies as R
 from .metrics import Metrics, MetricsHook
 from .proxy import ProxyHeader, ProxyProtocolReceiver, address_in_networks
 from .replies import Reply
@@ -236,7 +237,10 @@ class SmtpServer:
 
     def _has_room(self) -> bool:
         """Whether a connection before its session (counted already) fits the capacity."""
-        return not self._capacity or self.open_connections <= self._capacity
+        if not self._capacity or self.open_connections <= self._capacity:
+            return True
+        self.metrics.connections_refused["capacity"] += 1
+        return False
 
     def _new_session(self, proxy: ProxyHeader | None = None) -> SmtpSession:
         return SmtpSession(
@@ -260,7 +264,8 @@ class SmtpServer:
         self._no_sessions.clear()
         config = self.config
         if self._capacity and self.open_connections >= self._capacity:
-            return _R_TOO_MANY_CONNECTIONS
+            self.metrics.connections_refused["capacity"] += 1
+            return R.TOO_MANY_CONNECTIONS
         ip = _peer_ip(session.peer)
         if (
             ip is not None
@@ -268,7 +273,8 @@ class SmtpServer:
             and self._per_ip[ip] >= config.max_connections_per_ip
             and not self._is_exempt(ip)
         ):
-            return _R_TOO_MANY_FROM_IP
+            self.metrics.connections_refused["per-ip"] += 1
+            return R.TOO_MANY_FROM_IP
         self._admitted.add(session)
         if ip is not None:
             self._per_ip[ip] += 1
@@ -427,8 +433,6 @@ class SmtpServer:
         runner(self._run(on_session, worker=True))
 
 
-_R_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
-
 # Descriptors kept free for what is not a connection: listening sockets, logs, stores, the
 # event loop's own. Of the rest, a quarter stays free for what a connection may open besides
 # its socket (a spooled message's file, a relay's connection, a milter's).
@@ -544,7 +548,6 @@ class _AcceptErrors:
 
 
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_R_TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")
 
 
 def _peer_ip(peer: Any) -> str | None:

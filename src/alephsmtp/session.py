@@ -102,6 +102,7 @@ _ANSWERS_MAX = 512  # handler answers kept rendered per server (their texts may 
 _RATE_CHECK_PERIOD = 5.0  # seconds between data-rate checks while a message streams in
 _LINGER = 2.0  # seconds a closed session reads (and drops) what the client still sends
 
+_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")  # reply classes, by first digit
 # Replies that count towards max_bad_commands: syntax, sequence, unknown (RFC 5321 4.2.2).
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
 # Commands that move nothing forward: past max_junk_commands each counts as an error.
@@ -293,6 +294,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_transactions",
         "_transport",
         "_tx",
+        "_verb",
         "_view",
         "_wire",
         "_write_paused",
@@ -394,6 +396,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._transactions = 0
         self._limit_reply: Reply | None = None  # a limit was passed: say it and close
         self._tx: Transaction | None = None
+        self._verb = ""  # the command being answered (for the metrics); "" for none
 
     def __repr__(self) -> str:
         return f"<SmtpSession #{self.id} {self.peer!r} {self.state.name.lower()}>"
@@ -520,6 +523,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self.peer = transport.get_extra_info("peername")
         if transport.get_extra_info("ssl_object") is not None:
             self.tls = TlsInfo.of(transport)  # implicit TLS (RFC 8314)
+            self._pools.metrics.tls_sessions[self.tls.version or "unknown"] += 1
         self._last_activity = loop.time()
         # Nothing is read before the greeting (RFC 5321 3.1). A greeting sent from here, the
         # usual case, comes before the transport's first read; only an asynchronous
@@ -660,6 +664,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             tx.discard()
         if partial:
             self.log.info("connection lost during a message; discarded")
+            self._pools.metrics.messages_discarded += 1
             if tx is not None and self._handlers("message_chunk"):
                 self._notify("message_discarded", MessageDiscardedEventArgs(tx.envelope, None))
         if log.isEnabledFor(logging.DEBUG):
@@ -739,6 +744,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         while not self._busy and self.state is not State.CLOSED:
             if self._limit_reply is not None:
                 self.log.info("closing: %s", self._limit_reply)
+                if self._limit_reply is R.TOO_MANY_ERRORS:
+                    self._pools.metrics.closed_for_errors += 1
                 self._send_and_close(self._limit_reply)
                 break
             lines = self._lines
@@ -769,9 +776,11 @@ class SmtpSession(asyncio.BufferedProtocol):
                 verb, argument = split_command(line)
                 entry = _DISPATCH.get(verb)
                 if entry is None:
+                    self._verb = "other"
                     self._unknown(verb, argument)
                 else:
                     rule, act = entry
+                    self._verb = rule.verb
                     if (
                         self.config.forbid_unauth_pipelining
                         and verb in _LAST_IN_GROUP_BYTES
@@ -798,6 +807,8 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self._next = 0
                 continue
             break
+        if not self._busy:
+            self._verb = ""
         self._flush()
         if self._closing and self.is_idle and self.state is not State.CLOSED:
             self._send_and_close(R.SHUTDOWN)
@@ -825,14 +836,21 @@ class SmtpSession(asyncio.BufferedProtocol):
         self, rule: Rule, handlers: tuple[Any, ...], args: Any, done: Done, context: Any
     ) -> Any:
         """Run the handlers of a command; its reply (``None``: the default), or ``_WAIT`` when
-        a handler went asynchronous (``done(context, reply)`` follows, from the task)."""
+        a handler went asynchronous (``done(context, reply)`` follows, from the task).
+
+        With ``measure_latency`` the handlers are timed for the metrics (until their task is
+        done, when they went asynchronous).
+        """
+        started = self._loop.time() if self.config.measure_latency and self._loop else 0.0
         try:
             result = run_chain(handlers, self, args)
+            if type(result) is Pending:
+                self._await(result, rule, done, context, started=started)
+                return _WAIT
+            if started:
+                self._handlers_took(rule, started)
             if result is None:
                 return None
-            if type(result) is Pending:
-                self._await(result, rule, done, context)
-                return _WAIT
             return self._answer(result, rule)
         except Exception as error:
             answer = self._failure(rule.event, error, rule.failure)
@@ -840,6 +858,10 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self._await(answer, rule, done, context, failed=True)
                 return _WAIT
             return self._checked_failure(answer, rule)
+
+    def _handlers_took(self, rule: Rule, started: float) -> None:
+        assert self._loop is not None
+        self._pools.metrics.handler_done(rule.event, self._loop.time() - started)
 
     # HELO / EHLO / LHLO (RFC 5321 4.1.1.1; RFC 2033 4.1)
 
@@ -887,6 +909,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if not self.esmtp:
             hello = self._pools.hello if reply is None else Reply(reply.code, "", reply.lines)
             self._out.append(hello.wire(False))
+            self._pools.metrics.commands[verb, "2xx"] += 1
             return
         first = (reply if reply is not None else self._pools.hello).lines[0]
         # RFC 2034: enhanced codes come after the client learnt of them.
@@ -897,6 +920,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             if len(self._pools.ehlo) < _ANSWERS_MAX:
                 self._pools.ehlo[key] = data
         self._out.append(data)
+        self._pools.metrics.commands[verb, "2xx"] += 1
 
     # MAIL (RFC 5321 4.1.1.2)
 
@@ -953,6 +977,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._tx = Transaction(envelope)
             self.state = _AFTER_MAIL
             self._out.append(self._wire.MAIL_OK)
+            self._pools.metrics.commands["MAIL", "2xx"] += 1
             return
         if reply.code // 100 == 2:
             self._transactions += 1
@@ -1006,6 +1031,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self.state = _AFTER_RCPT
         if reply is None:
             self._out.append(self._wire.RCPT_OK)
+            self._pools.metrics.commands["RCPT", "2xx"] += 1
         else:
             self._write(reply)
 
@@ -1035,6 +1061,8 @@ class SmtpSession(asyncio.BufferedProtocol):
                 return
         else:
             self._out.append(self._wire.DATA_GO)
+            self._pools.metrics.commands["DATA", "3xx"] += 1
+        self._verb = ""  # what is written next answers the message, not a command
         self._flush()
         tx = self._tx
         assert tx is not None and self._loop is not None
@@ -1201,6 +1229,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._end_of_chunk(reader)
 
     def _end_of_chunk(self, reader: BdatReader, trailing: bytes | None = None) -> None:
+        self._verb = "BDAT"
         command, refusal = self._chunk, self._chunk_refusal
         assert command is not None
         self._input = None
@@ -1241,7 +1270,10 @@ class SmtpSession(asyncio.BufferedProtocol):
     # The end of a message, DATA or BDAT LAST
 
     def _end_of_message(self, refusal: Reply | None) -> None:
+        self._verb = ""  # what is written now answers the message, not a command
         tx = self._tx
+        if tx is not None and self.config.measure_latency and self._loop is not None:
+            tx.ended = self._loop.time()
         events = self._events
         chunk_event = events.get("message_chunk")
         streamed = chunk_event is not None and bool(chunk_event.handlers)
@@ -1289,6 +1321,8 @@ class SmtpSession(asyncio.BufferedProtocol):
     ) -> None:
         tx = self._tx
         recipients = len(tx.envelope.recipients) if tx is not None else 1
+        if tx is not None and tx.ended and self._loop is not None:
+            self._pools.metrics.reply_seconds.observe(self._loop.time() - tx.ended)
         self._tx = None
         self.state = advance(self.state, P.END_OF_MESSAGE)
         if reply is None:
@@ -1305,10 +1339,12 @@ class SmtpSession(asyncio.BufferedProtocol):
             accepted = any(each.code // 100 == 2 for each in replies)
             for each in replies:
                 self._write(each)
+            if not accepted:
+                self._pools.metrics.message_refused(replies[0].code)
         if accepted:
             if size < 0:
                 size = args.size if args is not None else 0
-            self._pools.metrics.message_accepted(size)
+            self._pools.metrics.message_accepted(size, recipients)
             self._junk_commands = 0
 
     # RSET, NOOP, VRFY, EXPN, HELP, and verbs nobody knows
@@ -1339,6 +1375,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self.state = advance(self.state, verb)
         if reply is None and rule.default.code < 400:
             self._out.append(getattr(self._wire, rule.default_name))
+            self._pools.metrics.commands[verb or "other", _CLASSES[rule.default.code // 100]] += 1
         else:
             self._write(reply if reply is not None else rule.default)
 
@@ -1436,6 +1473,10 @@ class SmtpSession(asyncio.BufferedProtocol):
             )
         except HANDSHAKE_ERRORS as error:
             self.log.info("TLS handshake failed: %s", describe(error))
+            metrics = self._pools.metrics
+            metrics.tls_failures += 1
+            if isinstance(error, asyncio.TimeoutError):
+                metrics.timeouts["tls"] += 1
             self._busy = False
             self._end(error)
             return
@@ -1448,6 +1489,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self._transport = tls_transport
         self.tls = TlsInfo.of(tls_transport)
+        self._pools.metrics.tls_sessions[self.tls.version or "unknown"] += 1
         self.log.debug("TLS up (%s, %s)", self.tls.version, self.tls.cipher)
         # RFC 3207 4.2: forget everything learnt from the client before TLS.
         self._abandon_transaction()
@@ -1529,14 +1571,18 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _auth_done(self, credentials: Credentials, answer: Reply | None) -> None:
         reply = answer if answer is not None else R.AUTH_FAILED
         username = credentials.username
+        metrics = self._pools.metrics
         if reply.code // 100 == 2:
             self.authenticated_as = username
             self.log.info("authenticated as %r", username)
+            metrics.auth[credentials.mechanism, "success"] += 1
             self._write(reply)
             return
         if reply.code // 100 != 5:  # our own trouble (454 4.7.0): not the client's failure
+            metrics.auth[credentials.mechanism, "error"] += 1
             self._write(reply)
             return
+        metrics.auth[credentials.mechanism, "failure"] += 1
         # Password guessing: every failure counts as an error, from the second on the reply
         # waits (Postfix's smtpd_error_sleep_time), and max_auth_failures ends the session.
         self.log.info("authentication failed for %r", username)
@@ -1573,25 +1619,34 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._tx = None
         tx.discard()
         if tx.streamed and self._handlers("message_chunk"):
+            self._pools.metrics.messages_discarded += 1
             self._notify("message_discarded", MessageDiscardedEventArgs(tx.envelope, None))
 
     # --- handlers ---------------------------------------------------------------------------
 
     def _await(
-        self, pending: Pending, rule: Rule, done: Done, context: Any, failed: bool = False
+        self,
+        pending: Pending,
+        rule: Rule,
+        done: Done,
+        context: Any,
+        failed: bool = False,
+        started: float = 0.0,
     ) -> None:
         """A handler went asynchronous: the rest runs in a task while reading pauses, so
         replies stay in order (RFC 2920 3.1); ``done(context, reply)`` follows."""
         self._busy = True
         self._flush()
         self._update_reading()
-        self._handler_task = self._spawn(self._finish(pending, rule, done, context, failed))
+        self._handler_task = self._spawn(
+            self._finish(pending, rule, done, context, failed, started)
+        )
         self._start_handler_clock(
             self.config.message_handler_timeout if rule is _MESSAGE else self.config.handler_timeout
         )
 
     async def _finish(
-        self, pending: Pending, rule: Rule, done: Done, context: Any, failed: bool
+        self, pending: Pending, rule: Rule, done: Done, context: Any, failed: bool, started: float
     ) -> None:
         reply: Any
         try:
@@ -1610,6 +1665,8 @@ class SmtpSession(asyncio.BufferedProtocol):
                     self.log.exception("handler_error handler failed")
                     answer = None
             reply = self._checked_failure(answer, rule)
+        if started:
+            self._handlers_took(rule, started)
         self._stop_handler_clock()
         self._busy = False
         if self.state is State.CLOSED or self._transport is None:
@@ -1732,6 +1789,8 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _write(self, reply: Reply) -> None:
         code = reply.code
+        if self._verb:
+            self._pools.metrics.commands[self._verb, _CLASSES[code // 100]] += 1
         if code >= 400:
             self._pools.metrics.rejected(code)
             if code in _BAD_COMMAND_CODES:
@@ -1810,9 +1869,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         if self._input is not None:
             if now - self._last_activity >= config.data_timeout:
                 self.log.info("timeout while reading a message")
+                self._pools.metrics.timeouts["data"] += 1
                 self._send_and_close(R.TIMEOUT)
                 return
             if config.min_data_rate and tx is not None and self._rate_too_low(tx, now):
+                self._pools.metrics.timeouts["rate"] += 1
                 self._send_and_close(R.SLOW)
                 return
             wake = self._last_activity + config.data_timeout
@@ -1821,6 +1882,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         elif config.idle_timeout > 0:
             if now - self._last_activity >= config.idle_timeout:
                 self.log.info("idle timeout")
+                self._pools.metrics.timeouts["idle"] += 1
                 self._send_and_close(R.TIMEOUT)
                 return
             wake = self._last_activity + config.idle_timeout
@@ -1856,6 +1918,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._handler_deadline = 0.0
         if task is not None and not task.done():
             self.log.warning("handler timed out; cancelled")
+            self._pools.metrics.timeouts["handler"] += 1
             self._handler_timed_out = True
             task.cancel()
 
@@ -1874,6 +1937,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._write_timer = None
         if self._transport is not None:
             self.log.info("client took no replies for %g s; aborted", self.config.write_timeout)
+            self._pools.metrics.timeouts["write"] += 1
             self.abort()
 
     def _end_linger(self) -> None:

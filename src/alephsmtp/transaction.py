@@ -28,6 +28,7 @@ class Transaction:
         "bdat_refusal",
         "bytes_read",
         "clocked",
+        "ended",
         "envelope",
         "first",
         "rate_marks",
@@ -57,6 +58,7 @@ class Transaction:
         self.started = 0.0  # when DATA's 354 or the first BDAT came
         self.bytes_read = 0  # bytes read for this message (for min_data_rate)
         self.clocked = False  # the data timeout and rate checks are armed for this message
+        self.ended = 0.0  # when its end was read (measure_latency only)
         #: (time, bytes_read) marks of the rate checks, the oldest within the window first.
         self.rate_marks: collections.deque[tuple[float, int]] = collections.deque()
 
