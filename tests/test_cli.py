@@ -225,3 +225,22 @@ def test_tls_certificate_and_key_in_one_file_or_two(files: dict[str, str], tmp_p
                 assert client.has_extn("starttls")
         finally:
             stop_cli(process)
+
+
+def test_docs_cli_md_has_a_row_for_every_option() -> None:
+    page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    if not page.is_file():
+        pytest.skip("docs/ is not shipped here (an installed wheel's tests)")
+    rows = [line for line in page.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    options = [
+        option
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--auth-plaintext"  # the old name: in a row
+    ]
+    missing = [o for o in options if not any(row.startswith(f"| `{o}") for row in rows)]
+    assert missing == []
+    # Each row: option, default, meaning, and what it refuses (or "—").
+    for row in rows:
+        if row.startswith("| `--"):
+            assert row.count(" | ") >= 3, row

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --relay-starttls: trust these CA certificates for the relay "
         "(default: the system's)",
     )
-    output.add_argument("--relay-user", help="AUTH user name at the relay")
+    output.add_argument("--relay-user", metavar="USER", help="AUTH user name at the relay")
     output.add_argument(
         "--relay-password-file",
         metavar="FILE",
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level (default: %(default)s)",
+        help="logging level, in any case (default: %(default)s)",
     )
     parser.add_argument(
         "--version",
