@@ -18,6 +18,7 @@ import pytest
 import trustme
 
 from _cli import start_cli, stop_cli
+from alephsmtp import _cli_checks
 from alephsmtp.auth import Credentials
 from alephsmtp.cli import build_parser, check_credentials
 from alephsmtp.commands import AuthCommand
@@ -244,3 +245,25 @@ def test_docs_cli_md_has_a_row_for_every_option() -> None:
     for row in rows:
         if row.startswith("| `--"):
             assert row.count(" | ") >= 3, row
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mx.test", ("mx.test", 25)),
+        ("mx.test:587", ("mx.test", 587)),
+        ("relay_1:2525", ("relay_1", 2525)),  # a container's name resolves; so it is taken
+        ("192.0.2.1:2525", ("192.0.2.1", 2525)),
+        ("2001:db8::1", ("2001:db8::1", 25)),
+        ("[2001:db8::1]:587", ("2001:db8::1", 587)),
+        ("bücher.example", ("bücher.example", 25)),
+    ],
+)
+def test_relay_host_forms(text: str, expected: tuple[str, int]) -> None:
+    assert _cli_checks.host_port(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", ":25", "[2001:db8::1]x", "a..b", "mx.test:", "[mx.test]:25"])
+def test_relay_host_refused(text: str) -> None:
+    with pytest.raises(_cli_checks.CliError, match="--relay wants"):
+        _cli_checks.host_port(text)

@@ -83,9 +83,11 @@ def network(text: str) -> str:
 
 # RFC 5321 4.1.2: sub-domain = Let-dig [Ldh-str], at most 63 octets (RFC 1035 2.3.4).
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+# A host to connect to needs only to resolve: resolvers take underscores too (container names).
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 
 
-def _is_domain(name: str) -> bool:
+def _is_domain(name: str, label: re.Pattern[str] = _LABEL) -> bool:
     """Whether ``name`` is a domain as RFC 5321 4.1.2 spells one (a U-label via IDNA)."""
     if not name.isascii():
         try:
@@ -93,7 +95,7 @@ def _is_domain(name: str) -> bool:
         except UnicodeError:
             return False
     name = name[:-1] if name.endswith(".") else name
-    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
+    return 0 < len(name) <= 253 and all(label.match(part) for part in name.split("."))
 
 
 def _is_address_literal(text: str) -> bool:
@@ -123,26 +125,27 @@ def hostname(text: str) -> str:
 
 def host_port(text: str, default_port: int = 25) -> tuple[str, int]:
     """``HOST``, ``HOST:PORT``, ``[IPv6]`` or ``[IPv6]:PORT`` (a bare IPv6 address: no port)."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else rest
-        ipv6 = True
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-        ipv6 = False
-    else:
-        host, port = text, ""
-        ipv6 = ":" in text
+    port: str | None
     try:
-        if ipv6:
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            if rest and not rest.startswith(":"):
+                raise ValueError(rest)
+            port = rest[1:] if rest else None
             ipaddress.IPv6Address(host)
-        elif not _is_domain(host):  # a name, or an IPv4 address (digits and dots)
-            raise ValueError(host)
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
+        elif text.count(":") > 1:
+            host, port = text, None
+            ipaddress.IPv6Address(host)
+        else:
+            host, colon, port = text.partition(":")
+            port = port if colon else None
+            if not _is_domain(host, _HOST_LABEL):  # a name, or an IPv4 address
+                raise ValueError(host)
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             raise ValueError(port)
     except ValueError:
         raise CliError(f"--relay wants HOST[:PORT] or [IPv6]:PORT, not {text!r}") from None
-    return host, int(port) if port else default_port
+    return host, int(port) if port is not None else default_port
 
 
 _PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
