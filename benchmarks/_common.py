@@ -333,9 +333,11 @@ def select_servers(specs: list[ServerSpec], patterns: str | None) -> list[Server
 
 @dataclass(eq=False)
 class ServerProcess:
-    """A server under test, started as its own process; always killed by :meth:`stop`."""
+    """A server under test, started as its own process; always killed by :meth:`stop`. Its
+    stderr goes to ``<log_dir>/<name>.stderr.log`` (beside the results file)."""
 
     spec: ServerSpec
+    log_dir: Path = RESULTS
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
@@ -349,8 +351,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         self.port = free_port()
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        self.log_path = RESULTS / f"{self.spec.name}.stderr.log"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.log_dir / f"{self.spec.name}.stderr.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.spec.command(self.port),

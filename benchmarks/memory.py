@@ -13,7 +13,8 @@ few warm-up sessions, opens ``--connections`` connections and reads each greetin
 again, sends ``EHLO`` on every connection and reads each reply, reads VmRSS a third time, then
 closes them all. It reports KiB per connection after the greeting and after the EHLO. The open
 files limit is raised as needed (``resource.setrlimit``); everything is bounded by timeouts.
-Results go to ``--json`` (default ``benchmarks/results/memory.json``).
+Results go to ``--json`` (default ``benchmarks/results/memory.json``), each server's stderr
+beside it (``<server>.stderr.log``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from _common import (
     RESULTS,
@@ -146,9 +148,9 @@ async def _warm_up(port: int) -> None:
         await writer.wait_closed()
 
 
-async def measure(spec: ServerSpec, count: int) -> Measurement:
+async def measure(spec: ServerSpec, count: int, log_dir: Path) -> Measurement:
     """Start the server, take the three readings, stop it; errors are recorded, not raised."""
-    with ServerProcess(spec) as server:
+    with ServerProcess(spec, log_dir) as server:
         result = Measurement(spec.name, server.implementation)
         print(f"  {spec.name} (pid {server.pid}, port {server.port})")
         errors: list[str] = []
@@ -196,11 +198,11 @@ async def take_readings(
     )
 
 
-async def run_all(specs: list[ServerSpec], count: int) -> list[Measurement]:
+async def run_all(specs: list[ServerSpec], count: int, log_dir: Path) -> list[Measurement]:
     results = []
     for spec in specs:
         try:
-            results.append(await measure(spec, count))
+            results.append(await measure(spec, count, log_dir))
         except RuntimeError as error:  # it did not start
             print(f"    {spec.name}: {error}")
             results.append(Measurement(spec.name, "", errors=[str(error)]))
@@ -227,7 +229,7 @@ def main() -> int:
         print(f"note: {note}")
     print(f"{args.connections} idle connections per server")
     with server_cleanup():
-        results = asyncio.run(run_all(specs, args.connections))
+        results = asyncio.run(run_all(specs, args.connections, Path(args.json).resolve().parent))
 
     rows = []
     for m in results:

@@ -26,7 +26,7 @@ stime of the server process, ``/proc/<pid>/stat``) are read before and after eac
 CPU per message is the stable figure on a shared machine, where wall-clock rates are noisy.
 Ratios are paired within one run. With ``--repeat N`` each figure is the best of N rounds.
 Results go to ``--json`` (default ``benchmarks/results/server.json``); server stderr logs
-(any warning or traceback) go to ``benchmarks/results/<server>.stderr.log``.
+(any warning or traceback) go beside it, to ``<server>.stderr.log``.
 """
 
 from __future__ import annotations
@@ -214,11 +214,12 @@ def bench_server(
     loadgen: str,
     quick: bool,
     time_limit: float,
+    log_dir: Path,
 ) -> list[Run]:
     """Start ``spec``, warm it up, run every scenario, stop it."""
     runs: list[Run] = []
     load = LOADGENS[loadgen]
-    with ServerProcess(spec) as server:
+    with ServerProcess(spec, log_dir) as server:
         print(f"  {spec.name} (pid {server.pid}, port {server.port}, {server.implementation})")
         warm_path = files["1k-persistent"][0]
         warm = load(server.port, warm_path, SCENARIOS[0], 200, 30.0)
@@ -349,6 +350,7 @@ def main() -> int:
         keys = {k.strip() for k in args.scenarios.split(",")}
         scenarios = [s for s in SCENARIOS if s.key in keys]
     time_limit = args.time_limit or (15.0 if args.quick else 60.0)
+    log_dir = Path(args.json).resolve().parent
     if loadgen == "python" and not have_source:
         notes.append("smtp-source is not installed: the bundled Python load client is used")
     for note in notes:
@@ -367,7 +369,9 @@ def main() -> int:
             print(f"\nround {round_ + 1} of {args.repeat}")
             for spec in specs:
                 try:
-                    runs = bench_server(spec, scenarios, files, loadgen, args.quick, time_limit)
+                    runs = bench_server(
+                        spec, scenarios, files, loadgen, args.quick, time_limit, log_dir
+                    )
                 except RuntimeError as error:
                     print(f"    {spec.name}: {error}")
                     continue

@@ -2,7 +2,8 @@
 
 Smoke runs only: the figures are not looked at (tests never time anything). What is checked is
 that each script a user is told to run starts its servers, drives them, reports every row
-without errors and writes results a user can read back.
+without errors and writes results a user can read back — all of it (results and server logs)
+where ``--json`` says, never into the checkout's ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,20 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.skipif(not BENCHMARKS.is_dir(), reason="benchmarks/ not shipped here")
 
 
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """Each file under ``directory`` with its size and modification time."""
+    if not directory.is_dir():
+        return {}
+    return {
+        str(path.relative_to(directory)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in directory.rglob("*")
+        if path.is_file()
+    }
+
+
 def run_script(name: str, *args: str, timeout: float = 180) -> str:
     env = {k: v for k, v in os.environ.items() if k != "ALEPHSMTP_NO_EXTENSIONS"}
+    before = snapshot(BENCHMARKS / "results")
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / name), *args],
         capture_output=True,
@@ -31,6 +44,7 @@ def run_script(name: str, *args: str, timeout: float = 180) -> str:
         env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    assert snapshot(BENCHMARKS / "results") == before, "wrote into the checkout"
     return done.stdout
 
 
@@ -76,6 +90,7 @@ def test_server_benchmark_with_the_bundled_load_client(tmp_path: Path) -> None:
         assert run["messages"] > 0, run
         assert not run["errors"], run
         assert not run["server_stderr"], run
+    assert (tmp_path / "alephsmtp-cython-asyncio.stderr.log").is_file()
 
 
 def test_memory_benchmark(tmp_path: Path) -> None:
@@ -89,6 +104,7 @@ def test_memory_benchmark(tmp_path: Path) -> None:
     for result in results:
         assert result["connections"] == 50, result
         assert not result["errors"], result
+    assert (tmp_path / "alephsmtp-cython-asyncio.stderr.log").is_file()
 
 
 def test_stream_benchmark(tmp_path: Path) -> None:

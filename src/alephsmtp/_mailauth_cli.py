@@ -8,6 +8,7 @@ command line works without it.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -40,9 +41,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--dns-server",
-        metavar="HOST[:PORT]",
-        help="ask this DNS server (default: the system's resolvers)",
+        metavar="ADDRESS[:PORT]",
+        help="ask the DNS server at this address (default: the system's resolvers)",
     )
+
+
+def _dns_server(text: str) -> tuple[list[str], int]:
+    """``192.0.2.53``, ``192.0.2.53:5353``, ``2001:db8::53`` or ``[2001:db8::53]:5353``;
+    ValueError for anything else."""
+    if text.startswith("["):
+        address, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(text)
+        port = rest[1:] or "53"
+    elif text.count(":") == 1:
+        address, _, port = text.partition(":")
+    else:
+        address, port = text, "53"
+    ipaddress.ip_address(address)
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(port)
+    return [address], int(port)
 
 
 def build(
@@ -62,18 +81,19 @@ def build(
         raise error(str(missing)) from None
     resolver = None
     if args.dns_server:
-        host, _, port = (
-            args.dns_server.rpartition(":")
-            if ":" in args.dns_server
-            else (args.dns_server, "", "53")
-        )
         try:
-            resolver = DnsResolver([host.strip("[]")], port=int(port))
+            nameservers, port = _dns_server(args.dns_server)
+            resolver = DnsResolver(nameservers, port=port)
         except ValueError:
-            raise error(f"--dns-server wants HOST[:PORT], not {args.dns_server!r}") from None
+            raise error(
+                f"--dns-server wants ADDRESS[:PORT] or [IPv6]:PORT (name servers are asked by "
+                f"address), not {args.dns_server!r}"
+            ) from None
     attach = None
     if args.verify:
         methods = [method for method in args.verify.split(",") if method.strip()]
+        if not methods:
+            raise error("--verify wants one or more of spf,dkim,dmarc,arc")
         try:
             auth = MailAuth(resolver, methods=methods, policy=args.dmarc_policy)
         except ValueError as bad:

@@ -11,12 +11,13 @@ import argparse
 import logging
 import os
 import secrets
-import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import __version__, _mailauth_cli
+from . import _cli_checks as _checks
+from ._cli_checks import CliError
 from .events import AuthEventArgs
 from .handlers import Deliver, EmlDirectory, MaildirStore, MboxStore, PrintMessage, Relay, sink
 from .parser import IMPLEMENTATION
@@ -42,7 +43,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _checks.ArgumentParser(
         prog="alephsmtp",
         description="Run an SMTP (or LMTP) server that prints, stores or relays every message.",
         epilog=_EXAMPLES,
@@ -56,17 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on; repeat for several (default: 127.0.0.1)",
     )
     listen.add_argument(
-        "--port", type=int, default=8025, help="port to listen on (default: %(default)s)"
+        "--port",
+        type=_checks.whole_number(0, 65535),
+        default=8025,
+        help="port to listen on, 0 for one the OS picks (default: %(default)s)",
     )
     listen.add_argument(
         "--hostname",
+        type=_checks.hostname,
         default=None,
         help="name in the greeting and the EHLO reply (default: this host's FQDN)",
     )
     listen.add_argument("--lmtp", action="store_true", help="speak LMTP (RFC 2033), not SMTP")
     listen.add_argument(
         "--workers",
-        type=int,
+        type=_checks.whole_number(1),
         default=1,
         metavar="N",
         help="serve from N processes sharing the port (SO_REUSEPORT; default: 1)",
@@ -79,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--proxy-trusted",
         action="append",
+        type=_checks.network,
         default=None,
         metavar="NETWORK",
-        help="networks the PROXY header may come from; repeatable (default: loopback)",
+        help="with --proxy-protocol: networks the header may come from; repeatable "
+        "(default: loopback)",
     )
     listen.add_argument(
         "--no-uvloop", action="store_true", help="use asyncio's own loop even if uvloop is there"
@@ -98,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--sink", action="store_true", help="accept and discard")
     output.add_argument("--relay-starttls", action="store_true", help="use STARTTLS to the relay")
-    output.add_argument("--relay-user", help="AUTH user name at the relay")
+    output.add_argument(
+        "--relay-ca-file",
+        metavar="PEM",
+        help="with --relay-starttls: trust these CA certificates for the relay "
+        "(default: the system's)",
+    )
+    output.add_argument("--relay-user", metavar="USER", help="AUTH user name at the relay")
     output.add_argument(
         "--relay-password-file",
         metavar="FILE",
@@ -121,54 +134,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     auth.add_argument("--auth-require", action="store_true", help="refuse MAIL before AUTH")
     auth.add_argument(
-        "--auth-plaintext", action="store_true", help="offer AUTH without TLS too (testing)"
+        "--auth-over-plaintext",
+        "--auth-plaintext",  # its first name, kept
+        action="store_true",
+        help="offer AUTH without TLS too (for tests; RFC 4954 4 says SHOULD NOT)",
     )
 
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--max-message-size",
-        type=int,
+        type=_checks.whole_number(0),
         default=32 << 20,
         metavar="BYTES",
         help="largest message, 0 for no limit (default: %(default)s)",
     )
     limits.add_argument(
-        "--max-recipients", type=int, default=1000, metavar="N", help="(default: %(default)s)"
+        "--max-recipients",
+        type=_checks.whole_number(0),
+        default=1000,
+        metavar="N",
+        help="per message, 0 for no limit (default: %(default)s)",
     )
     limits.add_argument(
-        "--max-connections", type=int, default=10000, metavar="N", help="(default: %(default)s)"
+        "--max-connections",
+        type=_checks.whole_number(0),
+        default=10000,
+        metavar="N",
+        help="at once, 0 for no limit but the descriptor limit's (default: %(default)s)",
     )
     limits.add_argument(
         "--max-connections-per-ip",
-        type=int,
+        type=_checks.whole_number(0),
         default=50,
         metavar="N",
-        help="loopback exempt (default: %(default)s)",
+        help="loopback exempt, 0 for no limit (default: %(default)s)",
     )
     limits.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_checks.seconds(zero=True),
         default=300.0,
         metavar="SECONDS",
-        help="for each command line, whole (default: 300)",
+        help="for each command line, whole; 0 for none (default: 300)",
     )
     limits.add_argument(
         "--data-timeout",
-        type=float,
+        type=_checks.seconds(zero=False),
         default=180.0,
         metavar="SECONDS",
         help="between reads of a message (default: 180)",
     )
     limits.add_argument(
         "--write-timeout",
-        type=float,
+        type=_checks.seconds(zero=True),
         default=60.0,
         metavar="SECONDS",
-        help="a client that takes none of its replies this long is cut (default: 60)",
+        help="a client that takes none of its replies this long is cut; 0 for never (default: 60)",
     )
     limits.add_argument(
         "--backlog",
-        type=int,
+        type=_checks.whole_number(1),
         default=1024,
         metavar="N",
         help="connections the kernel queues before they are accepted (default: 1024)",
@@ -203,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument(
         "--log-level",
+        type=str.upper,
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level (default: %(default)s)",
+        help="logging level, in any case (default: %(default)s)",
     )
     parser.add_argument(
         "--version",
@@ -213,10 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
         version=f"alephsmtp {__version__} ({IMPLEMENTATION} parser)",
     )
     return parser
-
-
-class CliError(Exception):
-    """A problem with the command line's options or files, reported in one line."""
 
 
 def load_credentials(path: str) -> dict[str, str]:
@@ -249,16 +270,6 @@ def check_credentials(credentials: dict[str, str], e: AuthEventArgs) -> bool:
     return proved and secret is not None
 
 
-def _tls_context(cert: str, key: str | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as error:
-        reason = getattr(error, "strerror", None) or str(error)
-        raise CliError(f"cannot load the TLS certificate {cert}: {reason}") from None
-    return context
-
-
 def _message_handlers(args: argparse.Namespace) -> list[Callable[..., Any]]:
     """The outputs asked for, in a fixed order: stores first, the relay last."""
     handlers: list[Callable[..., Any]] = []
@@ -275,8 +286,6 @@ def _message_handlers(args: argparse.Namespace) -> list[Callable[..., Any]]:
     if args.relay:
         handlers.append(_relay(args))
     if args.sink:
-        if handlers:
-            raise CliError("--sink discards messages: it cannot go with another output")
         handlers.append(sink)
     if len(handlers) > 1:
         # All or nothing: when the relay fails, what was stored is taken back, so the
@@ -285,22 +294,8 @@ def _message_handlers(args: argparse.Namespace) -> list[Callable[..., Any]]:
     return handlers or [PrintMessage()]
 
 
-def _host_port(text: str, default_port: int = 25) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT``, ``[IPv6]`` or ``[IPv6]:PORT`` (a bare IPv6 address: no port)."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else rest
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
-        host, port = text, ""
-    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
-        raise CliError(f"--relay wants HOST[:PORT] or [IPv6]:PORT, not {text!r}")
-    return host, int(port) if port else default_port
-
-
 def _relay(args: argparse.Namespace) -> Relay:
-    host, port = _host_port(args.relay)
+    host, port = _checks.host_port(args.relay)
     password = os.environ.get("ALEPHSMTP_RELAY_PASSWORD") if args.relay_user else None
     if args.relay_password_file:
         try:
@@ -316,6 +311,7 @@ def _relay(args: argparse.Namespace) -> Relay:
         starttls=args.relay_starttls,
         username=args.relay_user,
         password=password,
+        tls_context=_checks.relay_tls_context(args.relay_ca_file) if args.relay_ca_file else None,
     )
 
 
@@ -334,18 +330,13 @@ def _summary(session: Any, e: Any) -> None:
 def _build(
     args: argparse.Namespace,
 ) -> tuple[SmtpServer, Callable[[SmtpSession], Awaitable[None] | None]]:
-    if args.tls_key and not args.tls_cert:
-        raise CliError("--tls-key needs --tls-cert")
-    if (args.implicit_tls or args.require_tls) and not args.tls_cert:
-        raise CliError("--implicit-tls and --require-tls need --tls-cert")
+    _checks.refuse_what_cannot_work(args)
     handlers = _message_handlers(args)
     # Verification first (its header is what stores and the signer see), signing next.
     authenticate, signer = _mailauth_cli.build(args, CliError)
     if signer is not None:
         handlers.insert(0, signer)
     credentials = load_credentials(args.auth_file) if args.auth_file else None
-    if (args.auth_require or args.auth_plaintext) and credentials is None:
-        raise CliError("--auth-require and --auth-plaintext need --auth-file")
     options: dict[str, Any] = {
         "max_message_size": args.max_message_size,
         "max_recipients": args.max_recipients,
@@ -359,12 +350,12 @@ def _build(
         "lmtp": args.lmtp,
         "require_tls": args.require_tls,
         "auth_require": args.auth_require,
-        "auth_over_plaintext": args.auth_plaintext,
+        "auth_over_plaintext": args.auth_over_plaintext,
     }
     if args.hostname:
         options["hostname"] = args.hostname
     if args.tls_cert:
-        options["tls_context"] = _tls_context(args.tls_cert, args.tls_key)
+        options["tls_context"] = _checks.tls_context(args.tls_cert, args.tls_key)
     if args.proxy_trusted:
         options["proxy_trusted_networks"] = tuple(args.proxy_trusted)
     hosts = args.host or ["127.0.0.1"]

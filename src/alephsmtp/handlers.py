@@ -348,6 +348,9 @@ class EmlDirectory(Store):
 _R_UPSTREAM_UNREACHABLE = Reply(451, "4.4.1", "Upstream server unreachable, try again later")
 _R_UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to upstream server lost, try again later")
 _R_UPSTREAM_SECURITY = Reply(451, "4.7.0", "Upstream server refused TLS or authentication")
+_R_UPSTREAM_CERTIFICATE = Reply(
+    451, "4.7.0", "Upstream server's TLS certificate could not be verified, try again later"
+)
 _R_UPSTREAM_NO_UTF8 = Reply(553, "5.6.7", "Upstream server does not support SMTPUTF8")
 _R_BINARYMIME = Reply(554, "5.6.3", "Conversion required: cannot relay a BINARYMIME message")
 _R_STREAMED = Reply(451, "4.3.0", "Local error in processing")
@@ -405,10 +408,12 @@ class Relay:
       lost message. In an LMTP session each recipient gets its own reply instead;
     - no connection (refused, unreachable, no greeting within ``timeout``): ``451 4.4.1``;
       the connection lost or timed out later: ``451 4.4.2``; STARTTLS or AUTH refused
-      upstream: ``451 4.7.0`` — the relay's trouble, never a bounce.
+      upstream, the TLS handshake failed or the upstream's certificate not verified:
+      ``451 4.7.0``, with the reason logged — the relay's trouble, never a bounce.
 
     ``starttls=True`` requires STARTTLS and verifies the upstream's certificate against
-    ``tls_context`` (default: the system's trusted CAs). ``timeout`` bounds each step.
+    ``tls_context`` (default: the system's trusted CAs; for a private CA,
+    ``ssl.create_default_context(cafile=...)``). ``timeout`` bounds each step.
     """
 
     def __init__(
@@ -494,6 +499,17 @@ class Relay:
             return [outcome.refused.get(recipient, relayed) for recipient in recipients]
         return next(iter(outcome.refused.values()))
 
+    def _tls_failure(self, error: ssl.SSLError) -> Reply:
+        """The TLS handshake with the upstream failed: the reason logged (OpenSSL's words,
+        or the exception's name when it has none), ``451 4.7.0`` for the client."""
+        reason = str(error) or type(error).__name__
+        if isinstance(error, ssl.SSLCertVerificationError):
+            what, reply = "TLS certificate not trusted", _R_UPSTREAM_CERTIFICATE
+        else:
+            what, reply = "TLS handshake failed", _R_UPSTREAM_SECURITY
+        log.warning("upstream %s:%s: %s: %s", self.host, self.port, what, reason)
+        return reply
+
     async def _send_aiosmtplib(
         self, sender: str, recipients: list[str], message: bytes, options: list[str]
     ) -> _Upstream:
@@ -513,11 +529,13 @@ class Relay:
             except aiosmtplib.SMTPConnectResponseError as error:
                 log.warning("upstream %s:%s greeted with %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_UNREACHABLE)
+            except ssl.SSLError as error:
+                # Before OSError, its base class: the server was reached; TLS failed.
+                return _Upstream(self._tls_failure(error))
             except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as error:
                 log.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_UNREACHABLE)
-            except (aiosmtplib.SMTPException, ssl.SSLError) as error:
-                # EHLO or STARTTLS refused, or the TLS handshake failed.
+            except aiosmtplib.SMTPException as error:  # EHLO or STARTTLS refused
                 log.warning("upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_SECURITY)
             if self.username is not None and self.password is not None:
@@ -582,7 +600,9 @@ class Relay:
                     client.starttls(context=self.tls_context or ssl.create_default_context())
                 if self.username is not None and self.password is not None:
                     client.login(self.username, self.password)
-            except (smtplib.SMTPException, ssl.SSLError) as error:
+            except ssl.SSLError as error:  # before OSError, its base class
+                return _Upstream(self._tls_failure(error))
+            except smtplib.SMTPException as error:
                 log.warning("upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_SECURITY)
             except OSError as error:
