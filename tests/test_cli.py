@@ -95,6 +95,8 @@ REFUSED = [
     (["--hostname", "-bad.example"], "--hostname"),
     (["--workers", "0"], "--workers"),
     (["--proxy-trusted", "10.0.0.0/8"], "--proxy-protocol"),
+    (["--milter-default-action", "accept"], "--milter"),
+    (["--milter", "bogus"], "milter"),
     (["--proxy-protocol", "--proxy-trusted", "10.0.0.1/8"], "--proxy-trusted"),
     (["--proxy-protocol", "--proxy-trusted", "office"], "--proxy-trusted"),
     # limits: negative, not a number, 0 where 0 cannot mean "no limit"

@@ -232,6 +232,11 @@ def refuse_what_cannot_work(args: argparse.Namespace) -> None:
             not (args.maildir or args.mbox or args.eml_dir or args.relay),
             "--sink discards messages: it cannot go with another output",
         ),
+        (
+            args.milter_default_action != "tempfail",
+            args.milter,
+            "--milter-default-action needs --milter",
+        ),
     ]
     for given, needed, message in dependencies:
         if given and not needed:
