@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .spool import MessageSpool
 
 __all__ = [
+    "AuthCommandEventArgs",
     "AuthEventArgs",
     "CommandEventArgs",
     "ConnectionLostEventArgs",
@@ -297,6 +298,25 @@ class HandlerErrorEventArgs(EventArgs):
 
 
 @dataclass(slots=True)
+class AuthCommandEventArgs(EventArgs):
+    """An AUTH command, before the built-in exchange (RFC 4954 4): an ``auth_command``
+    handler may run the exchange itself (``await session.sasl_challenge(data)`` for each
+    challenge) and answer; to accept, it sets ``e.identity`` (who logged in) and returns a
+    ``235``. Returning ``None`` lets the built-in mechanism run (the ``auth`` event then
+    judges the credentials). A mechanism named in ``auth_mechanisms`` that alephsmtp does not
+    implement is offered when an ``auth_command`` handler exists.
+    """
+
+    command: AuthCommand
+    identity: str | None = None
+
+    @property
+    def mechanism(self) -> str:
+        """The mechanism the client asked for, uppercased."""
+        return self.command.mechanism
+
+
+@dataclass(slots=True)
 class AuthEventArgs(EventArgs):
     """A finished SASL exchange (RFC 4954) for the ``auth`` event to decide.
 
@@ -320,8 +340,18 @@ class AuthEventArgs(EventArgs):
 
     @property
     def password(self) -> str | None:
-        """The password (PLAIN, LOGIN); ``None`` for CRAM-MD5, which never sends it."""
+        """The password (PLAIN, LOGIN); ``None`` for the mechanisms that send none."""
         return self.credentials.password
+
+    @property
+    def token(self) -> str | None:
+        """XOAUTH2 and OAUTHBEARER: the bearer token (check it with its issuer)."""
+        return self.credentials.token
+
+    @property
+    def certificate(self) -> dict[str, Any] | None:
+        """EXTERNAL: the client's verified TLS certificate (``ssl.getpeercert()``)."""
+        return self.credentials.certificate
 
     def check_password(self, secret: str) -> bool:
         """Whether the client proved it knows ``secret``."""

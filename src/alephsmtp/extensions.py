@@ -8,6 +8,8 @@ handler runs: ``555 5.5.4`` for a parameter of an extension that is off or unkno
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from . import replies as R
 from .commands import MailCommand, RcptCommand
 from .config import SessionConfig
@@ -21,8 +23,11 @@ _MAX_ENVID = 100  # RFC 3461 4.4
 _MAX_ORCPT = 500  # RFC 3461 4.2
 
 
-def ehlo_keywords(config: SessionConfig, *, starttls: bool, auth: bool) -> list[str]:
-    """The EHLO keywords for what this session serves now (RFC 5321 4.1.1.1)."""
+def ehlo_keywords(
+    config: SessionConfig, *, starttls: bool, auth: Sequence[str] | bool
+) -> list[str]:
+    """The EHLO keywords for what this session serves now (RFC 5321 4.1.1.1); ``auth`` is
+    the SASL mechanisms offered (``True``: those configured; empty or false: none)."""
     keywords = []
     if config.pipelining:
         keywords.append("PIPELINING")
@@ -40,7 +45,8 @@ def ehlo_keywords(config: SessionConfig, *, starttls: bool, auth: bool) -> list[
     if starttls:
         keywords.append("STARTTLS")
     if auth:
-        keywords.append("AUTH " + " ".join(config.auth_mechanisms))
+        mechanisms = config.auth_mechanisms if auth is True else auth
+        keywords.append("AUTH " + " ".join(mechanisms))
     if config.enhanced_status_codes:
         keywords.append("ENHANCEDSTATUSCODES")
     keywords.append("HELP")

@@ -13,11 +13,20 @@ an attribute: no rendering, no hashing.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["NAMES", "Reply", "ReplyLike", "WireReplies", "coerce_reply", "default_enhanced_code"]
+__all__ = [
+    "NAMES",
+    "Reply",
+    "ReplyLike",
+    "WireReplies",
+    "challenge",
+    "coerce_reply",
+    "default_enhanced_code",
+]
 
 _CODE_LINE = re.compile(r"([2-5][0-9][0-9])(?:([ -])(.*))?\Z", re.S)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
@@ -294,6 +303,12 @@ AUTH_TWICE = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_LINE = Reply(500, "5.5.6", "Authentication exchange line is too long")
+
+
+def challenge(data: bytes) -> Reply:
+    """A SASL challenge (RFC 4954 4): ``334`` and ``data`` in base64, no enhanced code."""
+    return Reply(334, "", base64.b64encode(data).decode("ascii"))
+
 
 #: The names of every fixed reply above.
 NAMES: tuple[str, ...] = tuple(

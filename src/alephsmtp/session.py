@@ -21,7 +21,6 @@ exchange, TLS, AUTH, the input not yet answered) and the mail transaction
 from __future__ import annotations
 
 import asyncio
-import base64
 import inspect
 import itertools
 import logging
@@ -32,7 +31,15 @@ from typing import Any, Generic, TypeVar, cast, overload
 from . import _protocol as P
 from . import replies as R
 from ._protocol import RULES, UNKNOWN, Rule, State, advance
-from .auth import MAX_RESPONSE_LENGTH, Credentials, SaslExchange
+from .auth import (
+    MAX_RESPONSE_LENGTH,
+    AuthCancelled,
+    AuthSyntaxError,
+    Credentials,
+    SaslContext,
+    SaslExchange,
+    mechanism_known,
+)
 from .commands import (
     AuthCommand,
     BdatCommand,
@@ -64,6 +71,7 @@ from .errors import (
     SmtpError,
 )
 from .events import (
+    AuthCommandEventArgs,
     AuthEventArgs,
     CommandEventArgs,
     ConnectionLostEventArgs,
@@ -114,6 +122,7 @@ _LAST_IN_GROUP = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOO
 # SASL exchange. Their event, default, failure reply and timeout are the table's kind of fact.
 _MESSAGE = Rule("DATA", "message_received", R.QUEUED, (), failure=R.MESSAGE_HANDLER_FAILED)
 _AUTH = RULES["AUTH"]
+_AUTH_COMMAND = Rule("AUTH", "auth_command", R.AUTH_FAILED, (), failure=R.AUTH_HANDLER_FAILED)
 # Where MAIL, RCPT and DATA lead when accepted (the table says; read once).
 _AFTER_MAIL = cast(State, RULES["MAIL"].next)
 _AFTER_RCPT = cast(State, RULES["RCPT"].next)
@@ -187,7 +196,7 @@ class _Pools:
         # (verb, a handler's answer) -> the Reply sent; EHLO replies by what they list.
         self.answers: dict[tuple[str, object], Reply] = {}
         self.ehlo: dict[tuple[str, ...], bytes] = {}
-        self.keywords: dict[tuple[bool, bool], tuple[str, ...]] = {}
+        self.keywords: dict[tuple[bool, tuple[str, ...]], tuple[str, ...]] = {}
         self.metrics = metrics if metrics is not None else Metrics()
 
 
@@ -243,6 +252,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     help = _EventAttribute[CommandEventArgs[HelpCommand]]()
     starttls = _EventAttribute[CommandEventArgs[StarttlsCommand]]()
     auth = _EventAttribute[AuthEventArgs]()
+    auth_command = _EventAttribute[AuthCommandEventArgs]()
     message_chunk = _EventAttribute[MessageChunkEventArgs]()
     message_received = _EventAttribute[MessageReceivedEventArgs]()
     message_discarded = _EventAttribute[MessageDiscardedEventArgs]()
@@ -288,6 +298,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_reading",
         "_sasl",
         "_sasl_command",
+        "_sasl_refusal",
+        "_sasl_waiter",
         "_started",
         "_tasks",
         "_timer",
@@ -371,6 +383,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._chunk_refusal: Reply | None = None  # ... and its reply, if it is dropped
         self._sasl: SaslExchange | None = None  # an AUTH exchange: lines are its responses
         self._sasl_command: AuthCommand | None = None
+        self._sasl_refusal: tuple[Reply, Credentials] | None = None  # said after a last 334
+        self._sasl_waiter: asyncio.Future[str] | None = None  # an auth_command's challenge
         # output and flow
         self._out: list[bytes] = []
         self._busy = False  # a handler (or the TLS handshake) runs: nothing more is read
@@ -655,6 +669,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._transport = None
         self._input = None
         self._sasl = None
+        if self._sasl_waiter is not None and not self._sasl_waiter.done():
+            self._sasl_waiter.set_exception(ConnectionResetError("the client is gone"))
+        self._sasl_waiter = None
         self._tx = None
         self._lines = []
         self._next = 0
@@ -756,6 +773,9 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self._last_activity = self._loop.time()  # the next line's deadline runs from here
                 if self._sasl is not None:
                     self._sasl_line(line)
+                    continue
+                if self._sasl_waiter is not None:
+                    self._answer_challenge(line)
                     continue
                 self._commands += 1
                 if self.config.max_commands and self._commands > self.config.max_commands:
@@ -878,17 +898,28 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         esmtp = rule.verb != "HELO"
         keywords = self._keywords() if esmtp else []
-        handlers = self._handlers(rule.event)
+        event = self._events.get(rule.event)
         reply = None
-        if handlers:
+        if event is not None and event.handlers:
             args = EhloEventArgs(command, keywords=keywords) if esmtp else CommandEventArgs(command)
-            reply = self._decide(rule, handlers, args, self._hello_done, (command, keywords))
+            context = (command, keywords)
+            reply = self._decide(rule, event.handlers, args, self._hello_done, context)
             if reply is _WAIT:
                 return
         self._hello_done((command, keywords), reply)
 
     def _keywords(self) -> list[str]:
-        return ehlo_keywords(self.config, starttls=self._starttls_offered, auth=self._auth_offered)
+        """The EHLO keywords for what this session serves now (a fresh list: handlers may
+        edit it), made once per server for each of the few combinations."""
+        starttls = self.config.tls_context is not None and self.tls is None
+        mechanisms = self._mechanisms()
+        key = (starttls, mechanisms)
+        known = self._pools.keywords.get(key)
+        if known is None:
+            known = self._pools.keywords[key] = tuple(
+                ehlo_keywords(self.config, starttls=starttls, auth=mechanisms)
+            )
+        return list(known)
 
     def _hello_done(self, context: tuple[Any, list[str]], reply: Reply | None) -> None:
         command, keywords = context
@@ -1507,13 +1538,23 @@ class SmtpSession(asyncio.BufferedProtocol):
     @property
     def _auth_offered(self) -> bool:
         # RFC 4954 4 / 14: no plaintext passwords over a connection without TLS, unless asked.
-        event = self._events.get("auth")
-        return (
-            event is not None
-            and bool(event.handlers)
-            and bool(self.config.auth_mechanisms)
-            and (self.tls is not None or self.config.auth_over_plaintext)
-        )
+        return bool(self._mechanisms())
+
+    def _mechanisms(self) -> tuple[str, ...]:
+        """The SASL mechanisms offered now: those configured, when an ``auth`` (or
+        ``auth_command``) handler will judge them, over TLS (unless auth_over_plaintext);
+        EXTERNAL only with a verified client certificate."""
+        events = self._events
+        judged = events.get("auth") or events.get("auth_command")
+        config = self.config
+        if not judged or not (self.tls is not None or config.auth_over_plaintext):
+            return ()
+        mechanisms = config.auth_mechanisms
+        if "EXTERNAL" in mechanisms and (self.tls is None or not self.tls.peer_certificate):
+            mechanisms = tuple(name for name in mechanisms if name != "EXTERNAL")
+        if not events.get("auth_command"):  # only a handler can run what is not built in
+            mechanisms = tuple(name for name in mechanisms if mechanism_known(name))
+        return mechanisms
 
     def _auth(self, rule: Rule, argument: bytes) -> None:
         command = self._parse(rule, b"AUTH", argument)
@@ -1522,21 +1563,93 @@ class SmtpSession(asyncio.BufferedProtocol):
         if self.authenticated_as is not None:
             self._write(R.AUTH_TWICE)
             return
-        if not self._auth_offered:
+        mechanisms = self._mechanisms()
+        if not mechanisms:
             if self._handlers("auth") and self.tls is None and self._starttls_offered:
                 self._write(R.AUTH_ENCRYPTION)
             else:
                 self._write(R.AUTH_NOT_ENABLED)
             return
-        if command.mechanism not in self.config.auth_mechanisms:
+        if command.mechanism not in mechanisms:
             self._write(R.AUTH_MECHANISM)
             return
-        self._sasl = SaslExchange(command.mechanism, self.config.hostname)
+        self._sasl_command = command
+        event = self._events.get("auth_command")
+        if event is not None and event.handlers:
+            # The handlers may run the exchange themselves (sasl_challenge), or pass.
+            args = AuthCommandEventArgs(command)
+            reply = self._decide(_AUTH_COMMAND, event.handlers, args, self._auth_command_done, args)
+            if reply is not _WAIT:
+                self._auth_command_done(args, reply)
+            return
+        self._start_sasl(command)
+
+    def _auth_command_done(self, args: AuthCommandEventArgs, reply: Reply | None) -> None:
+        command = args.command
+        if reply is None:
+            if mechanism_known(command.mechanism):
+                self._start_sasl(command)  # the handlers passed: the built-in exchange
+            else:
+                self._sasl_command = None
+                self._write(R.AUTH_MECHANISM)
+            return
+        self._sasl_command = None
+        if reply.code // 100 == 2 and not args.identity:
+            self.log.error("an auth_command handler accepted AUTH without e.identity")
+            reply = R.AUTH_HANDLER_FAILED
+        credentials = Credentials(command.mechanism, args.identity or "")
+        self._auth_done(credentials, reply)
+
+    def sasl_challenge(self, data: bytes) -> Awaitable[str]:
+        """For an ``auth_command`` handler running its own SASL exchange: send ``data`` as
+        a ``334`` challenge (RFC 4954 4, base64-encoded here) and give the client's answer
+        line (base64 text, as sent). ``AuthCancelled`` when the client answers ``*``.
+
+        Only while an ``auth_command`` handler runs (it must be ``async``)."""
+        if self._sasl_command is None or self._loop is None or self._transport is None:
+            raise RuntimeError("sasl_challenge() is for auth_command handlers")
+        self._write(R.challenge(data))
+        self._flush()
+        waiter: asyncio.Future[str] = self._loop.create_future()
+        self._sasl_waiter = waiter
+        # The handler's task waits for the answer: reading goes on until it comes.
+        self._busy = False
+        self._update_reading()
+        self._run()
+        return waiter
+
+    def _answer_challenge(self, line: bytes | SmtpError) -> None:
+        """The client's answer to an auth_command handler's challenge: back to it."""
+        waiter = self._sasl_waiter
+        assert waiter is not None
+        self._sasl_waiter = None
+        self._busy = True  # the handler goes on
+        self._update_reading()
+        if waiter.done():
+            return
+        if isinstance(line, SmtpError):
+            waiter.set_exception(AuthSyntaxError(R.AUTH_LINE.lines[0]))
+        elif line.strip(b" ") == b"*":
+            waiter.set_exception(AuthCancelled())
+        else:
+            waiter.set_result(line.decode("ascii", "replace").strip(" "))
+
+    def _start_sasl(self, command: AuthCommand) -> None:
+        tls = self.tls
+        context = SaslContext(self.config.hostname, tls.peer_certificate if tls else None)
+        self._sasl = SaslExchange(command.mechanism, context)
         self._sasl_command = command
         self._sasl_step(command.initial_response)
 
     def _sasl_line(self, line: bytes | SmtpError) -> None:
         """A line of an AUTH exchange: the client's response to our challenge."""
+        if self._sasl_refusal is not None:
+            # The answer to the mechanism's last challenge after a refusal (RFC 7628 3.2.3):
+            # whatever it is, the refusal follows.
+            refusal, credentials = self._sasl_refusal
+            self._end_sasl()
+            self._auth_refused(credentials, refusal)
+            return
         if isinstance(line, SmtpError):
             self._end_sasl()
             self._write(R.AUTH_LINE if isinstance(line, LineTooLong) else _error_reply(line))
@@ -1554,9 +1667,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         if isinstance(result, bytes):
             # A challenge: the next line is the client's answer.
-            self._write(Reply(334, "", base64.b64encode(result).decode("ascii")))
+            self._write(R.challenge(result))
             return
-        self._end_sasl()
         # Never log credentials: the mechanism and the identity only.
         handlers = self._handlers("auth")
         args = AuthEventArgs(command, result)
@@ -1567,25 +1679,40 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _end_sasl(self) -> None:
         self._sasl = None
         self._sasl_command = None
+        self._sasl_refusal = None
 
     def _auth_done(self, credentials: Credentials, answer: Reply | None) -> None:
         reply = answer if answer is not None else R.AUTH_FAILED
         username = credentials.username
         metrics = self._pools.metrics
+        sasl = self._sasl
         if reply.code // 100 == 2:
+            self._end_sasl()
             self.authenticated_as = username
             self.log.info("authenticated as %r", username)
             metrics.auth[credentials.mechanism, "success"] += 1
             self._write(reply)
             return
         if reply.code // 100 != 5:  # our own trouble (454 4.7.0): not the client's failure
+            self._end_sasl()
             metrics.auth[credentials.mechanism, "error"] += 1
             self._write(reply)
             return
-        metrics.auth[credentials.mechanism, "failure"] += 1
+        last = sasl.failure() if sasl is not None else None
+        if last is not None:
+            # RFC 7628 3.2.2: OAUTHBEARER (and XOAUTH2) say why in a last challenge; the
+            # client answers it, then gets the refusal.
+            self._sasl_refusal = (reply, credentials)
+            self._write(R.challenge(last))
+            return
+        self._end_sasl()
+        self._auth_refused(credentials, reply)
+
+    def _auth_refused(self, credentials: Credentials, reply: Reply) -> None:
+        self._pools.metrics.auth[credentials.mechanism, "failure"] += 1
         # Password guessing: every failure counts as an error, from the second on the reply
         # waits (Postfix's smtpd_error_sleep_time), and max_auth_failures ends the session.
-        self.log.info("authentication failed for %r", username)
+        self.log.info("authentication failed for %r", credentials.username)
         self._auth_failures += 1
         self._count_error()
         limit = self.config.max_auth_failures
