@@ -237,9 +237,7 @@ async def test_an_auth_command_handler_runs_its_own_exchange() -> None:
         s.auth_command += exchange
         s.auth += lambda sender, e: e.check_password("s3cret")
 
-    h = Harness(
-        on_session, auth_over_plaintext=True, auth_mechanisms=("PLAIN", "X-CHALLENGE")
-    )
+    h = Harness(on_session, auth_over_plaintext=True, auth_mechanisms=("PLAIN", "X-CHALLENGE"))
     h.send(b"EHLO c\r\n")
     assert "250-AUTH PLAIN X-CHALLENGE" in h.replies()
     h.send(b"AUTH X-CHALLENGE\r\n")
