@@ -99,6 +99,8 @@ REFUSED = [
     (["--milter", "bogus"], "milter"),
     (["--proxy-protocol", "--proxy-trusted", "10.0.0.1/8"], "--proxy-trusted"),
     (["--proxy-protocol", "--proxy-trusted", "office"], "--proxy-trusted"),
+    (["--xclient-from", "10.0.0.1/8"], "--xclient-from"),
+    (["--xforward-from", "office"], "--xforward-from"),
     # limits: negative, not a number, 0 where 0 cannot mean "no limit"
     (["--idle-timeout", "-1"], "--idle-timeout"),
     (["--idle-timeout", "nan"], "--idle-timeout"),
@@ -269,3 +271,16 @@ def test_relay_host_forms(text: str, expected: tuple[str, int]) -> None:
 def test_relay_host_refused(text: str) -> None:
     with pytest.raises(_cli_checks.CliError, match="--relay wants"):
         _cli_checks.host_port(text)
+
+
+def test_xclient_and_xforward_from() -> None:
+    process, port = start_cli("--xclient-from", "127.0.0.0/8", "--xforward-from", "10.0.0.0/8")
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo()
+            assert client.has_extn("xclient")
+            assert not client.has_extn("xforward")  # loopback is not 10.0.0.0/8
+            assert client.docmd("XFORWARD", "NAME=x")[0] == 550
+            assert client.docmd("XCLIENT", "ADDR=192.0.2.1")[0] == 220
+    finally:
+        stop_cli(process)

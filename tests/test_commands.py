@@ -138,7 +138,7 @@ PARSED: list[tuple[bytes, SmtpCommand]] = [
     (b"BDAT 512  Last", BdatCommand(512, True, parameter="512  Last")),
     # unknown verbs: a plain SmtpCommand, verb uppercased
     (b"XYZZY", SmtpCommand("XYZZY")),
-    (b"xclient ADDR=192.0.2.1", SmtpCommand("XCLIENT", parameter="ADDR=192.0.2.1")),
+    (b"frob ADDR=192.0.2.1", SmtpCommand("FROB", parameter="ADDR=192.0.2.1")),
     (b"MAIL:FROM:<a@b>", SmtpCommand("MAIL:FROM:<A@B>")),
     (b"MAILFROM:<a@b>", SmtpCommand("MAILFROM:<A@B>")),
     (b"HELO\tmx", SmtpCommand("HELO\tMX")),

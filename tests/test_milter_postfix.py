@@ -13,15 +13,10 @@ own Received: field, which it hides from milters, set aside).
 
 from __future__ import annotations
 
-import json
-import shutil
 import smtplib
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,119 +26,16 @@ from _milterpeers import (
     GTUBE,
     MESSAGE,
     OPENDKIM_GENKEY,
-    Daemon,
     dkim_home_fixture,  # noqa: F401
-    free_port,
     opendkim_fixture,  # noqa: F401
-    program,
     rspamd_fixture,  # noqa: F401
 )
+from _postfix import Postfix, needs_postfix, private_postfix
 from alephsmtp.milter import Milters
 from alephsmtp.milter import protocol as p
 from alephsmtp.testing import SmtpTestServer
 
-POSTFIX = program("postfix")
-pytestmark = pytest.mark.skipif(
-    POSTFIX is None, reason="postfix is not installed (scripts/install-peers installs it)"
-)
-
-MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {home}/queue
-data_directory = {home}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mx.test
-mydomain = test
-myorigin = mx.test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:{sink}
-local_header_rewrite_clients =
-smtputf8_enable = no
-alias_maps =
-alias_database =
-maillog_file = /dev/stdout
-milter_default_action = tempfail
-milter_protocol = 6
-smtp_tls_security_level = none
-delay_warning_time = 0
-notify_classes =
-"""
-SERVICES = """\
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-smtp      unix  - - n - - smtp
-relay     unix  - - n - - smtp
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"""
-
-
-def postfix_endpoint(endpoint: str) -> str:
-    """``inet:PORT@HOST`` (Sendmail's form) as Postfix writes it, ``inet:HOST:PORT``."""
-    kind, _, where = endpoint.partition(":")
-    if "@" in where:
-        port, _, host = where.partition("@")
-        return f"{kind}:{host}:{port}"
-    return endpoint
-
-
-class Postfix:
-    """A private Postfix with one smtpd listener per milter setting."""
-
-    def __init__(self, home: Path, sink: int, listeners: dict[str, str]) -> None:
-        self.home = home
-        self.ports = {name: free_port() for name in listeners}
-        (home / "queue").mkdir()
-        (home / "data").mkdir()
-        subprocess.run(["chown", "postfix", str(home / "data")], check=True)
-        (home / "main.cf").write_text(MAIN_CF.format(home=home, sink=sink))
-        smtpd = "".join(
-            f"127.0.0.1:{self.ports[name]} inet n - n - - smtpd\n"
-            f"  -o smtpd_milters={postfix_endpoint(endpoint)}\n"
-            for name, endpoint in listeners.items()
-        )
-        (home / "master.cf").write_text(smtpd + SERVICES)
-        assert POSTFIX is not None
-        self.daemon = Daemon([POSTFIX, "-c", str(home), "start-fg"], home / "postfix.log")
-        try:
-            for name, port in self.ports.items():
-                self.daemon.wait_for_port(port, f"postfix smtpd ({name})")
-        except BaseException:
-            self.stop()  # whatever it started
-            raise
-
-    def queue(self) -> list[dict[str, Any]]:
-        """The queue as ``postqueue -j`` lists it."""
-        out = subprocess.run(
-            [program("postqueue") or "postqueue", "-c", str(self.home), "-j"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-    def stop(self) -> None:
-        subprocess.run([POSTFIX or "postfix", "-c", str(self.home), "stop"], check=False)
-        try:
-            self.daemon.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.daemon.stop()
+pytestmark = needs_postfix
 
 
 @dataclass
@@ -168,23 +60,13 @@ def setup(
             except pytest.skip.Exception:
                 continue
             endpoints[name] = value if isinstance(value, str) else value[0]
-        # Not pytest's tmp dir: its parents are private to root, and Postfix's daemons run as
-        # the postfix user, who must reach the queue.
-        home = Path(tempfile.mkdtemp(prefix="alephsmtp-postfix-"))
-        home.chmod(0o755)
-        try:
-            postfix = Postfix(home, sink.port, endpoints)
+        with private_postfix(sink.port, endpoints) as postfix:
             # Waiting for smtpd to listen made one session, and so one milter conversation.
             deadline = time.monotonic() + 10
             while not (fake.conversations and fake.conversations[0].closed_by_mta):
                 assert time.monotonic() < deadline, "the readiness probe's session did not end"
                 time.sleep(0.01)
-            try:
-                yield Setup(postfix, sink, fake, endpoints)
-            finally:
-                postfix.stop()
-        finally:
-            shutil.rmtree(home, ignore_errors=True)
+            yield Setup(postfix, sink, fake, endpoints)
 
 
 # --- one conversation, with either MTA ---------------------------------------------------------

@@ -31,6 +31,8 @@ from .commands import (
     SmtpCommand,
     StarttlsCommand,
     VrfyCommand,
+    XclientCommand,
+    XforwardCommand,
 )
 from .config import SessionConfig
 from .envelope import SmtpEnvelope
@@ -47,6 +49,7 @@ from .events import (
     MessageDiscardedEventArgs,
     MessageReceivedEventArgs,
 )
+from .extensions import Extension
 from .metrics import Metrics
 from .parser import IMPLEMENTATION
 from .proxy import ProxyHeader, ProxyProtocolError
@@ -71,6 +74,7 @@ __all__ = [
     "Event",
     "EventArgs",
     "ExpnCommand",
+    "Extension",
     "HandlerErrorEventArgs",
     "HeloCommand",
     "HelpCommand",
@@ -97,5 +101,7 @@ __all__ = [
     "State",
     "TlsInfo",
     "VrfyCommand",
+    "XclientCommand",
+    "XforwardCommand",
     "__version__",
 ]

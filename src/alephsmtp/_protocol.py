@@ -83,6 +83,10 @@ _OUTSIDE_TRANSACTION = _order(
     BDAT=R.SEQ_IN_TRANSACTION,
 )
 
+_OUTSIDE_MAIL = _order(
+    MAIL=R.SEQ_IN_TRANSACTION, RCPT=R.SEQ_IN_TRANSACTION, BDAT=R.SEQ_IN_TRANSACTION
+)
+
 RULES: dict[str, Rule] = {
     rule.verb: rule
     for rule in (
@@ -139,6 +143,10 @@ RULES: dict[str, Rule] = {
         Rule("STARTTLS", "starttls", R.TLS_GO, _order(NEED_HELO=R.SEQ_HELO_FIRST)),
         # RFC 4954 4: after EHLO, outside a mail transaction.
         Rule("AUTH", "auth", R.AUTH_FAILED, _OUTSIDE_TRANSACTION, failure=R.AUTH_HANDLER_FAILED),
+        # Postfix's XCLIENT and XFORWARD: outside a mail transaction; XCLIENT starts the
+        # session over (NEED_HELO), as the proxied client greets again.
+        Rule("XCLIENT", "xclient", R.OK, _OUTSIDE_MAIL, _S.NEED_HELO),
+        Rule("XFORWARD", "xforward", R.XFORWARD_OK, _OUTSIDE_MAIL),
     )
 }
 

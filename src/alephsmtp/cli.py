@@ -91,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: loopback)",
     )
     listen.add_argument(
+        "--xclient-from",
+        action="append",
+        type=_checks.network,
+        default=None,
+        metavar="NETWORK",
+        help="networks whose clients may send XCLIENT (an SMTP proxy naming the client); "
+        "repeatable (default: nobody)",
+    )
+    listen.add_argument(
+        "--xforward-from",
+        action="append",
+        type=_checks.network,
+        default=None,
+        metavar="NETWORK",
+        help="networks whose clients may send XFORWARD (an MTA forwarding the original "
+        "client's attributes); repeatable (default: nobody)",
+    )
+    listen.add_argument(
         "--no-uvloop", action="store_true", help="use asyncio's own loop even if uvloop is there"
     )
 
@@ -358,6 +376,10 @@ def _build(
         options["tls_context"] = _checks.tls_context(args.tls_cert, args.tls_key)
     if args.proxy_trusted:
         options["proxy_trusted_networks"] = tuple(args.proxy_trusted)
+    if args.xclient_from:
+        options["xclient_networks"] = tuple(args.xclient_from)
+    if args.xforward_from:
+        options["xforward_networks"] = tuple(args.xforward_from)
     hosts = args.host or ["127.0.0.1"]
     try:
         server = SmtpServer(

@@ -10,10 +10,12 @@ handler sees the command.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from .addresses import (
     Address,
@@ -44,13 +46,17 @@ __all__ = [
     "SmtpCommand",
     "StarttlsCommand",
     "VrfyCommand",
+    "XclientCommand",
+    "XforwardCommand",
     "parse_argument",
     "parse_command",
+    "xclient_address",
 ]
 
 Parameters = Mapping[str, str | None]
 
 _NO_PARAMETERS: Parameters = MappingProxyType({})
+_NO_EXTENSIONS: Mapping[str, Any] = MappingProxyType({})
 
 # RFC 1870 section 3: size-value = 1*20DIGIT. RFC 3030 sets no bound on chunk-size; the same
 # one keeps int() far from its digit limit.
@@ -63,6 +69,10 @@ _BASE64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+
 
 def _no_parameters() -> Parameters:
     return _NO_PARAMETERS
+
+
+def _no_attributes() -> Mapping[str, str]:
+    return MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +140,11 @@ class MailCommand(SmtpCommand):
     auth: str | None = field(default=None, init=False, compare=False)
     #: Keywords given with a value that does not decode (ENVID, AUTH: not xtext).
     malformed: frozenset[str] = field(default=frozenset(), init=False, compare=False)
+    #: The typed values of parameters of registered extensions (``Extension``).
+    extensions: Mapping[str, Any] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "extensions", _NO_EXTENSIONS)
         parameters = self.parameters
         if not parameters:
             return
@@ -168,8 +181,11 @@ class RcptCommand(SmtpCommand):
     #: DSN ``ORCPT=`` as (address type, decoded address) (RFC 3461 4.2).
     orcpt: tuple[str, str] | None = field(default=None, init=False, compare=False)
     malformed: frozenset[str] = field(default=frozenset(), init=False, compare=False)
+    #: The typed values of parameters of registered extensions (``Extension``).
+    extensions: Mapping[str, Any] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "extensions", _NO_EXTENSIONS)
         parameters = self.parameters
         if not parameters:
             return
@@ -245,6 +261,27 @@ class StarttlsCommand(SmtpCommand):
     """``STARTTLS`` (RFC 3207 4): no argument."""
 
     verb: str = field(default="STARTTLS", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class XclientCommand(SmtpCommand):
+    """``XCLIENT attribute=value ...`` (Postfix's XCLIENT_README): a trusted proxy names the
+    client it speaks for. ``attributes`` maps each uppercased name (NAME, ADDR, PORT, PROTO,
+    HELO, LOGIN, DESTADDR, DESTPORT, REVERSE_NAME) to its value, xtext-decoded;
+    ``[UNAVAILABLE]`` and ``[TEMPUNAVAIL]`` come as given."""
+
+    verb: str = field(default="XCLIENT", init=False)
+    attributes: Mapping[str, str] = field(default_factory=_no_attributes, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class XforwardCommand(SmtpCommand):
+    """``XFORWARD attribute=value ...`` (Postfix's XFORWARD_README): a trusted MTA forwards
+    what it knew of the original client for the next transaction. ``attributes``: NAME, ADDR,
+    PORT, PROTO, HELO, IDENT, SOURCE, xtext-decoded."""
+
+    verb: str = field(default="XFORWARD", init=False)
+    attributes: Mapping[str, str] = field(default_factory=_no_attributes, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +447,79 @@ def _parse_auth(argument: str, smtputf8: bool) -> SmtpCommand:
     return AuthCommand(words[0].upper(), initial_response, parameter=argument)
 
 
+# In the order Postfix lists them in EHLO.
+XCLIENT_ATTRIBUTES = (
+    "NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT", "REVERSE_NAME"
+)  # fmt: skip
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+
+
+def _attributes(argument: str, verb: str, names: tuple[str, ...]) -> dict[str, str]:
+    """``name=value`` words, values in xtext (Postfix's XCLIENT/XFORWARD); 501 otherwise."""
+    attributes: dict[str, str] = {}
+    words = _words(argument)
+    if not words:
+        raise _syntax(f"{verb} attribute=value ...")
+    for word in words:
+        name, equals, value = word.partition("=")
+        name = name.upper() if name.isascii() else name
+        if not equals or name not in names:
+            raise CommandSyntaxError(
+                f"Bad {verb} attribute name: {name[:40]}", code=501, enhanced="5.5.4"
+            )
+        try:
+            value = decode_xtext(value)
+        except ParameterError:
+            value = ""
+        if not _attribute_valid(name, value):
+            raise CommandSyntaxError(
+                f"Bad {verb} attribute value for {name}", code=501, enhanced="5.5.4"
+            )
+        attributes[name] = value
+    return attributes
+
+
+UNAVAILABLE_VALUES = frozenset({"[UNAVAILABLE]", "[TEMPUNAVAIL]"})
+
+
+def _attribute_valid(name: str, value: str) -> bool:
+    """Postfix's checks: addresses are IP addresses (IPv6 with its ``IPV6:`` prefix allowed),
+    ports numbers, PROTO SMTP or ESMTP, SOURCE LOCAL or REMOTE; any may be unavailable."""
+    if value in UNAVAILABLE_VALUES:
+        return True
+    if not value.isprintable() or not value:
+        return False
+    if name in ("ADDR", "DESTADDR"):
+        return xclient_address(value) is not None
+    if name in ("PORT", "DESTPORT"):
+        return value.isascii() and value.isdigit() and int(value) <= 65535
+    if name == "PROTO":
+        return value.upper() in ("SMTP", "ESMTP")
+    if name == "SOURCE":
+        return value.upper() in ("LOCAL", "REMOTE")
+    return True
+
+
+def xclient_address(value: str) -> str | None:
+    """An XCLIENT/XFORWARD ADDR value as an IP address (``IPV6:`` prefix dropped), or None."""
+    if value[:5].upper() == "IPV6:":
+        value = value[5:]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def _parse_xclient(argument: str, smtputf8: bool) -> SmtpCommand:
+    attributes = _attributes(argument, "XCLIENT", XCLIENT_ATTRIBUTES)
+    return XclientCommand(attributes=MappingProxyType(attributes), parameter=argument)
+
+
+def _parse_xforward(argument: str, smtputf8: bool) -> SmtpCommand:
+    attributes = _attributes(argument, "XFORWARD", XFORWARD_ATTRIBUTES)
+    return XforwardCommand(attributes=MappingProxyType(attributes), parameter=argument)
+
+
 def _parse_bdat(argument: str, smtputf8: bool) -> SmtpCommand:
     words = _words(argument)
     if (
@@ -441,6 +551,8 @@ _PARSERS: dict[bytes, _Parser] = {
     b"EXPN": _with_argument(ExpnCommand, "EXPN mailing-list"),
     b"AUTH": _parse_auth,
     b"BDAT": _parse_bdat,
+    b"XCLIENT": _parse_xclient,
+    b"XFORWARD": _parse_xforward,
 }
 
 

@@ -6,12 +6,17 @@ Every limit has an RFC-sized default; ``0`` turns a size limit off.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import ssl
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .auth import MECHANISMS
+
+if TYPE_CHECKING:
+    from .extensions import Extension
 
 __all__ = ["COMMAND_LINE_BASE", "SessionConfig"]
 
@@ -26,6 +31,7 @@ _SIZE_EXTRA = 26
 _BODY_EXTRA = 15
 _SMTPUTF8_EXTRA = 10
 _DSN_EXTRA = 500
+_CUSTOM_EXTRA = 128  # per registered Extension (its parameters)
 _AUTH_EXTRA = 500
 
 
@@ -90,6 +96,14 @@ class SessionConfig:
     # Time handlers (per event) and the wait from a message's end to its reply, for the
     # metrics' latency histograms; off unless an exporter wants them (a clock read or two).
     measure_latency: bool = False
+    # ESMTP extensions of your own (alephsmtp.extensions.Extension): EHLO keywords and the
+    # MAIL/RCPT parameters they allow, typed by their converters.
+    esmtp_extensions: tuple[Extension, ...] = ()
+    # Networks whose clients may send XCLIENT (a proxy naming the client it speaks for: nginx
+    # mail, Dovecot) and XFORWARD (an MTA forwarding the original client's attributes):
+    # Postfix's smtpd_authorized_xclient_hosts / _xforward_hosts. Empty: nobody.
+    xclient_networks: tuple[str, ...] = ()
+    xforward_networks: tuple[str, ...] = ()
     command_buffer_size: int = 16 << 10
     data_buffer_size: int = 256 << 10
 
@@ -123,6 +137,10 @@ class SessionConfig:
             raise ValueError(f"not SASL mechanism names: {bad}")
         if self.require_tls and self.tls_context is None:
             raise ValueError("require_tls needs a tls_context")
+        for networks in (self.xclient_networks, self.xforward_networks):
+            for network in networks:
+                ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        _check_extensions(self.esmtp_extensions)
 
     @property
     def command_line_limit(self) -> int:
@@ -134,4 +152,33 @@ class SessionConfig:
             limit += _SMTPUTF8_EXTRA
         if self.dsn:
             limit += _DSN_EXTRA
-        return limit
+        # RFC 5321 4.1.2: each extension may extend the line; its parameters share this.
+        return limit + _CUSTOM_EXTRA * len(self.esmtp_extensions)
+
+
+# Keywords and MAIL/RCPT parameters alephsmtp serves itself: an Extension may not take them.
+_BUILT_IN_KEYWORDS = frozenset(
+    {
+        "PIPELINING", "SIZE", "8BITMIME", "CHUNKING", "BINARYMIME", "SMTPUTF8", "DSN",
+        "STARTTLS", "AUTH", "ENHANCEDSTATUSCODES", "HELP", "XCLIENT", "XFORWARD",
+    }
+)  # fmt: skip
+_BUILT_IN_PARAMETERS = frozenset(
+    {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH", "NOTIFY", "ORCPT"}
+)
+
+
+def _check_extensions(extensions: tuple[Extension, ...]) -> None:
+    seen: set[str] = set()
+    for extension in extensions:
+        keyword = getattr(extension, "keyword", None)
+        if not isinstance(keyword, str):
+            raise TypeError(f"not an alephsmtp.Extension: {extension!r}")
+        if keyword in _BUILT_IN_KEYWORDS or keyword in seen:
+            raise ValueError(f"ESMTP keyword {keyword} is served already")
+        seen.add(keyword)
+        taken = _BUILT_IN_PARAMETERS.intersection(
+            (*extension.mail_parameters, *extension.rcpt_parameters)
+        )
+        if taken:
+            raise ValueError(f"{keyword}: parameters served already: {sorted(taken)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -41,6 +42,13 @@ class SmtpEnvelope:
     auth_identity: str | None = None  # who authenticated (RFC 4954) on this session
     auth_submitter: str | None = None  # MAIL ... AUTH=, decoded (RFC 4954 5)
     tls: bool = False  # the transaction came over TLS
+    # XFORWARD (Postfix): what a trusted MTA said of the original client (NAME, ADDR, PORT,
+    # PROTO, HELO, IDENT, SOURCE), for this transaction.
+    xforward: dict[str, str] = field(default_factory=dict)
+    # The typed values of parameters of registered extensions (alephsmtp.Extension): of MAIL,
+    # and of each accepted RCPT at the index of its recipient.
+    mail_extensions: Mapping[str, Any] = field(default_factory=dict)
+    rcpt_extensions: list[Mapping[str, Any]] = field(default_factory=list)
     # What optional subsystems found, when they are in use (None otherwise): the milters'
     # verdicts and edits (alephsmtp.milter), SPF/DKIM/DMARC/ARC results (alephsmtp.mailauth).
     milter: MilterReport | None = None

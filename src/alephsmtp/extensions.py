@@ -8,14 +8,25 @@ handler runs: ``555 5.5.4`` for a parameter of an extension that is off or unkno
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from . import replies as R
-from .commands import MailCommand, RcptCommand
-from .config import SessionConfig
+from .commands import XCLIENT_ATTRIBUTES, XFORWARD_ATTRIBUTES, MailCommand, RcptCommand
+
+if TYPE_CHECKING:
+    from .config import SessionConfig
 from .replies import Reply
 
-__all__ = ["R_TOO_BIG", "check_mail_parameters", "check_rcpt_parameters", "ehlo_keywords"]
+__all__ = [
+    "R_TOO_BIG",
+    "Extension",
+    "check_mail_parameters",
+    "check_rcpt_parameters",
+    "ehlo_keywords",
+]
 
 R_TOO_BIG = R.TOO_BIG  # the name other modules import
 _NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
@@ -23,11 +34,82 @@ _MAX_ENVID = 100  # RFC 3461 4.4
 _MAX_ORCPT = 500  # RFC 3461 4.2
 
 
+@dataclass(frozen=True)
+class Extension:
+    """An ESMTP extension of your own: its EHLO keyword and the MAIL/RCPT parameters it
+    allows (RFC 5321 4.1.1.1, 4.1.1.11).
+
+    ``Extension("XPRIORITY", "1-9", mail_parameters={"XPRIORITY": int})`` lists
+    ``XPRIORITY 1-9`` in EHLO and takes ``MAIL FROM:<...> XPRIORITY=5``: each parameter's
+    converter gets the value (``None`` for a parameter without ``=``) and returns the typed
+    value handlers see in ``e.command.extensions["XPRIORITY"]`` (and
+    ``e.envelope.mail_extensions``, or ``rcpt_extensions`` per recipient); a converter that
+    raises ``ValueError`` or ``TypeError`` makes the command ``501 5.5.4`` before any
+    handler runs. A parameter no extension names stays ``555 5.5.4``.
+    """
+
+    keyword: str
+    text: str = ""  # what follows the keyword on its EHLO line
+    mail_parameters: Mapping[str, Callable[[str | None], Any]] = field(default_factory=dict)
+    rcpt_parameters: Mapping[str, Callable[[str | None], Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # RFC 5321 4.1.1.1: ehlo-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-").
+        for name in (self.keyword, *self.mail_parameters, *self.rcpt_parameters):
+            if not _KEYWORD.match(name):
+                raise ValueError(f"not an ESMTP keyword: {name!r}")
+        if any(c in self.text for c in "\r\n"):
+            raise ValueError("an EHLO line's text has no CR or LF")
+        object.__setattr__(self, "keyword", self.keyword.upper())
+        object.__setattr__(
+            self, "mail_parameters", {k.upper(): v for k, v in self.mail_parameters.items()}
+        )
+        object.__setattr__(
+            self, "rcpt_parameters", {k.upper(): v for k, v in self.rcpt_parameters.items()}
+        )
+
+    @property
+    def ehlo_line(self) -> str:
+        return f"{self.keyword} {self.text}" if self.text else self.keyword
+
+
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
+
+
+def _custom(
+    command: MailCommand | RcptCommand,
+    config: SessionConfig,
+    key: str,
+    value: str | None,
+    rcpt: bool,
+) -> Reply | None:
+    """A parameter of a registered extension: its typed value kept on the command."""
+    for extension in config.esmtp_extensions:
+        converters = extension.rcpt_parameters if rcpt else extension.mail_parameters
+        convert = converters.get(key)
+        if convert is None:
+            continue
+        try:
+            typed = convert(value)
+        except (ValueError, TypeError):
+            return R.bad_parameter(key)
+        # The command is frozen: its mapping of typed values is replaced, one key more.
+        object.__setattr__(command, "extensions", {**command.extensions, key: typed})
+        return None
+    return R.PARAMETER_UNKNOWN
+
+
 def ehlo_keywords(
-    config: SessionConfig, *, starttls: bool, auth: Sequence[str] | bool
+    config: SessionConfig,
+    *,
+    starttls: bool,
+    auth: Sequence[str] | bool,
+    xclient: bool = False,
+    xforward: bool = False,
 ) -> list[str]:
     """The EHLO keywords for what this session serves now (RFC 5321 4.1.1.1); ``auth`` is
-    the SASL mechanisms offered (``True``: those configured; empty or false: none)."""
+    the SASL mechanisms offered (``True``: those configured; empty or false: none);
+    ``xclient`` and ``xforward``: the client may send them (Postfix lists the attributes)."""
     keywords = []
     if config.pipelining:
         keywords.append("PIPELINING")
@@ -47,6 +129,11 @@ def ehlo_keywords(
     if auth:
         mechanisms = config.auth_mechanisms if auth is True else auth
         keywords.append("AUTH " + " ".join(mechanisms))
+    if xclient:
+        keywords.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
+    if xforward:
+        keywords.append("XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
+    keywords.extend(extension.ehlo_line for extension in config.esmtp_extensions)
     if config.enhanced_status_codes:
         keywords.append("ENHANCEDSTATUSCODES")
     keywords.append("HELP")
@@ -93,7 +180,9 @@ def check_mail_parameters(
             if value is None or "AUTH" in malformed:
                 return R.BAD_AUTH_PARAMETER
         else:
-            return R.PARAMETER_UNKNOWN
+            refusal = _custom(command, config, key, value, rcpt=False)
+            if refusal is not None:
+                return refusal
     return None
 
 
@@ -125,7 +214,9 @@ def check_rcpt_parameters(command: RcptCommand, config: SessionConfig) -> Reply 
             if not (address.isprintable() if utf8 else _printable(address)):
                 return R.BAD_ORCPT
         else:
-            return R.PARAMETER_UNKNOWN
+            refusal = _custom(command, config, key, value, rcpt=True)
+            if refusal is not None:
+                return refusal
     return None
 
 

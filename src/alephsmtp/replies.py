@@ -23,6 +23,7 @@ __all__ = [
     "Reply",
     "ReplyLike",
     "WireReplies",
+    "bad_parameter",
     "challenge",
     "coerce_reply",
     "default_enhanced_code",
@@ -291,6 +292,10 @@ UNAVAILABLE = Reply(421, "4.3.0", "Service not available, closing connection")
 # 3.8) without another word.
 ALREADY_SAID = Reply(421, "4.3.0", "(already said)")
 
+# XCLIENT / XFORWARD (Postfix's XCLIENT_README, XFORWARD_README).
+NOT_AUTHORIZED = Reply(550, "5.7.0", "Error: insufficient authorization")
+XFORWARD_OK = Reply(250, "2.0.0", "Ok")
+
 # STARTTLS (RFC 3207) and AUTH (RFC 4954).
 TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
 TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
@@ -303,6 +308,11 @@ AUTH_TWICE = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_LINE = Reply(500, "5.5.6", "Authentication exchange line is too long")
+
+
+def bad_parameter(keyword: str) -> Reply:
+    """A parameter of a registered extension whose value its converter refused."""
+    return Reply(501, "5.5.4", f"Error: bad {keyword} parameter")
 
 
 def challenge(data: bytes) -> Reply:

@@ -124,7 +124,9 @@ class SmtpServer:
         self.sessions: set[SmtpSession] = set()
         # Connections before their session: waiting for a PROXY header or a TLS handshake.
         self._receivers: set[ProxyProtocolReceiver | TlsAcceptor] = set()
-        self._admitted: set[SmtpSession] = set()
+        # The sessions counted, each with the address it counts against (the one it came
+        # from: XCLIENT may name another client later).
+        self._admitted: dict[SmtpSession, str | None] = {}
         self._capacity = self.config.max_connections  # set from the descriptor limit at start
         self._accept_errors = _AcceptErrors()
         self._per_ip: collections.Counter[str] = collections.Counter()
@@ -275,7 +277,7 @@ class SmtpServer:
         ):
             self.metrics.connections_refused["per-ip"] += 1
             return R.TOO_MANY_FROM_IP
-        self._admitted.add(session)
+        self._admitted[session] = ip
         if ip is not None:
             self._per_ip[ip] += 1
         return None
@@ -285,8 +287,7 @@ class SmtpServer:
 
     def _session_closed(self, session: SmtpSession) -> None:
         if session in self._admitted:
-            self._admitted.discard(session)
-            ip = _peer_ip(session.peer)
+            ip = self._admitted.pop(session)
             if ip is not None:
                 self._per_ip[ip] -= 1
                 if self._per_ip[ip] <= 0:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import itertools
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Generic, TypeVar, cast, overload
 
 from . import _protocol as P
@@ -39,6 +40,9 @@ from .auth import (
     SaslContext,
     SaslExchange,
     mechanism_known,
+)
+from .commands import (
+    UNAVAILABLE_VALUES as _UNAVAILABLE,
 )
 from .commands import (
     AuthCommand,
@@ -57,7 +61,10 @@ from .commands import (
     SmtpCommand,
     StarttlsCommand,
     VrfyCommand,
+    XclientCommand,
+    XforwardCommand,
     parse_argument,
+    xclient_address,
 )
 from .config import SessionConfig
 from .deadlines import LazyTimer
@@ -89,7 +96,7 @@ from .events import (
 from .extensions import check_mail_parameters, check_rcpt_parameters, ehlo_keywords
 from .metrics import Metrics
 from .parser import BdatReader, BufferPool, DataReader, LineReader, split_command
-from .proxy import ProxyHeader
+from .proxy import ProxyHeader, address_in_networks
 from .replies import Reply, WireReplies, coerce_reply, default_enhanced_code
 from .spool import MessageSpool
 from .tls import HANDSHAKE_ERRORS, TlsInfo, describe, looks_like_tls, upgrade
@@ -186,7 +193,18 @@ class _Pools:
     """What a server's sessions share: the buffer pools (small for commands, large for a
     message), the fixed replies as written, the handlers' answers as written, the metrics."""
 
-    __slots__ = ("answers", "command", "data", "ehlo", "hello", "keywords", "metrics", "wire")
+    __slots__ = (
+        "answers",
+        "command",
+        "data",
+        "ehlo",
+        "hello",
+        "keywords",
+        "metrics",
+        "wire",
+        "xclient",
+        "xforward",
+    )
 
     def __init__(self, config: SessionConfig, metrics: Metrics | None = None) -> None:
         self.command = BufferPool(config.command_buffer_size, 64)
@@ -196,8 +214,11 @@ class _Pools:
         # (verb, a handler's answer) -> the Reply sent; EHLO replies by what they list.
         self.answers: dict[tuple[str, object], Reply] = {}
         self.ehlo: dict[tuple[str, ...], bytes] = {}
-        self.keywords: dict[tuple[bool, tuple[str, ...]], tuple[str, ...]] = {}
+        self.keywords: dict[tuple[bool, tuple[str, ...], bool, bool], tuple[str, ...]] = {}
         self.metrics = metrics if metrics is not None else Metrics()
+        # The clients that may send XCLIENT / XFORWARD (none: the commands are unknown).
+        self.xclient = [ipaddress.ip_network(n, strict=False) for n in config.xclient_networks]
+        self.xforward = [ipaddress.ip_network(n, strict=False) for n in config.xforward_networks]
 
 
 def _message_error_reply(error: SmtpError) -> Reply:
@@ -226,14 +247,16 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     Events (each an :class:`~alephsmtp.events.Event`): one per command — ``helo``, ``ehlo``,
     ``lhlo``, ``mail``, ``rcpt``, ``data``, ``bdat``, ``rset``, ``noop``, ``quit``, ``vrfy``,
-    ``expn``, ``help``, ``starttls``, ``auth``, ``unhandled_command`` (any other verb) — and
-    per moment: ``message_chunk``, ``message_received``, ``message_discarded``,
-    ``close_requested``, ``disconnected``, ``handler_error``.
+    ``expn``, ``help``, ``starttls``, ``auth`` (and ``auth_command``), ``xclient``,
+    ``xforward``, ``unhandled_command`` (any other verb) — and per moment:
+    ``message_chunk``, ``message_received``, ``message_discarded``, ``close_requested``,
+    ``disconnected``, ``handler_error``.
 
-    Attributes: ``id``, ``peer`` (the client, or the one a PROXY header named), ``proxy`` (the
-    PROXY header), ``config``, ``state``, ``helo_name``, ``esmtp``, ``tls``
-    (:class:`~alephsmtp.tls.TlsInfo` once TLS is up), ``authenticated_as``, ``envelope`` (the
-    open transaction's), ``log``; and any attribute of your own (``session.user = ...``).
+    Attributes: ``id``, ``peer`` (the client, or the one a PROXY header or XCLIENT named),
+    ``proxy`` (the PROXY header), ``xclient_attributes`` (what XCLIENT said), ``config``,
+    ``state``, ``helo_name``, ``esmtp``, ``tls`` (:class:`~alephsmtp.tls.TlsInfo` once TLS is
+    up), ``authenticated_as``, ``envelope`` (the open transaction's), ``log``; and any
+    attribute of your own (``session.user = ...``).
     """
 
     # --- events (made on first use; see _EventAttribute) ------------------------------------
@@ -260,6 +283,8 @@ class SmtpSession(asyncio.BufferedProtocol):
     unhandled_command = _EventAttribute[CommandEventArgs[SmtpCommand]]()
     disconnected = _EventAttribute[ConnectionLostEventArgs]()
     handler_error = _EventAttribute[HandlerErrorEventArgs]()
+    xclient = _EventAttribute[CommandEventArgs[XclientCommand]]()
+    xforward = _EventAttribute[CommandEventArgs[XforwardCommand]]()
 
     __slots__ = (
         "__dict__",  # for attributes of your own (made only when you set one)
@@ -276,6 +301,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_commands",
         "_ended",
         "_events",
+        "_greeting",
         "_handler_deadline",
         "_handler_task",
         "_handler_timed_out",
@@ -291,6 +317,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_next",
         "_on_close",
         "_on_session",
+        "_origin",
         "_out",
         "_peer_override",
         "_pools",
@@ -311,6 +338,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_wire",
         "_write_paused",
         "_write_timer",
+        "_xforward",
         "authenticated_as",
         "config",
         "esmtp",
@@ -320,6 +348,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "proxy",
         "state",
         "tls",
+        "xclient_attributes",
     )
 
     def __init__(
@@ -348,6 +377,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         # The client: the socket's peer, or the one a PROXY protocol header named.
         self.peer: Any = peer
         self._peer_override = peer is not None
+        self._origin: Any = peer  # the peer at connect: what XCLIENT/XFORWARD trust is of
+        #: What a trusted proxy said of the client with XCLIENT (NAME, ADDR, ...), if it did.
+        self.xclient_attributes: dict[str, str] = {}
+        self._xforward: dict[str, str] = {}  # XFORWARD's attributes for the next transaction
+        self._greeting: Reply | None = None  # the 220 sent (and sent again after XCLIENT)
         self.proxy = proxy  # the PROXY protocol header (with its TLVs), if any
         self._log: SessionLogger | None = None
         self.state = State.GREETING
@@ -468,6 +502,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self.close()
             return
         self.state = advance(self.state, P.GREETED)
+        self._greeting = reply
         self._arm_idle_timer()
         self._update_reading()
         if self._held:  # sent before the greeting (after a TLS handshake): read now
@@ -534,7 +569,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             loop = self._loop = asyncio.get_running_loop()
         self._timer = LazyTimer(loop, self._on_timer)
         if not self._peer_override:
-            self.peer = transport.get_extra_info("peername")
+            self.peer = self._origin = transport.get_extra_info("peername")
         if transport.get_extra_info("ssl_object") is not None:
             self.tls = TlsInfo.of(transport)  # implicit TLS (RFC 8314)
             self._pools.metrics.tls_sessions[self.tls.version or "unknown"] += 1
@@ -913,11 +948,20 @@ class SmtpSession(asyncio.BufferedProtocol):
         edit it), made once per server for each of the few combinations."""
         starttls = self.config.tls_context is not None and self.tls is None
         mechanisms = self._mechanisms()
-        key = (starttls, mechanisms)
-        known = self._pools.keywords.get(key)
+        pools = self._pools
+        xclient = bool(pools.xclient) and self._trusted(pools.xclient)
+        xforward = bool(pools.xforward) and self._trusted(pools.xforward)
+        key = (starttls, mechanisms, xclient, xforward)
+        known = pools.keywords.get(key)
         if known is None:
-            known = self._pools.keywords[key] = tuple(
-                ehlo_keywords(self.config, starttls=starttls, auth=mechanisms)
+            known = pools.keywords[key] = tuple(
+                ehlo_keywords(
+                    self.config,
+                    starttls=starttls,
+                    auth=mechanisms,
+                    xclient=xclient,
+                    xforward=xforward,
+                )
             )
         return list(known)
 
@@ -930,6 +974,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             # keywords (the extensions this session serves, as handlers left them) after the
             # handler's first line, or the hostname (4.1.1.1).
             self._abandon_transaction()
+            self._xforward = {}
             self.helo_name = command.client_hostname
             self.esmtp = verb != "HELO"
         self.state = advance(self.state, verb, accepted)
@@ -992,7 +1037,10 @@ class SmtpSession(asyncio.BufferedProtocol):
             auth_identity=self.authenticated_as,
             auth_submitter=command.auth,
             tls=self.tls is not None,
+            xforward=self._xforward,
         )
+        if command.extensions:
+            envelope.mail_extensions = command.extensions
         event = self._events.get("mail")
         reply = None
         if event is not None and event.handlers:
@@ -1003,6 +1051,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._mail_done(envelope, reply)
 
     def _mail_done(self, envelope: SmtpEnvelope, reply: Reply | None) -> None:
+        if self._xforward and (reply is None or reply.code // 100 == 2):
+            self._xforward = {}  # the envelope has them: XFORWARD is for one transaction
         if reply is None:
             self._transactions += 1
             self._tx = Transaction(envelope)
@@ -1059,6 +1109,11 @@ class SmtpSession(asyncio.BufferedProtocol):
             envelope.rcpt_parameters.append(dict(command.parameters))
             envelope.dsn_notify.append(command.notify)
             envelope.dsn_orcpt.append(command.orcpt)
+            if command.extensions or envelope.rcpt_extensions:
+                # Aligned with the recipients once any recipient had one.
+                extensions = envelope.rcpt_extensions
+                extensions.extend({} for _ in range(len(envelope.recipients) - 1 - len(extensions)))
+                extensions.append(command.extensions)
             self.state = _AFTER_RCPT
         if reply is None:
             self._out.append(self._wire.RCPT_OK)
@@ -1403,6 +1458,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         accepted = reply is None or reply.code // 100 == 2
         if verb == "RSET" and accepted:
             self._abandon_transaction()
+            self._xforward = {}
             self.state = advance(self.state, verb)
         if reply is None and rule.default.code < 400:
             self._out.append(getattr(self._wire, rule.default_name))
@@ -1411,7 +1467,12 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._write(reply if reply is not None else rule.default)
 
     def _unknown(self, verb: bytes, argument: bytes) -> None:
-        command = parse_argument(verb, argument)  # an SmtpCommand: unknown verbs never fail
+        # A plain SmtpCommand (never a syntax error): XCLIENT and XFORWARD come here too when
+        # the server does not serve them.
+        command = SmtpCommand(
+            verb.decode("utf-8", "surrogateescape"),
+            parameter=argument.decode("utf-8", "surrogateescape"),
+        )
         handlers = self._handlers("unhandled_command")
         reply = None
         if handlers:
@@ -1736,6 +1797,108 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._run()
 
     # The transaction
+
+    # XCLIENT and XFORWARD (Postfix's XCLIENT_README and XFORWARD_README)
+
+    def _trusted(self, networks: list[Any]) -> bool:
+        """Whether the client at connect (not one XCLIENT named since) is in ``networks``."""
+        origin = self._origin
+        return (
+            isinstance(origin, tuple)
+            and bool(origin)
+            and address_in_networks(str(origin[0]), networks)
+        )
+
+    def _proxy_command(self, rule: Rule, argument: bytes, networks: list[Any]) -> Any:
+        """XCLIENT or XFORWARD, parsed, or ``None`` when it got its refusal; a server that
+        serves neither treats them as any verb it does not know."""
+        if not networks:
+            self._unknown(rule.key, argument)
+            return None
+        refusal = rule.order[self.state]
+        if refusal is None and not self._trusted(networks):
+            refusal = R.NOT_AUTHORIZED
+        if refusal is not None:
+            self._write(refusal)
+            return None
+        try:
+            return parse_argument(rule.key, argument)
+        except CommandSyntaxError as error:
+            self._write(_error_reply(error))
+            return None
+
+    def _xclient(self, rule: Rule, argument: bytes) -> None:
+        command = self._proxy_command(rule, argument, self._pools.xclient)
+        if command is None:
+            return
+        event = self._events.get(rule.event)
+        reply = None
+        if event is not None and event.handlers:
+            args = CommandEventArgs(command)
+            reply = self._decide(rule, event.handlers, args, self._xclient_done, command)
+            if reply is _WAIT:
+                return
+        self._xclient_done(command, reply)
+
+    def _xclient_done(self, command: XclientCommand, reply: Reply | None) -> None:
+        """The session starts over as the client the proxy named: its address, HELO name and
+        login as given (what is not given is kept, but the greeting exchange and the login
+        start over), and the greeting again, to which the proxy says EHLO for it."""
+        if reply is not None and reply.code // 100 != 2:
+            self._write(reply)
+            return
+        attributes = command.attributes
+        self.xclient_attributes.update(attributes)
+        origin = self.peer
+        if "ADDR" in attributes or "PORT" in attributes:
+            self.peer = self._xclient_peer(attributes)
+        self._abandon_transaction()
+        self._xforward = {}
+        helo = attributes.get("HELO")
+        self.helo_name = helo if helo and helo not in _UNAVAILABLE else None
+        self.esmtp = False
+        login = attributes.get("LOGIN")
+        self.authenticated_as = login if login and login not in _UNAVAILABLE else None
+        self.state = advance(self.state, "XCLIENT")
+        self.log.info("XCLIENT from %s: the client is %s", _where(origin), _where(self.peer))
+        self._write(self._greeting if self._greeting is not None else R.OK)
+
+    def _xclient_peer(self, attributes: Mapping[str, str]) -> Any:
+        """The peer XCLIENT names: (address, port); ``None`` when the address is unknown."""
+        old = self.peer if isinstance(self.peer, tuple) and len(self.peer) >= 2 else None
+        addr = attributes.get("ADDR")
+        host = (
+            (xclient_address(addr) if addr not in _UNAVAILABLE else None)
+            if addr is not None
+            else (old[0] if old else None)
+        )
+        if host is None:
+            return None
+        port = attributes.get("PORT")
+        if port is not None:
+            number = int(port) if port not in _UNAVAILABLE else 0
+        else:
+            number = int(old[1]) if old and addr is None else 0
+        return (host, number)
+
+    def _xforward_command(self, rule: Rule, argument: bytes) -> None:
+        command = self._proxy_command(rule, argument, self._pools.xforward)
+        if command is None:
+            return
+        event = self._events.get(rule.event)
+        reply = None
+        if event is not None and event.handlers:
+            args = CommandEventArgs(command)
+            reply = self._decide(rule, event.handlers, args, self._xforward_done, command)
+            if reply is _WAIT:
+                return
+        self._xforward_done(command, reply)
+
+    def _xforward_done(self, command: XforwardCommand, reply: Reply | None) -> None:
+        # The attributes add up until the next MAIL takes them (RSET and HELO drop them).
+        if reply is None or reply.code // 100 == 2:
+            self._xforward = {**self._xforward, **command.attributes}
+        self._write(reply if reply is not None else R.XFORWARD_OK)
 
     def _abandon_transaction(self) -> None:
         """RSET, a new HELO/EHLO or TLS ends an open transaction: what was streamed of its
@@ -2073,6 +2236,12 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._transport.close()
 
 
+def _where(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
 def _can_write_eof(transport: asyncio.Transport) -> bool:
     try:
         return transport.can_write_eof()
@@ -2106,6 +2275,8 @@ _DISPATCH: dict[bytes, tuple[Rule, Callable[[SmtpSession, Rule, bytes], None]]] 
         ("QUIT", SmtpSession._quit),
         ("STARTTLS", SmtpSession._starttls),
         ("AUTH", SmtpSession._auth),
+        ("XCLIENT", SmtpSession._xclient),
+        ("XFORWARD", SmtpSession._xforward_command),
     )
 }
 _LAST_IN_GROUP_BYTES = frozenset(verb.encode() for verb in _LAST_IN_GROUP)
