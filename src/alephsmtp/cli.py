@@ -333,18 +333,6 @@ def _relay(args: argparse.Namespace) -> Relay:
     )
 
 
-def _summary(session: Any, e: Any) -> None:
-    envelope = e.envelope
-    peer = envelope.peer[0] if isinstance(envelope.peer, tuple) else envelope.peer
-    log.info(
-        "message from %s: <%s> -> %s, %d bytes",
-        peer,
-        envelope.return_path or "",
-        ", ".join(f"<{r}>" for r in envelope.recipients),
-        e.size,
-    )
-
-
 def _build(
     args: argparse.Namespace,
 ) -> tuple[SmtpServer, Callable[[SmtpSession], Awaitable[None] | None]]:
@@ -399,7 +387,6 @@ def _build(
             session.auth += lambda s, e: check_credentials(credentials, e)
         if authenticate is not None:
             authenticate(session)
-        session.message_received += _summary
         for handler in handlers:
             session.message_received += handler
 

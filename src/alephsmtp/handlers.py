@@ -37,6 +37,7 @@ from typing import Any, Literal, TextIO, cast
 from .envelope import SmtpEnvelope
 from .events import MessageReceivedEventArgs
 from .replies import Reply, coerce_reply
+from .session import SessionLogger, SmtpSession
 
 __all__ = [
     "Deliver",
@@ -52,6 +53,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("alephsmtp.handlers")
+_Logger = logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
+
+
+def _logger_of(session: Any) -> _Logger:
+    """This module's logger, its lines naming the session and the peer as the session's own
+    do, when the handler runs for a session."""
+    return SessionLogger(log, session) if isinstance(session, SmtpSession) else log
+
 
 # Local trouble is temporary (RFC 5321 4.2.1: 4yz, the client keeps the message and retries);
 # a 554 from a raising handler would make the client bounce a message we simply failed to store.
@@ -109,12 +118,15 @@ class Store:
     path: str
 
     def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Reply | None:
+        logger = _logger_of(session)
         try:
             self.store(e)
         except StoreBusy:
+            logger.warning("%s is busy", self.path)
             return _R_MAILBOX_BUSY
         except OSError as error:
-            return _storage_failure(self.path, error)
+            return _storage_failure(self.path, error, logger)
+        logger.info("stored in %s", self.path)
         return None
 
     def store(self, e: MessageReceivedEventArgs) -> object:
@@ -167,9 +179,9 @@ class MaildirStore(Store):
         return True
 
 
-def _storage_failure(what: str, error: OSError) -> Reply:
+def _storage_failure(what: str, error: OSError, logger: _Logger = log) -> Reply:
     """The reply for a message that could not be stored: a full disk is said as such."""
-    log.error("cannot store message in %s: %s", what, error)
+    logger.error("cannot store message in %s: %s", what, error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return _R_STORAGE_FULL
     return _R_LOCAL_ERROR
@@ -455,8 +467,9 @@ class Relay:
     # LMTP's per-recipient lists yet, and `session.message_received += Relay(...)` must check.
     async def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Any:
         envelope = e.envelope
+        logger = _logger_of(session)
         if e.streamed:
-            log.error("Relay needs the whole message; it cannot relay streamed messages")
+            logger.error("Relay needs the whole message; it cannot relay streamed messages")
             return _R_STREAMED
         if envelope.body_type == "BINARYMIME":
             # RFC 3030 3: DATA cannot carry it, and we do not convert (5.6.3).
@@ -476,22 +489,23 @@ class Relay:
         if envelope.body_type == "8BITMIME":
             options.append("BODY=8BITMIME")
         if self.client == "aiosmtplib":
-            outcome = await self._send_aiosmtplib(sender, recipients, message, options)
+            outcome = await self._send_aiosmtplib(sender, recipients, message, options, logger)
         else:
             outcome = await asyncio.to_thread(
-                self._send_smtplib, sender, recipients, message, options
+                self._send_smtplib, sender, recipients, message, options, logger
             )
-        return self._reply(session, recipients, outcome)
+        return self._reply(session, recipients, outcome, logger)
 
     def _reply(
-        self, session: Any, recipients: Sequence[str], outcome: _Upstream
+        self, session: Any, recipients: Sequence[str], outcome: _Upstream, logger: _Logger
     ) -> Reply | list[Reply] | None:
         if outcome.failure is not None:
-            log.info("relay to %s:%s refused: %s", self.host, self.port, outcome.failure)
+            logger.info("relay to %s:%s refused: %s", self.host, self.port, outcome.failure)
             return outcome.failure
         if not outcome.refused:
+            logger.info("relayed to %s:%s", self.host, self.port)
             return None
-        log.info(
+        logger.info(
             "relay to %s:%s refused %d recipient(s)", self.host, self.port, len(outcome.refused)
         )
         if getattr(session, "lmtp", False):
@@ -499,7 +513,7 @@ class Relay:
             return [outcome.refused.get(recipient, relayed) for recipient in recipients]
         return next(iter(outcome.refused.values()))
 
-    def _tls_failure(self, error: ssl.SSLError) -> Reply:
+    def _tls_failure(self, error: ssl.SSLError, logger: _Logger) -> Reply:
         """The TLS handshake with the upstream failed: the reason logged (OpenSSL's words,
         or the exception's name when it has none), ``451 4.7.0`` for the client."""
         reason = str(error) or type(error).__name__
@@ -507,11 +521,16 @@ class Relay:
             what, reply = "TLS certificate not trusted", _R_UPSTREAM_CERTIFICATE
         else:
             what, reply = "TLS handshake failed", _R_UPSTREAM_SECURITY
-        log.warning("upstream %s:%s: %s: %s", self.host, self.port, what, reason)
+        logger.warning("upstream %s:%s: %s: %s", self.host, self.port, what, reason)
         return reply
 
     async def _send_aiosmtplib(
-        self, sender: str, recipients: list[str], message: bytes, options: list[str]
+        self,
+        sender: str,
+        recipients: list[str],
+        message: bytes,
+        options: list[str],
+        logger: _Logger,
     ) -> _Upstream:
         import aiosmtplib
 
@@ -527,25 +546,27 @@ class Relay:
             try:
                 await client.connect()
             except aiosmtplib.SMTPConnectResponseError as error:
-                log.warning("upstream %s:%s greeted with %s", self.host, self.port, error)
+                logger.warning("upstream %s:%s greeted with %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_UNREACHABLE)
             except ssl.SSLError as error:
                 # Before OSError, its base class: the server was reached; TLS failed.
-                return _Upstream(self._tls_failure(error))
+                return _Upstream(self._tls_failure(error, logger))
             except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as error:
-                log.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
+                logger.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_UNREACHABLE)
             except aiosmtplib.SMTPException as error:  # EHLO or STARTTLS refused
-                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                logger.warning("upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_SECURITY)
             if self.username is not None and self.password is not None:
                 try:
                     await client.login(self.username, self.password)
                 except aiosmtplib.SMTPResponseException as error:
-                    log.warning("upstream %s:%s refused AUTH: %s", self.host, self.port, error.code)
+                    logger.warning(
+                        "upstream %s:%s refused AUTH: %s", self.host, self.port, error.code
+                    )
                     return _Upstream(_R_UPSTREAM_SECURITY)
                 except aiosmtplib.SMTPException as error:  # no AUTH offered
-                    log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                    logger.warning("upstream %s:%s: %s", self.host, self.port, error)
                     return _Upstream(_R_UPSTREAM_SECURITY)
             try:
                 refused, _ = await client.sendmail(
@@ -567,7 +588,7 @@ class Relay:
             except aiosmtplib.SMTPResponseException as error:
                 return _Upstream(_upstream_reply(error.code, error.message, ""))
             except (aiosmtplib.SMTPException, OSError) as error:
-                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                logger.warning("upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_LOST)
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await client.quit()
@@ -581,17 +602,22 @@ class Relay:
             client.close()
 
     def _send_smtplib(
-        self, sender: str, recipients: list[str], message: bytes, options: list[str]
+        self,
+        sender: str,
+        recipients: list[str],
+        message: bytes,
+        options: list[str],
+        logger: _Logger,
     ) -> _Upstream:
         try:
             client = smtplib.SMTP(
                 self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
             )
         except smtplib.SMTPConnectError as error:
-            log.warning("upstream %s:%s greeted with %s", self.host, self.port, error.smtp_code)
+            logger.warning("upstream %s:%s greeted with %s", self.host, self.port, error.smtp_code)
             return _Upstream(_R_UPSTREAM_UNREACHABLE)
         except (smtplib.SMTPException, OSError) as error:
-            log.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
+            logger.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
             return _Upstream(_R_UPSTREAM_UNREACHABLE)
         try:
             try:
@@ -601,12 +627,12 @@ class Relay:
                 if self.username is not None and self.password is not None:
                     client.login(self.username, self.password)
             except ssl.SSLError as error:  # before OSError, its base class
-                return _Upstream(self._tls_failure(error))
+                return _Upstream(self._tls_failure(error, logger))
             except smtplib.SMTPException as error:
-                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                logger.warning("upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_SECURITY)
             except OSError as error:
-                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                logger.warning("upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_LOST)
             try:
                 refused = client.sendmail(sender, recipients, message, mail_options=options)
@@ -622,7 +648,7 @@ class Relay:
             except smtplib.SMTPResponseException as error:  # MAIL or DATA refused
                 return _Upstream(_upstream_reply(error.smtp_code, _text(error.smtp_error), ""))
             except (smtplib.SMTPException, OSError) as error:
-                log.warning("upstream %s:%s: %s", self.host, self.port, error)
+                logger.warning("upstream %s:%s: %s", self.host, self.port, error)
                 return _Upstream(_R_UPSTREAM_LOST)
             # The message is delivered: what QUIT gets back changes nothing (RFC 5321 4.1.1.10).
             with contextlib.suppress(smtplib.SMTPException, OSError):
@@ -690,7 +716,7 @@ class Deliver:
         receipts: list[tuple[Store, object]] = []
         for index, output in enumerate(self.outputs):
             if isinstance(output, Store):
-                failure = self._store(output, e, receipts)
+                failure = self._store(output, session, e, receipts)
                 if failure is not None:
                     return failure
                 continue
@@ -715,7 +741,7 @@ class Deliver:
                 return self._decided(result, receipts)
             for output in self.outputs[index + 1 :]:
                 if isinstance(output, Store):
-                    failure = self._store(output, e, receipts)
+                    failure = self._store(output, session, e, receipts)
                     if failure is not None:
                         return failure
                     continue
@@ -730,19 +756,27 @@ class Deliver:
         return None
 
     def _store(
-        self, store: Store, e: MessageReceivedEventArgs, receipts: list[tuple[Store, object]]
+        self,
+        store: Store,
+        session: Any,
+        e: MessageReceivedEventArgs,
+        receipts: list[tuple[Store, object]],
     ) -> Reply | None:
+        logger = _logger_of(session)
         try:
-            receipts.append((store, store.store(e)))
+            receipt = store.store(e)
         except StoreBusy:
             self._take_back(receipts)
+            logger.warning("%s is busy", store.path)
             return _R_MAILBOX_BUSY
         except OSError as error:
             self._take_back(receipts)
-            return _storage_failure(store.path, error)
+            return _storage_failure(store.path, error, logger)
         except BaseException:
             self._take_back(receipts)
             raise
+        receipts.append((store, receipt))
+        logger.info("stored in %s", store.path)
         return None
 
     def _decided(self, result: Any, receipts: list[tuple[Store, object]]) -> Any:

@@ -105,6 +105,9 @@ from .transaction import Transaction
 __all__ = ["OnSession", "SessionConfig", "SessionLogger", "SmtpSession", "State", "TlsInfo"]
 
 log = logging.getLogger("alephsmtp.session")
+# The command/reply trace (DEBUG): every line each way, AUTH payloads redacted. Its own logger,
+# so that it can be turned on alone.
+trace_log = logging.getLogger("alephsmtp.trace")
 
 OnSession = Callable[["SmtpSession"], Awaitable[None] | None]
 ArgsT = TypeVar("ArgsT", bound=EventArgs)
@@ -183,8 +186,7 @@ class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         session = self.session
-        peer = session.peer
-        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        where = _where(session.peer)
         kwargs.setdefault("extra", {}).update(smtp_session=session.id, smtp_peer=where)
         return f"session {session.id} [{where}] {msg}", kwargs
 
@@ -310,9 +312,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_junk_commands",
         "_last_activity",
         "_limit_reply",
+        "_line",
         "_lines",
         "_linger_timer",
         "_log",
+        "_log_outcomes",
         "_loop",
         "_next",
         "_on_close",
@@ -330,6 +334,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_started",
         "_tasks",
         "_timer",
+        "_trace",
         "_transactions",
         "_transport",
         "_tx",
@@ -445,6 +450,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._limit_reply: Reply | None = None  # a limit was passed: say it and close
         self._tx: Transaction | None = None
         self._verb = ""  # the command being answered (for the metrics); "" for none
+        self._line = b""  # the command line being answered (for the log of a refusal)
+        # What the log wants, asked once per connection (a level change applies to the next):
+        # the trace of every line, the INFO line per message.
+        self._trace: SessionLogger | None = None
+        self._log_outcomes = False
 
     def __repr__(self) -> str:
         return f"<SmtpSession #{self.id} {self.peer!r} {self.state.name.lower()}>"
@@ -577,6 +587,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         # Nothing is read before the greeting (RFC 5321 3.1). A greeting sent from here, the
         # usual case, comes before the transport's first read; only an asynchronous
         # ``on_session`` needs reading paused (which costs a system call or two on asyncio).
+        if trace_log.isEnabledFor(logging.DEBUG):
+            self._trace = SessionLogger(trace_log, self)
+        self._log_outcomes = log.isEnabledFor(logging.INFO)
         if log.isEnabledFor(logging.DEBUG):  # the session's logger is made on first use
             self.log.debug("connected")
         self._pools.metrics.connection_opened()
@@ -806,6 +819,8 @@ class SmtpSession(asyncio.BufferedProtocol):
                 line = lines[index]
                 self._next = index + 1
                 self._last_activity = self._loop.time()  # the next line's deadline runs from here
+                if self._trace is not None:
+                    self._trace_line(line)
                 if self._sasl is not None:
                     self._sasl_line(line)
                     continue
@@ -828,6 +843,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                     # would let a DATA/BDAT slip past the line reader's stop rule).
                     self._write(R.BAD_SYNTAX)
                     continue
+                self._line = line
                 verb, argument = split_command(line)
                 entry = _DISPATCH.get(verb)
                 if entry is None:
@@ -1370,7 +1386,6 @@ class SmtpSession(asyncio.BufferedProtocol):
             reply = refusal if refusal is not None else R.HANDLER_FAILED
             if tx is not None:
                 tx.discard()
-            self.log.info("message refused: %s", reply)
             if streamed and tx is not None:
                 self._notify("message_discarded", MessageDiscardedEventArgs(tx.envelope, reply))
             self._message_done(None, reply)
@@ -1411,6 +1426,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._pools.metrics.reply_seconds.observe(self._loop.time() - tx.ended)
         self._tx = None
         self.state = advance(self.state, P.END_OF_MESSAGE)
+        if self._log_outcomes:
+            self._log_outcome(tx, reply, size if size >= 0 else (args.size if args else -1))
         if reply is None:
             accepted = True
             # The default reply (RFC 2033 4.2: one per recipient in LMTP).
@@ -1432,6 +1449,50 @@ class SmtpSession(asyncio.BufferedProtocol):
                 size = args.size if args is not None else 0
             self._pools.metrics.message_accepted(size, recipients)
             self._junk_commands = 0
+
+    def _log_outcome(
+        self, tx: Transaction | None, reply: Reply | list[Reply] | None, size: int
+    ) -> None:
+        """The one INFO line per message: who sent it to whom, and what the client was told
+        (accepted or refused, with the reply; per recipient in LMTP)."""
+        if tx is None:
+            return
+        envelope = tx.envelope
+        if size < 0:
+            size = tx.bytes_read
+        replies = reply if isinstance(reply, list) else [reply if reply is not None else R.QUEUED]
+        accepted = sum(1 for each in replies if each.code // 100 == 2)
+        if len(replies) > 1:
+            verdict = f"{accepted} of {len(replies)} recipients accepted: " + "; ".join(
+                str(each) for each in replies
+            )
+        else:
+            verdict = ("accepted: " if accepted else "refused: ") + str(replies[0])
+        recipients = envelope.recipients
+        shown = ", ".join(f"<{r}>" for r in recipients[:5])
+        if len(recipients) > 5:
+            shown += f" and {len(recipients) - 5} more"
+        self.log.info(
+            "message <%s> -> %s, %d octets, %s",
+            envelope.return_path or "",
+            shown,
+            size,
+            verdict,
+        )
+
+    def _trace_line(self, line: bytes | SmtpError) -> None:
+        """A line the client sent, for the trace: AUTH's payloads never (RFC 4954 15)."""
+        assert self._trace is not None
+        if isinstance(line, SmtpError):
+            self._trace.debug("< (%s)", line)
+        elif self._sasl is not None or self._sasl_waiter is not None:
+            self._trace.debug("< (an AUTH response, %d octets)", len(line))
+        elif line[:5].upper() == b"AUTH ":
+            words = line.split(b" ", 2)
+            shown = b" ".join(words[:2]) + (b" (initial response)" if len(words) > 2 else b"")
+            self._trace.debug("< %s", _printable(shown))
+        else:
+            self._trace.debug("< %s", _printable(line))
 
     # RSET, NOOP, VRFY, EXPN, HELP, and verbs nobody knows
 
@@ -2083,6 +2144,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._pools.metrics.commands[self._verb, _CLASSES[code // 100]] += 1
         if code >= 400:
             self._pools.metrics.rejected(code)
+            if self._verb in _REFUSALS_LOGGED and self._log_outcomes:
+                self.log.info("%s refused: %s", _printable(self._line, 200), reply)
             if code in _BAD_COMMAND_CODES:
                 self._count_error()
             elif code == 421 and self._limit_reply is None and self._started:
@@ -2103,6 +2166,9 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         data = b"".join(out) if len(out) > 1 else out[0]
         out.clear()
+        if self._trace is not None:
+            for line in data.split(b"\r\n")[:-1]:
+                self._trace.debug("> %s", _printable(line))
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
@@ -2236,6 +2302,15 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._transport.close()
 
 
+def _printable(line: bytes, limit: int = 1000) -> str:
+    """A line from the wire as a log may show it: control characters escaped, cut at
+    ``limit`` characters."""
+    text = line[:limit].decode("utf-8", "backslashreplace")
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text + ("..." if len(line) > limit else "")
+
+
 def _where(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
@@ -2279,6 +2354,8 @@ _DISPATCH: dict[bytes, tuple[Rule, Callable[[SmtpSession, Rule, bytes], None]]] 
         ("XFORWARD", SmtpSession._xforward_command),
     )
 }
+# Refusals logged at INFO (with the command line): who was turned away, and why.
+_REFUSALS_LOGGED = frozenset({"MAIL", "RCPT", "DATA", "BDAT"})
 _LAST_IN_GROUP_BYTES = frozenset(verb.encode() for verb in _LAST_IN_GROUP)
 # The commands a verb alone makes, one frozen instance each (parsed once, here).
 _BARE_COMMANDS: dict[bytes, SmtpCommand] = {
