@@ -55,7 +55,7 @@ from .parser import IMPLEMENTATION
 from .proxy import ProxyHeader, ProxyProtocolError
 from .replies import Reply
 from .server import SmtpServer
-from .session import SmtpSession, State, TlsInfo
+from .session import SessionKey, SmtpSession, State, TlsInfo
 
 __version__ = "0.1.0"
 
@@ -92,6 +92,7 @@ __all__ = [
     "Reply",
     "RsetCommand",
     "SessionConfig",
+    "SessionKey",
     "SmtpCommand",
     "SmtpEnvelope",
     "SmtpError",

@@ -11,14 +11,14 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from .auth import MECHANISMS
 
 if TYPE_CHECKING:
     from .extensions import Extension
 
-__all__ = ["COMMAND_LINE_BASE", "SessionConfig"]
+__all__ = ["COMMAND_LINE_BASE", "SessionConfig", "SessionOptions"]
 
 # RFC 4422 3.1: a mechanism name is 1 to 20 of A-Z, 0-9, "-", "_" (uppercased here).
 _MECHANISM_NAME = re.compile(r"[A-Z0-9_\-]{1,20}\Z")
@@ -48,7 +48,8 @@ class SessionConfig:
     max_connections: int = 10000  # per server (per worker); 421 4.7.0 at connect past it
     max_connections_per_ip: int = 50  # like Postfix's smtpd_client_connection_count_limit
     connection_limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # networks
-    bare_newline: str = "reject"  # or "normalize" (Postfix smtpd_forbid_bare_newline)
+    # "normalize": a bare CR or LF is taken as CRLF (Postfix smtpd_forbid_bare_newline = no)
+    bare_newline: Literal["reject", "normalize"] = "reject"
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 180.0  # between reads of a message (RFC 5321 4.5.3.2.5: 3 minutes)
     min_data_rate: int = 500  # bytes/s over a message, after data_rate_grace (Postfix: 500)
@@ -182,3 +183,56 @@ def _check_extensions(extensions: tuple[Extension, ...]) -> None:
         )
         if taken:
             raise ValueError(f"{keyword}: parameters served already: {sorted(taken)}")
+
+
+class SessionOptions(TypedDict, total=False):
+    """:class:`SessionConfig`'s fields as keyword arguments (``SmtpServer(**options)``), so that
+    a type checker catches a misspelt or mistyped option. Kept equal to the dataclass by a test.
+    """
+
+    hostname: str
+    greeting: str | None
+    max_message_size: int
+    max_command_line_length: int
+    max_text_line_length: int
+    max_recipients: int
+    max_connections: int
+    max_connections_per_ip: int
+    connection_limit_exempt: tuple[str, ...]
+    bare_newline: Literal["reject", "normalize"]
+    idle_timeout: float
+    data_timeout: float
+    min_data_rate: int
+    data_rate_grace: float
+    write_timeout: float
+    handler_timeout: float
+    message_handler_timeout: float
+    max_bad_commands: int
+    max_junk_commands: int
+    max_auth_failures: int
+    auth_failure_delay: float
+    max_transactions: int
+    max_commands: int
+    forbid_unauth_pipelining: bool
+    enhanced_status_codes: bool
+    eightbitmime: bool
+    smtputf8: bool
+    pipelining: bool
+    chunking: bool
+    binarymime: bool
+    dsn: bool
+    lmtp: bool
+    tls_context: ssl.SSLContext | None
+    require_tls: bool
+    tls_handshake_timeout: float
+    auth_mechanisms: tuple[str, ...]
+    auth_require: bool
+    auth_over_plaintext: bool
+    spool_threshold: int
+    spool_directory: str | None
+    measure_latency: bool
+    esmtp_extensions: tuple[Extension, ...]
+    xclient_networks: tuple[str, ...]
+    xforward_networks: tuple[str, ...]
+    command_buffer_size: int
+    data_buffer_size: int

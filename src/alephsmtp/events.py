@@ -49,7 +49,11 @@ __all__ = [
     "run_chain",
 ]
 
-HandlerResult = Reply | str | bool | None | Awaitable[Reply | str | bool | None]
+#: What a handler may answer: a reply (``None``: no opinion, the next handler decides; ``True``
+#: / ``False`` for ``auth``), or for an LMTP message one reply per recipient (RFC 2033 4.2);
+#: or an awaitable of any of these.
+Answer = Reply | str | bool | None | Sequence[Reply | str]
+HandlerResult = Answer | Awaitable[Answer]
 ArgsT = TypeVar("ArgsT", bound="EventArgs")
 CommandT = TypeVar("CommandT", bound=SmtpCommand)
 Handler = Callable[[Any, ArgsT], HandlerResult]

@@ -463,9 +463,9 @@ class Relay:
         # Never the password: reprs end up in logs.
         return f"<Relay {self.host}:{self.port} via {self.client}>"
 
-    # Returns Reply | list[Reply] | None; typed Any because events.HandlerResult does not list
-    # LMTP's per-recipient lists yet, and `session.message_received += Relay(...)` must check.
-    async def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Any:
+    async def __call__(
+        self, session: Any, e: MessageReceivedEventArgs
+    ) -> Reply | list[Reply] | None:
         envelope = e.envelope
         logger = _logger_of(session)
         if e.streamed:

@@ -29,7 +29,7 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import replies as R
 from .metrics import Metrics, MetricsHook
@@ -39,6 +39,11 @@ from .session import OnSession, SessionConfig, SmtpSession, _Pools
 from .tls import TlsAcceptor
 from .workers import WorkerSupervisor
 from .workers import supported as _workers_supported
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .config import SessionOptions
 
 __all__ = ["LoopName", "SmtpServer", "connection_capacity"]
 
@@ -93,7 +98,7 @@ class SmtpServer:
         workers: int = 1,
         metrics_hook: MetricsHook | None = None,
         config: SessionConfig | None = None,
-        **options: Any,
+        **options: Unpack[SessionOptions],
     ) -> None:
         if config is not None and options:
             raise TypeError("pass either config or session options, not both")

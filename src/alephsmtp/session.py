@@ -27,7 +27,7 @@ import itertools
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Generic, TypeVar, cast, overload
+from typing import Any, Generic, TypeVar, cast, final, overload
 
 from . import _protocol as P
 from . import replies as R
@@ -102,7 +102,15 @@ from .spool import MessageSpool
 from .tls import HANDSHAKE_ERRORS, TlsInfo, describe, looks_like_tls, upgrade
 from .transaction import Transaction
 
-__all__ = ["OnSession", "SessionConfig", "SessionLogger", "SmtpSession", "State", "TlsInfo"]
+__all__ = [
+    "OnSession",
+    "SessionConfig",
+    "SessionKey",
+    "SessionLogger",
+    "SmtpSession",
+    "State",
+    "TlsInfo",
+]
 
 log = logging.getLogger("alephsmtp.session")
 # The command/reply trace (DEBUG): every line each way, AUTH payloads redacted. Its own logger,
@@ -111,6 +119,7 @@ trace_log = logging.getLogger("alephsmtp.trace")
 
 OnSession = Callable[["SmtpSession"], Awaitable[None] | None]
 ArgsT = TypeVar("ArgsT", bound=EventArgs)
+T = TypeVar("T")
 # What a command's "act" half takes: its context (the command, the envelope) and the reply
 # (None: the default one).
 Done = Callable[[Any, Any], None]
@@ -189,6 +198,31 @@ class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         where = _where(session.peer)
         kwargs.setdefault("extra", {}).update(smtp_session=session.id, smtp_peer=where)
         return f"session {session.id} [{where}] {msg}", kwargs
+
+
+@final
+class SessionKey(Generic[T]):
+    """A typed key for state of your own on a session (the way aiohttp's ``AppKey`` is)::
+
+        QUOTA = SessionKey("quota", int)
+
+        def on_session(session):
+            session[QUOTA] = 10          # a type checker checks the value...
+            left = session[QUOTA] - 1    # ...and knows this is an int
+
+    Keys are compared by identity: two modules may both name a key "quota" without meeting.
+    ``session.get(key, default)``, ``key in session`` and ``del session[key]`` work too.
+    """
+
+    __slots__ = ("name", "type")
+
+    def __init__(self, name: str, t: type[T] | None = None) -> None:
+        self.name = name
+        self.type = t  # for the reader and the repr; not enforced
+
+    def __repr__(self) -> str:
+        kind = getattr(self.type, "__qualname__", None) or repr(self.type)
+        return f"<SessionKey {self.name!r}: {kind}>"
 
 
 class _Pools:
@@ -332,6 +366,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_sasl_refusal",
         "_sasl_waiter",
         "_started",
+        "_state",
         "_tasks",
         "_timer",
         "_trace",
@@ -455,6 +490,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         # the trace of every line, the INFO line per message.
         self._trace: SessionLogger | None = None
         self._log_outcomes = False
+        self._state: dict[SessionKey[Any], Any] | None = None  # session[key], made on first use
 
     def __repr__(self) -> str:
         return f"<SmtpSession #{self.id} {self.peer!r} {self.state.name.lower()}>"
@@ -471,6 +507,31 @@ class SmtpSession(asyncio.BufferedProtocol):
         return event.handlers if event is not None else ()
 
     # --- the public surface ------------------------------------------------------------------
+
+    def __getitem__(self, key: SessionKey[T]) -> T:
+        """Your state under ``key`` (a :class:`SessionKey`); ``KeyError`` when none was set."""
+        if self._state is None:
+            raise KeyError(key)
+        return cast(T, self._state[key])
+
+    def __setitem__(self, key: SessionKey[T], value: T) -> None:
+        if self._state is None:
+            self._state = {}
+        self._state[key] = value
+
+    def __delitem__(self, key: SessionKey[Any]) -> None:
+        if self._state is None:
+            raise KeyError(key)
+        del self._state[key]
+
+    def __contains__(self, key: object) -> bool:
+        return self._state is not None and key in self._state
+
+    def get(self, key: SessionKey[T], default: T | None = None) -> T | None:
+        """Your state under ``key``, or ``default``."""
+        if self._state is None:
+            return default
+        return cast("T | None", self._state.get(key, default))
 
     @property
     def transport(self) -> asyncio.Transport | None:
