@@ -7,6 +7,7 @@ import errno
 import smtplib
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 from typing import Any
@@ -488,3 +489,19 @@ def test_plugin_by_entry_point(pytester: pytest.Pytester) -> None:
     for args in ([], ["-p", "alephsmtp.testing"]):
         result = pytester.runpytest("-p", "no:asyncio", *args)
         result.assert_outcomes(passed=5)
+
+
+def test_tls_without_trustme_says_what_to_install() -> None:
+    """``tls=True`` needs trustme (the ``testing`` extra): its absence is said as such."""
+    code = (
+        "import sys; sys.modules['trustme'] = None\n"
+        "from alephsmtp.testing import SmtpTestServer\n"
+        "try:\n"
+        "    SmtpTestServer(tls=True)\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'alephsmtp[testing]'" in done.stdout, done.stdout + done.stderr

@@ -120,7 +120,7 @@ class SmtpTestServer:
     client was told it was accepted (2xx).
 
     TLS and AUTH: ``tls=True`` makes a certificate for ``localhost``, ``127.0.0.1`` and ``::1``
-    signed by a test CA (with ``trustme``, a test dependency) and offers STARTTLS;
+    signed by a test CA (with ``trustme``, in the ``testing`` extra) and offers STARTTLS;
     :attr:`client_context` trusts it. Or give your own ``tls_context``. ``credentials``
     (``{"user": "password"}``) accepts those users on AUTH, after your own ``auth`` handlers
     had their say; without TLS it also sets ``auth_over_plaintext=True`` unless you gave it,
@@ -388,8 +388,13 @@ def _accepts(result: Any) -> bool:
 def _test_ca() -> trustme.CA:
     # One CA per process: making keys is the slow part of TLS set-up, and tests may start
     # many TLS servers. trustme is imported here, as only tls=True needs it.
-    import trustme
-
+    try:
+        import trustme
+    except ImportError as error:
+        raise ImportError(
+            "SmtpTestServer(tls=True) makes its certificates with trustme: "
+            "pip install 'alephsmtp[testing]'"
+        ) from error
     return trustme.CA()
 
 
