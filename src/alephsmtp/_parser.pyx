@@ -724,10 +724,6 @@ cdef class LineReader:
         """The longest line accepted, terminator included; 0 means no limit."""
         return self._limit
 
-    @max_line_length.setter
-    def max_line_length(self, value):
-        self._limit = _check_size(value, "max_line_length")
-
     @property
     def bare_newline(self):
         """The bare-newline policy: ``"reject"`` or ``"normalize"``."""

@@ -29,7 +29,9 @@ BufferPool(buffer_size=16384, max_free=64)
 LineReader(max_line_length=512, bare_newline="reject")
   Incremental CRLF line scanner for the command phase (RFC 5321 2.3.8, 4.1.1).
   ``max_line_length`` counts the line *including* its terminator (RFC 5321 4.5.3.1.4: 512);
-  it is a writable attribute (the session raises it for extensions). 0 means no limit.
+  0 means no limit. It is read-only: a limit that changed would apply to lines already
+  scanned, and so depend on how the client's bytes were split (the session holds command
+  lines to their own limit, and gives the reader the longest any state may take).
   ``feed(data) -> list[bytes | SmtpError]``: scans what is held plus ``data``; returns the
   complete lines in order, each without its terminator (CRLF, or in normalize mode a bare LF).
   The terminator is the first LF; a line whose LF is not preceded by CR is a bare-LF line.
@@ -101,9 +103,8 @@ CLARIFICATIONS (decided while implementing; both implementations follow them, te
     ``release`` of anything but a ``bytearray`` raises ``TypeError``; a release while
     ``in_use`` is 0 (more releases than acquires) raises ``ValueError`` rather than break the
     invariant. New buffers are zero-filled; reused ones come back as they were left.
-  * LineReader: setting ``max_line_length`` takes effect at the next scan; a line already being
-    discarded is still reported as ``LineTooLong()``. ``take_pending()`` during a discard drops
-    the discarded line silently (it never ended, so it is never reported).
+  * LineReader: ``take_pending()`` during a discard drops the discarded line silently (it
+    never ended, so it is never reported).
   * DataReader, lines: every LF ends a line, in both modes (so a line after a bare LF is a new
     line for dot-unstuffing, but never end-mark eligible); a CR never ends a line.
   * DataReader, ``size`` after a reject-mode bare LF counts it as the 1 byte it is (it is not
@@ -294,10 +295,6 @@ class LineReader:
     def max_line_length(self) -> int:
         """The longest line accepted, terminator included; 0 means no limit."""
         return self._limit
-
-    @max_line_length.setter
-    def max_line_length(self, value: int) -> None:
-        self._limit = _check_size(value, "max_line_length")
 
     @property
     def bare_newline(self) -> str:

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO, cast
 
+from . import replies as R
 from .envelope import SmtpEnvelope
 from .events import MessageReceivedEventArgs
 from .replies import Reply, coerce_reply
@@ -64,9 +65,6 @@ def _logger_of(session: Any) -> _Logger:
 
 # Local trouble is temporary (RFC 5321 4.2.1: 4yz, the client keeps the message and retries);
 # a 554 from a raising handler would make the client bounce a message we simply failed to store.
-_R_MAILBOX_BUSY = Reply(451, "4.2.0", "Mailbox busy, try again later")
-_R_STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
-_R_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 
 
 def envelope_headers(envelope: SmtpEnvelope) -> bytes:
@@ -123,7 +121,7 @@ class Store:
             self.store(e)
         except StoreBusy:
             logger.warning("%s is busy", self.path)
-            return _R_MAILBOX_BUSY
+            return R.MAILBOX_BUSY
         except OSError as error:
             return _storage_failure(self.path, error, logger)
         logger.info("stored in %s", self.path)
@@ -183,8 +181,8 @@ def _storage_failure(what: str, error: OSError, logger: _Logger = log) -> Reply:
     """The reply for a message that could not be stored: a full disk is said as such."""
     logger.error("cannot store message in %s: %s", what, error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return _R_STORAGE_FULL
-    return _R_LOCAL_ERROR
+        return R.STORAGE_FULL
+    return R.LOCAL_ERROR
 
 
 class MboxStore(Store):
@@ -357,15 +355,6 @@ class EmlDirectory(Store):
 
 # --- relaying ----------------------------------------------------------------------------
 
-_R_UPSTREAM_UNREACHABLE = Reply(451, "4.4.1", "Upstream server unreachable, try again later")
-_R_UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to upstream server lost, try again later")
-_R_UPSTREAM_SECURITY = Reply(451, "4.7.0", "Upstream server refused TLS or authentication")
-_R_UPSTREAM_CERTIFICATE = Reply(
-    451, "4.7.0", "Upstream server's TLS certificate could not be verified, try again later"
-)
-_R_UPSTREAM_NO_UTF8 = Reply(553, "5.6.7", "Upstream server does not support SMTPUTF8")
-_R_BINARYMIME = Reply(554, "5.6.3", "Conversion required: cannot relay a BINARYMIME message")
-_R_STREAMED = Reply(451, "4.3.0", "Local error in processing")
 _ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3}) ")
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 
@@ -383,7 +372,7 @@ class _Upstream:
 def _upstream_reply(code: int, text: str, prefix: str) -> Reply:
     """The upstream's refusal, as our reply: its code and enhanced code, its text."""
     if not 400 <= code <= 599:
-        return _R_UPSTREAM_LOST  # not a refusal any client could act on
+        return R.UPSTREAM_LOST  # not a refusal any client could act on
     enhanced: str | None = None
     match = _ENHANCED.match(text + " ")
     if match is not None and match.group(1)[0] == str(code)[0]:
@@ -470,10 +459,10 @@ class Relay:
         logger = _logger_of(session)
         if e.streamed:
             logger.error("Relay needs the whole message; it cannot relay streamed messages")
-            return _R_STREAMED
+            return R.RELAY_STREAMED
         if envelope.body_type == "BINARYMIME":
             # RFC 3030 3: DATA cannot carry it, and we do not convert (5.6.3).
-            return _R_BINARYMIME
+            return R.RELAY_BINARYMIME
         message = e.message
         # BDAT bodies follow no line rules; DATA needs CRLF lines, so a bare CR or LF is sent
         # as CRLF rather than as a bare line end some upstream could read as an end of data.
@@ -518,9 +507,9 @@ class Relay:
         or the exception's name when it has none), ``451 4.7.0`` for the client."""
         reason = str(error) or type(error).__name__
         if isinstance(error, ssl.SSLCertVerificationError):
-            what, reply = "TLS certificate not trusted", _R_UPSTREAM_CERTIFICATE
+            what, reply = "TLS certificate not trusted", R.UPSTREAM_CERTIFICATE
         else:
-            what, reply = "TLS handshake failed", _R_UPSTREAM_SECURITY
+            what, reply = "TLS handshake failed", R.UPSTREAM_SECURITY
         logger.warning("upstream %s:%s: %s: %s", self.host, self.port, what, reason)
         return reply
 
@@ -547,16 +536,16 @@ class Relay:
                 await client.connect()
             except aiosmtplib.SMTPConnectResponseError as error:
                 logger.warning("upstream %s:%s greeted with %s", self.host, self.port, error)
-                return _Upstream(_R_UPSTREAM_UNREACHABLE)
+                return _Upstream(R.UPSTREAM_UNREACHABLE)
             except ssl.SSLError as error:
                 # Before OSError, its base class: the server was reached; TLS failed.
                 return _Upstream(self._tls_failure(error, logger))
             except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as error:
                 logger.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
-                return _Upstream(_R_UPSTREAM_UNREACHABLE)
+                return _Upstream(R.UPSTREAM_UNREACHABLE)
             except aiosmtplib.SMTPException as error:  # EHLO or STARTTLS refused
                 logger.warning("upstream %s:%s: %s", self.host, self.port, error)
-                return _Upstream(_R_UPSTREAM_SECURITY)
+                return _Upstream(R.UPSTREAM_SECURITY)
             if self.username is not None and self.password is not None:
                 try:
                     await client.login(self.username, self.password)
@@ -564,10 +553,10 @@ class Relay:
                     logger.warning(
                         "upstream %s:%s refused AUTH: %s", self.host, self.port, error.code
                     )
-                    return _Upstream(_R_UPSTREAM_SECURITY)
+                    return _Upstream(R.UPSTREAM_SECURITY)
                 except aiosmtplib.SMTPException as error:  # no AUTH offered
                     logger.warning("upstream %s:%s: %s", self.host, self.port, error)
-                    return _Upstream(_R_UPSTREAM_SECURITY)
+                    return _Upstream(R.UPSTREAM_SECURITY)
             try:
                 refused, _ = await client.sendmail(
                     sender, recipients, message, mail_options=options
@@ -582,14 +571,14 @@ class Relay:
                     }
                 )
             except aiosmtplib.SMTPNotSupported:
-                return _Upstream(_R_UPSTREAM_NO_UTF8)
+                return _Upstream(R.UPSTREAM_NO_UTF8)
             except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError) as error:
                 return _Upstream(_upstream_reply(error.code, error.message, ""))
             except aiosmtplib.SMTPResponseException as error:
                 return _Upstream(_upstream_reply(error.code, error.message, ""))
             except (aiosmtplib.SMTPException, OSError) as error:
                 logger.warning("upstream %s:%s: %s", self.host, self.port, error)
-                return _Upstream(_R_UPSTREAM_LOST)
+                return _Upstream(R.UPSTREAM_LOST)
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await client.quit()
             return _Upstream(
@@ -615,10 +604,10 @@ class Relay:
             )
         except smtplib.SMTPConnectError as error:
             logger.warning("upstream %s:%s greeted with %s", self.host, self.port, error.smtp_code)
-            return _Upstream(_R_UPSTREAM_UNREACHABLE)
+            return _Upstream(R.UPSTREAM_UNREACHABLE)
         except (smtplib.SMTPException, OSError) as error:
             logger.warning("cannot connect to upstream %s:%s: %s", self.host, self.port, error)
-            return _Upstream(_R_UPSTREAM_UNREACHABLE)
+            return _Upstream(R.UPSTREAM_UNREACHABLE)
         try:
             try:
                 if self.starttls:
@@ -630,10 +619,10 @@ class Relay:
                 return _Upstream(self._tls_failure(error, logger))
             except smtplib.SMTPException as error:
                 logger.warning("upstream %s:%s: %s", self.host, self.port, error)
-                return _Upstream(_R_UPSTREAM_SECURITY)
+                return _Upstream(R.UPSTREAM_SECURITY)
             except OSError as error:
                 logger.warning("upstream %s:%s: %s", self.host, self.port, error)
-                return _Upstream(_R_UPSTREAM_LOST)
+                return _Upstream(R.UPSTREAM_LOST)
             try:
                 refused = client.sendmail(sender, recipients, message, mail_options=options)
             except smtplib.SMTPRecipientsRefused as error:
@@ -644,12 +633,12 @@ class Relay:
                     }
                 )
             except smtplib.SMTPNotSupportedError:
-                return _Upstream(_R_UPSTREAM_NO_UTF8)
+                return _Upstream(R.UPSTREAM_NO_UTF8)
             except smtplib.SMTPResponseException as error:  # MAIL or DATA refused
                 return _Upstream(_upstream_reply(error.smtp_code, _text(error.smtp_error), ""))
             except (smtplib.SMTPException, OSError) as error:
                 logger.warning("upstream %s:%s: %s", self.host, self.port, error)
-                return _Upstream(_R_UPSTREAM_LOST)
+                return _Upstream(R.UPSTREAM_LOST)
             # The message is delivered: what QUIT gets back changes nothing (RFC 5321 4.1.1.10).
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 client.quit()
@@ -768,7 +757,7 @@ class Deliver:
         except StoreBusy:
             self._take_back(receipts)
             logger.warning("%s is busy", store.path)
-            return _R_MAILBOX_BUSY
+            return R.MAILBOX_BUSY
         except OSError as error:
             self._take_back(receipts)
             return _storage_failure(store.path, error, logger)

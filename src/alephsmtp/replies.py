@@ -25,6 +25,7 @@ __all__ = [
     "WireReplies",
     "bad_parameter",
     "challenge",
+    "chunk_received",
     "coerce_reply",
     "default_enhanced_code",
 ]
@@ -308,6 +309,45 @@ AUTH_TWICE = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_LINE = Reply(500, "5.5.6", "Authentication exchange line is too long")
+
+
+# The ready-made handlers (alephsmtp.handlers): storing and relaying. Local trouble is
+# temporary (RFC 5321 4.2.1): the client keeps the message and retries.
+MAILBOX_BUSY = Reply(451, "4.2.0", "Mailbox busy, try again later")
+STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
+UPSTREAM_UNREACHABLE = Reply(451, "4.4.1", "Upstream server unreachable, try again later")
+UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to upstream server lost, try again later")
+UPSTREAM_SECURITY = Reply(451, "4.7.0", "Upstream server refused TLS or authentication")
+UPSTREAM_CERTIFICATE = Reply(
+    451, "4.7.0", "Upstream server's TLS certificate could not be verified, try again later"
+)
+UPSTREAM_NO_UTF8 = Reply(553, "5.6.7", "Upstream server does not support SMTPUTF8")
+RELAY_BINARYMIME = Reply(554, "5.6.3", "Conversion required: cannot relay a BINARYMIME message")
+RELAY_STREAMED = Reply(451, "4.3.0", "Local error in processing")
+
+# Milters (alephsmtp.milter): Postfix's words for a milter's verdicts and for a milter that
+# cannot be reached.
+MILTER_REJECT = Reply(550, "5.7.1", "Command rejected")
+MILTER_TEMPFAIL = Reply(451, "4.7.1", "Service unavailable - try again later")
+MILTER_SHUTDOWN = Reply(421, "4.7.0", "Server closing connection")
+MILTER_DISCARDED = Reply(250, "2.0.0", "OK: queued")
+# A milter that failed, by milter_default_action (Postfix's milter8.c words).
+MILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later")
+MILTER_UNAVAILABLE_REJECT = Reply(550, "5.5.0", "Service unavailable")
+MILTER_STREAMED_BODY = Reply(451, "4.3.5", "Server configuration problem - try again later")
+
+# Sender authentication (alephsmtp.mailauth): a DNS failure is never a bounce.
+MAILAUTH_TEMPFAIL = Reply(451, "4.7.5", "Sender authentication temporarily failed, try again later")
+MAILAUTH_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
+
+# DKIM signing (alephsmtp.mailauth.DkimSigner).
+SIGN_FAILED = Reply(451, "4.3.0", "Local error in processing")
+
+
+def chunk_received(size: int) -> Reply:
+    """The reply to a BDAT chunk that is not the last (RFC 3030 4.2)."""
+    return Reply(250, "2.0.0", f"{size} octets received")
 
 
 def bad_parameter(keyword: str) -> Reply:

@@ -1427,7 +1427,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         else:
             self.state = advance(self.state, "BDAT")
             if reply is None:
-                reply = Reply(250, "2.0.0", f"{command.size} octets received")
+                reply = R.chunk_received(command.size)
             self._write(reply)
 
     # The end of a message, DATA or BDAT LAST

@@ -275,7 +275,7 @@ class Checker:
         limit = rng.choice([0, rng.randrange(1, 40), 512, 1563])
         policy = rng.choice(["reject", "normalize"])
         views = self.views()
-        script = [rng.randrange(12) for _ in views]  # 0: feed(b""), 1: take_pending, 2: limit
+        script = [rng.randrange(12) for _ in views]  # 0: feed(b""), 1: take_pending
 
         def transcript(module: ModuleType) -> list[Any]:
             reader = module.LineReader(limit, policy)
@@ -286,8 +286,6 @@ class Checker:
                     log.append([norm(x) for x in reader.feed(b"")])
                 elif op == 1:
                     log.append(reader.take_pending())
-                elif op == 2:
-                    reader.max_line_length = (limit + 7) % 600
                 log.append(reader.pending)
             return log
 

@@ -24,6 +24,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+from alephsmtp import replies as R
 from alephsmtp.events import (
     CommandEventArgs,
     MessageChunkEventArgs,
@@ -48,8 +49,6 @@ METHODS = ("spf", "dkim", "arc", "dmarc")
 # RFC 7372 / 3463: X.7.1 delivery not authorized (DMARC p=reject, RFC 7489 10.3 and 15.4's
 # example); a lookup that failed is temporary (4.7.5 as the project asks), never a bounce.
 _R_DMARC_REJECT = "Message rejected per DMARC policy of {domain}"
-_R_TEMPFAIL = Reply(451, "4.7.5", "Sender authentication temporarily failed, try again later")
-_R_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 
 
 class MailAuth:
@@ -190,7 +189,7 @@ class MailAuth:
         if dmarc.result == "fail" and dmarc.disposition == "reject":
             return Reply(550, "5.7.1", _R_DMARC_REJECT.format(domain=dmarc.domain))
         if dmarc.result == "temperror":
-            return _R_TEMPFAIL
+            return R.MAILAUTH_TEMPFAIL
         return None
 
     def annotate(self, message: bytes, results: AuthResults) -> bytes:
@@ -309,7 +308,7 @@ class _SessionAuth:
             await auth.evaluate(verifier, results)
         except Exception:
             session.log.exception("mail authentication failed")
-            return _R_LOCAL_ERROR if auth.policy == "enforce" else None
+            return R.MAILAUTH_LOCAL_ERROR if auth.policy == "enforce" else None
         e.envelope.auth_results = results
         if auth.header and not e.streamed:
             e.message = auth.annotate(e.message, results)

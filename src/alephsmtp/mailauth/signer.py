@@ -22,6 +22,7 @@ from typing import Any
 
 import dkim
 
+from alephsmtp import replies as R
 from alephsmtp.events import MessageReceivedEventArgs
 from alephsmtp.replies import Reply
 
@@ -59,8 +60,6 @@ DEFAULT_SIGNED_HEADERS = (
     "Content-Type",
     "Content-Transfer-Encoding",
 )
-
-_R_SIGN_FAILED = Reply(451, "4.3.0", "Local error in processing")
 
 
 class DkimSigner:
@@ -158,7 +157,7 @@ class DkimSigner:
     def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Reply | None:
         if e.streamed:
             log.error("DkimSigner needs the whole message; streamed messages are not signed")
-            return _R_SIGN_FAILED
+            return R.SIGN_FAILED
         authserv_id = self.authserv_id or getattr(
             getattr(session, "config", None), "hostname", None
         )
@@ -166,7 +165,7 @@ class DkimSigner:
             fields = self.sign(e.message, authserv_id=authserv_id)
         except dkim.DKIMException:
             log.exception("DKIM signing failed")
-            return _R_SIGN_FAILED
+            return R.SIGN_FAILED
         if fields:
             e.message = fields + e.message
         return None

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from alephsmtp import __version__
+from alephsmtp import replies as R
 from alephsmtp.addresses import Address, decode_xtext, parse_parameters, parse_path
 from alephsmtp.errors import CommandSyntaxError
 from alephsmtp.events import MessageDiscardedEventArgs
@@ -105,15 +106,7 @@ DefaultAction = Literal["tempfail", "accept", "reject"]
 _DEFAULT_ACTIONS = ("tempfail", "accept", "reject")
 
 # Replies, as Postfix gives them (milter8.c, smtpd.c).
-_R_REJECT = Reply(550, "5.7.1", "Command rejected")
-_R_TEMPFAIL = Reply(451, "4.7.1", "Service unavailable - try again later")
-_R_SHUTDOWN = Reply(421, "4.7.0", "Server closing connection")
-_R_FAILED = {
-    "tempfail": Reply(451, "4.7.1", "Service unavailable - try again later"),
-    "reject": Reply(550, "5.5.0", "Service unavailable"),
-}
-_R_DISCARDED = Reply(250, "2.0.0", "OK: queued")
-_R_STREAMED_BODY = Reply(451, "4.3.5", "Server configuration problem - try again later")
+_R_FAILED = {"tempfail": R.MILTER_UNAVAILABLE, "reject": R.MILTER_UNAVAILABLE_REJECT}
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -745,7 +738,7 @@ class MilterSession:
                 if isinstance(response, ReplyCode):
                     reply = _milter_reply(response.text)
                 else:
-                    reply = _R_REJECT if kind is Reject else _R_TEMPFAIL
+                    reply = R.MILTER_REJECT if kind is Reject else R.MILTER_TEMPFAIL
                 action = "reject" if reply.code // 100 == 5 else "tempfail"
                 self._record(link, stage, action, reply)
                 if stage.connection:
@@ -764,10 +757,10 @@ class MilterSession:
                 return _SKIP, None
             if kind is Shutdown:
                 link.state = _REJECT_CON
-                link.reply = _R_SHUTDOWN
-                self._record(link, stage, _SHUTDOWN, _R_SHUTDOWN)
+                link.reply = R.MILTER_SHUTDOWN
+                self._record(link, stage, _SHUTDOWN, R.MILTER_SHUTDOWN)
                 link.close()
-                return _SHUTDOWN, _R_SHUTDOWN
+                return _SHUTDOWN, R.MILTER_SHUTDOWN
             if edits is not None and isinstance(response, Modification):
                 if not response.action & options.actions:
                     raise MilterProtocolError(
@@ -1193,7 +1186,7 @@ class MilterSession:
             self._end_transaction()
             self._report(transaction, e, discarded=True)
             self._discard_streamed(e)
-            return _R_DISCARDED
+            return R.MILTER_DISCARDED
         return self._message(transaction, e)
 
     async def _message(self, transaction: _Transaction, e: Any) -> Reply | None:
@@ -1202,7 +1195,7 @@ class MilterSession:
             if reply is None and self._closed:
                 # The client left while the milters worked: it never heard the message was
                 # taken, so it will send it again; this copy must not be delivered too.
-                return _R_TEMPFAIL
+                return R.MILTER_TEMPFAIL
             return reply
         finally:
             # Postfix aborts every milter after a message (mail_reset); here only those that
@@ -1215,7 +1208,7 @@ class MilterSession:
             # The session streamed a message the milters never saw (a message_chunk handler
             # added after MAIL): it cannot be filtered.
             log.error("a message was streamed past the milters; refused")
-            return _R_STREAMED_BODY
+            return R.MILTER_STREAMED_BODY
         message: bytes = e.message
         for link in self._links:
             if link.state in (_ERROR, _REJECT_CON):
@@ -1237,7 +1230,7 @@ class MilterSession:
                 transaction.discard = True
                 self._report(transaction, e, discarded=True)
                 self._discard_streamed(e)
-                return _R_DISCARDED
+                return R.MILTER_DISCARDED
             if not edits:
                 continue
             if streamed and any(isinstance(edit, ReplaceBody) for edit in edits):
