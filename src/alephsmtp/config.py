@@ -37,76 +37,129 @@ _AUTH_EXTRA = 500
 
 @dataclass(slots=True)
 class SessionConfig:
-    """What every session of one server shares. Keyword arguments of ``SmtpServer``."""
+    """What every session of one server shares: names, limits, timeouts, policies, and which
+    extensions are served. Its fields are the keyword arguments of ``SmtpServer`` (typed as
+    :class:`SessionOptions`); a size or count limit of ``0`` means no limit unless its
+    description says otherwise."""
 
     hostname: str = field(default_factory=socket.getfqdn)
-    greeting: str | None = None  # default: "220 <hostname> ESMTP alephsmtp"
-    max_message_size: int = 32 << 20  # RFC 1870 SIZE; 552 5.3.4 past it
-    max_command_line_length: int = COMMAND_LINE_BASE  # before extension additions
-    max_text_line_length: int = 0  # RFC 5321 4.5.3.1.6 says 1000; 0 accepts any (Postfix)
-    max_recipients: int = 1000  # RFC 5321 4.5.3.1.8 asks for at least 100; 452 4.5.3 past it
-    max_connections: int = 10000  # per server (per worker); 421 4.7.0 at connect past it
-    max_connections_per_ip: int = 50  # like Postfix's smtpd_client_connection_count_limit
-    connection_limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # networks
-    # "normalize": a bare CR or LF is taken as CRLF (Postfix smtpd_forbid_bare_newline = no)
+    """The server's name, in the greeting and the EHLO reply (default: this host's FQDN)."""
+    greeting: str | None = None
+    """The greeting when ``on_session`` does not give one (default
+    ``"220 <hostname> ESMTP alephsmtp"``)."""
+    max_message_size: int = 32 << 20
+    """Bytes per message, advertised as ``SIZE`` (RFC 1870): ``552 5.3.4`` at MAIL for a
+    larger ``SIZE=``, and after the end of data for a message that grew past it."""
+    max_command_line_length: int = COMMAND_LINE_BASE
+    """A command line's octets, CRLF included, before what the offered extensions add (RFC
+    5321 4.5.3.1.4: 512); ``500 5.5.2`` past it. Not 0."""
+    max_text_line_length: int = 0
+    """Octets per line of a message (RFC 5321 4.5.3.1.6 says 1000); 0 accepts any, as
+    Postfix does."""
+    max_recipients: int = 1000
+    """Recipients per transaction (RFC 5321 4.5.3.1.8 asks for at least 100); ``452 4.5.3``
+    past it."""
+    max_connections: int = 10000
+    """Open connections per server (per worker); ``421 4.7.0`` at connect past it. The
+    descriptor limit (``RLIMIT_NOFILE``) caps it too."""
+    max_connections_per_ip: int = 50
+    """Open connections per client address (Postfix's smtpd_client_connection_count_limit);
+    ``421 4.7.0`` at connect past it."""
+    connection_limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    """Networks ``max_connections_per_ip`` does not apply to."""
     bare_newline: Literal["reject", "normalize"] = "reject"
-    idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
-    data_timeout: float = 180.0  # between reads of a message (RFC 5321 4.5.3.2.5: 3 minutes)
-    min_data_rate: int = 500  # bytes/s over a message, after data_rate_grace (Postfix: 500)
-    data_rate_grace: float = 30.0  # seconds before the data rate is judged
-    # Replies the client does not take: writing stuck (the send buffer full) this long, or a
-    # close still waiting to deliver its last reply, aborts the connection (Postfix's
-    # smtpd_timeout covers writes too).
+    """A bare CR or LF: ``"reject"`` (``500 5.5.2`` in a command, ``554 5.5.2`` for a
+    message: SMTP smuggling) or ``"normalize"`` (taken as CRLF)."""
+    idle_timeout: float = 300.0
+    """Seconds to wait for a command (RFC 5321 4.5.3.2.7: 5 minutes); ``421 4.4.2`` past it."""
+    data_timeout: float = 180.0
+    """Seconds between reads of a message (RFC 5321 4.5.3.2.5: 3 minutes)."""
+    min_data_rate: int = 500
+    """Bytes per second a message must average once ``data_rate_grace`` is over (Postfix:
+    500); ``421 4.4.2`` below it. 0: not checked."""
+    data_rate_grace: float = 30.0
+    """Seconds of a message before its data rate is judged."""
     write_timeout: float = 60.0
-    handler_timeout: float = 60.0  # an async handler's answer to a command; 451 4.3.0 past it
-    message_handler_timeout: float = 300.0  # message_received (RFC 5321 4.5.3.2.6: < 10 min)
-    max_bad_commands: int = 20  # syntax/sequence errors before 421 4.7.0 (Postfix: 20)
-    # NOOP, RSET, VRFY, EXPN, HELP: past this many (until a message is accepted), each counts
-    # as an error too (Postfix's smtpd_junk_command_limit); 0: no limit.
+    """Seconds a client may leave its replies untaken (our send buffer full), or a closing
+    connection its last reply, before the connection is aborted (Postfix's smtpd_timeout
+    covers writes too)."""
+    handler_timeout: float = 60.0
+    """Seconds an asynchronous handler may take to answer a command; ``451 4.3.0`` past it."""
+    message_handler_timeout: float = 300.0
+    """Seconds ``message_received`` handlers may take (RFC 5321 4.5.3.2.6: the client waits
+    10 minutes); ``451 4.3.0`` past it."""
+    max_bad_commands: int = 20
+    """Syntax, sequence and unknown-command errors per session (Postfix: 20), then
+    ``421 4.7.0`` and close."""
     max_junk_commands: int = 100
-    max_auth_failures: int = 5  # failed AUTH exchanges per session, then 421 4.7.0; 0: none
-    auth_failure_delay: float = 1.0  # each failed AUTH after the first answers this late
-    max_transactions: int = 0  # per session, 0: no limit; 421 4.7.0 past it
-    max_commands: int = 0  # per session, 0: no limit; 421 4.7.0 past it
-    # Postfix 3.9's smtpd_forbid_unauth_pipelining: a client that is not authenticated and
-    # sends more after a command that must end a pipeline group (RFC 2920 3.1: EHLO, HELO,
-    # DATA, VRFY, EXPN, NOOP; and STARTTLS) gets 554 5.5.0 and is closed. Most spam software
-    # does this; real clients wait for those replies.
+    """NOOP, RSET, VRFY, EXPN and HELP per session until a message is accepted (Postfix's
+    smtpd_junk_command_limit); past it each counts as an error too."""
+    max_auth_failures: int = 5
+    """Failed AUTH exchanges per session, then ``421 4.7.0`` and close."""
+    auth_failure_delay: float = 1.0
+    """Seconds each failed AUTH after the first waits before its reply (password guessing)."""
+    max_transactions: int = 0
+    """Mail transactions per session; ``421 4.7.0`` past it."""
+    max_commands: int = 0
+    """Commands per session; ``421 4.7.0`` past it."""
     forbid_unauth_pipelining: bool = False
-    enhanced_status_codes: bool = True  # RFC 2034
-    eightbitmime: bool = True  # RFC 6152
-    smtputf8: bool = True  # RFC 6531
-    pipelining: bool = True  # RFC 2920
-    chunking: bool = True  # RFC 3030 CHUNKING (BDAT)
-    binarymime: bool = True  # RFC 3030 BINARYMIME (needs CHUNKING)
-    dsn: bool = True  # RFC 3461
-    lmtp: bool = False  # RFC 2033: LHLO, one reply per recipient after the message
-    # STARTTLS (RFC 3207) is offered when a server-side context is given.
+    """Postfix 3.9's smtpd_forbid_unauth_pipelining: a client that is not authenticated and
+    sends more after a command that must end a pipeline group (RFC 2920 3.1: EHLO, HELO, DATA,
+    VRFY, EXPN, NOOP; and STARTTLS) gets ``554 5.5.0`` and is closed. Most spam software does
+    this; real clients wait for those replies."""
+    enhanced_status_codes: bool = True
+    """RFC 2034 ``ENHANCEDSTATUSCODES``: an RFC 3463 code on every reply."""
+    eightbitmime: bool = True
+    """RFC 6152 ``8BITMIME``: ``BODY=7BIT`` / ``8BITMIME``."""
+    smtputf8: bool = True
+    """RFC 6531 ``SMTPUTF8``: UTF-8 addresses in a transaction begun with it."""
+    pipelining: bool = True
+    """RFC 2920 ``PIPELINING`` advertised (pipelined commands are answered in order anyway)."""
+    chunking: bool = True
+    """RFC 3030 ``CHUNKING``: BDAT."""
+    binarymime: bool = True
+    """RFC 3030 ``BINARYMIME`` (needs ``chunking``)."""
+    dsn: bool = True
+    """RFC 3461 ``DSN``: RET, ENVID, NOTIFY, ORCPT validated and kept on the envelope."""
+    lmtp: bool = False
+    """Speak LMTP (RFC 2033): LHLO, and one reply per recipient after the message."""
     tls_context: ssl.SSLContext | None = None
-    require_tls: bool = False  # MAIL and AUTH only after STARTTLS (530 5.7.0)
+    """A server-side context: STARTTLS (RFC 3207) is offered, or with
+    ``SmtpServer(implicit_tls=True)`` TLS starts at once (RFC 8314)."""
+    require_tls: bool = False
+    """MAIL and AUTH only after STARTTLS (``530 5.7.0``)."""
     tls_handshake_timeout: float = 30.0
-    # AUTH (RFC 4954) is offered when the session's ``auth`` event has a handler.
+    """Seconds a TLS handshake may take."""
     auth_mechanisms: tuple[str, ...] = MECHANISMS
-    auth_require: bool = False  # MAIL only after AUTH (530 5.7.0)
-    auth_over_plaintext: bool = False  # offer AUTH without TLS (RFC 4954 4: SHOULD NOT)
-    # A message past this many bytes goes to a temporary file as it arrives (in
-    # spool_directory, the system's temporary directory by default): RAM per connection stays
-    # bounded, however large the messages (Postfix writes its queue file the same way).
+    """The SASL mechanisms offered (RFC 4954), when an ``auth`` or ``auth_command`` handler
+    will judge them, and over TLS unless ``auth_over_plaintext``."""
+    auth_require: bool = False
+    """MAIL only after AUTH (``530 5.7.0``)."""
+    auth_over_plaintext: bool = False
+    """Offer AUTH without TLS (RFC 4954 4: SHOULD NOT; for tests)."""
     spool_threshold: int = 1 << 20
+    """Bytes of a message kept in memory; past them it goes to a temporary file as it arrives,
+    so RAM per connection stays bounded, however large the messages (Postfix writes its queue
+    file the same way). 0: always in memory."""
     spool_directory: str | None = None
-    # Time handlers (per event) and the wait from a message's end to its reply, for the
-    # metrics' latency histograms; off unless an exporter wants them (a clock read or two).
+    """Where spooled messages go (default: the system's temporary directory)."""
     measure_latency: bool = False
-    # ESMTP extensions of your own (alephsmtp.extensions.Extension): EHLO keywords and the
-    # MAIL/RCPT parameters they allow, typed by their converters.
+    """Time handlers (per event) and the wait from a message's end to its reply, for the
+    metrics' latency histograms (a clock read or two; off unless an exporter wants them)."""
     esmtp_extensions: tuple[Extension, ...] = ()
-    # Networks whose clients may send XCLIENT (a proxy naming the client it speaks for: nginx
-    # mail, Dovecot) and XFORWARD (an MTA forwarding the original client's attributes):
-    # Postfix's smtpd_authorized_xclient_hosts / _xforward_hosts. Empty: nobody.
+    """ESMTP extensions of your own (:class:`~alephsmtp.extensions.Extension`): EHLO keywords
+    and the MAIL/RCPT parameters they allow, typed by their converters."""
     xclient_networks: tuple[str, ...] = ()
+    """Networks whose clients may send XCLIENT, naming the client they speak for (a proxy:
+    nginx mail, Dovecot; Postfix's smtpd_authorized_xclient_hosts). Empty: XCLIENT is not
+    served."""
     xforward_networks: tuple[str, ...] = ()
+    """Networks whose clients may send XFORWARD, the original client of what they relay
+    (Postfix's smtpd_authorized_xforward_hosts). Empty: XFORWARD is not served."""
     command_buffer_size: int = 16 << 10
+    """Bytes of each pooled read buffer for commands."""
     data_buffer_size: int = 256 << 10
+    """Bytes of each pooled read buffer while a message is read."""
 
     def __post_init__(self) -> None:
         if self.bare_newline not in ("reject", "normalize"):
