@@ -9,6 +9,7 @@ test_milter_peers.py; Postfix, as the reference, in test_milter_postfix.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -119,6 +120,7 @@ async def mta(
     *,
     stream: bool = False,
     wrap: bool = True,
+    setup: Callable[[Any], None] | None = None,
     **options: Any,
 ) -> AsyncIterator[Mta]:
     options.setdefault("hostname", "mx.test")
@@ -131,10 +133,12 @@ async def mta(
             session.message_chunk += lambda s, e: box.chunks.append(e.chunk)
         session.message_received += lambda s, e: box.received.append(e)
         session.message_discarded += lambda s, e: box.discarded.append(e)
+        if setup is not None:
+            setup(session)
 
     def attach_then(session: Any) -> None:
+        on_session(session)  # the user's handlers first: the milters still answer before them
         milters.attach(session)
-        on_session(session)
 
     await server.start(milters.wrap(on_session) if wrap else attach_then)
     box.port = server.port
@@ -218,6 +222,30 @@ async def test_every_event_reaches_the_milter_with_its_macros() -> None:
     assert [(v.milter, v.stage, v.action) for v in report.verdicts] == [
         (milter.endpoint, "end-of-message", "continue")
     ]
+
+
+async def test_auth_macros_name_the_user_and_the_mechanism() -> None:
+    """After AUTH, MAIL's macros say who and how, as Postfix sends them ({auth_type},
+    {auth_authen}, {auth_author}): rspamd and OpenDKIM treat such mail as outbound."""
+
+    def setup(session: Any) -> None:
+        session.auth += lambda s, e: e.username == "alice" and e.check_password("pw")
+
+    plain = base64.b64encode(b"\0alice\0pw").decode()
+    async with (
+        FakeMilter() as milter,
+        mta(Milters([milter.endpoint]), setup=setup, auth_over_plaintext=True) as box,
+    ):
+        client = await box.client()
+        assert (await client.cmd(f"AUTH PLAIN {plain}")).startswith("235")
+        assert (await client.cmd("MAIL FROM:<alice@example.org> AUTH=<>")).startswith("250")
+        await client.close()
+        await milter.wait_closed()
+    macros = milter.last.macros(p.SMFIC_MAIL)
+    assert macros["{auth_type}"] == "PLAIN"
+    assert macros["{auth_authen}"] == "alice"
+    assert macros["{auth_author}"] == "<>"
+    assert box.sessions[0].auth_mechanism == "PLAIN"
 
 
 async def test_mail_parameters_and_unknown_commands_reach_the_milter() -> None:

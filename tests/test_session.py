@@ -329,6 +329,19 @@ async def test_enhanced_codes_can_be_turned_off() -> None:
     assert h.replies() == ["250 OK", "503 Error: nested MAIL command"]
 
 
+async def test_prepend_puts_a_handler_before_the_others() -> None:
+    def on_session(s: Any) -> None:
+        s.noop += lambda sender, e: "250 2.0.0 mine"
+        assert s.noop.prepend(lambda sender, e: "250 2.0.0 the filter's") is s.noop.handlers[0]
+        with pytest.raises(TypeError):
+            s.noop.prepend("not callable")
+
+    h = Harness(on_session)
+    h.output()
+    h.send(b"NOOP\r\n")
+    assert h.replies() == ["250 2.0.0 the filter's"]
+
+
 async def test_event_operators() -> None:
     calls: list[str] = []
 
@@ -515,6 +528,29 @@ async def test_a_chunk_handler_fault_is_temporary_and_its_smtp_error_is_its_repl
         await settle()
         assert h.replies()[-1] == expected
         assert received == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "told"),
+    [("250 2.0.0 stored", []), ("550 5.7.1 no", ["550 5.7.1 no"]), (None, [])],
+)
+async def test_a_refused_streamed_message_is_discarded_once(
+    answer: str | None, told: list[str]
+) -> None:
+    """message_chunk handlers stored the message as it came; when a message_received handler
+    refuses it they hear message_discarded (once), so they drop what they stored."""
+    discarded: list[Any] = []
+
+    def on_session(s: Any) -> None:
+        s.message_chunk += lambda sender, e: None
+        s.message_received += lambda sender, e: answer
+        s.message_discarded += lambda sender, e: discarded.append(str(e.reply))
+
+    h = Harness(on_session)
+    h.send(TRANSACTION + b"a\r\n.\r\n")
+    await settle()
+    assert h.replies()[-1] == (answer or "250 2.0.0 OK: queued")
+    assert discarded == told
 
 
 async def test_an_auth_handler_fault_is_a_temporary_authentication_failure() -> None:

@@ -62,8 +62,9 @@ Handler = Callable[[Any, ArgsT], HandlerResult]
 class Event(Generic[ArgsT]):
     """A multicast event: an ordered list of handlers.
 
-    ``+=`` adds a handler, ``-=`` removes its last registration, and :meth:`connect` adds one as
-    a decorator. ``bool(event)`` is true when it has handlers.
+    ``+=`` adds a handler, ``-=`` removes its last registration, :meth:`connect` adds one as a
+    decorator, and :meth:`prepend` puts one before all the others. ``bool(event)`` is true when
+    it has handlers.
     """
 
     __slots__ = ("handlers", "name")
@@ -92,6 +93,14 @@ class Event(Generic[ArgsT]):
     def connect(self, handler: Handler[ArgsT]) -> Handler[ArgsT]:
         """Add ``handler``; returns it unchanged, so this works as a decorator."""
         self += handler
+        return handler
+
+    def prepend(self, handler: Handler[ArgsT]) -> Handler[ArgsT]:
+        """Add ``handler`` before every handler already connected: it answers first, whatever
+        order the others were added in (a filter such as the milters). Returns it unchanged."""
+        if not callable(handler):
+            raise TypeError(f"event handler must be callable, not {type(handler).__name__}")
+        self.handlers = (handler, *self.handlers)
         return handler
 
     def __bool__(self) -> bool:

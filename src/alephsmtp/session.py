@@ -291,8 +291,9 @@ class SmtpSession(asyncio.BufferedProtocol):
     Attributes: ``id``, ``peer`` (the client, or the one a PROXY header or XCLIENT named),
     ``proxy`` (the PROXY header), ``xclient_attributes`` (what XCLIENT said), ``config``,
     ``state``, ``helo_name``, ``esmtp``, ``tls`` (:class:`~alephsmtp.tls.TlsInfo` once TLS is
-    up), ``authenticated_as``, ``envelope`` (the open transaction's), ``log``; and any
-    attribute of your own (``session.user = ...``).
+    up), ``authenticated_as`` and ``auth_mechanism`` (after AUTH), ``envelope`` (the open
+    transaction's), ``log``; state of your own under a :class:`SessionKey`
+    (``session[key]``), or any attribute (``session.user = ...``).
     """
 
     # --- events (made on first use; see _EventAttribute) ------------------------------------
@@ -379,6 +380,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_write_paused",
         "_write_timer",
         "_xforward",
+        "auth_mechanism",
         "authenticated_as",
         "config",
         "esmtp",
@@ -429,6 +431,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.esmtp = False
         self.tls: TlsInfo | None = None  # set once TLS is up (STARTTLS or implicit)
         self.authenticated_as: str | None = None  # the AUTH identity, once accepted
+        self.auth_mechanism: str | None = None  # the SASL mechanism it was accepted with
         # input
         self._buffer: bytearray | None = None
         self._view: memoryview | None = None
@@ -1505,6 +1508,12 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self._write(each)
             if not accepted:
                 self._pools.metrics.message_refused(replies[0].code)
+                if args is not None and args.streamed and tx is not None:
+                    # A handler refused a message that message_chunk handlers stored as it
+                    # came: they are told to drop it, as for the session's own refusals.
+                    self._notify(
+                        "message_discarded", MessageDiscardedEventArgs(tx.envelope, replies[0])
+                    )
         if accepted:
             if size < 0:
                 size = args.size if args is not None else 0
@@ -1710,7 +1719,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.state = advance(self.state, P.TLS_STARTED)
         self.helo_name = None
         self.esmtp = False
-        self.authenticated_as = None
+        self.authenticated_as = self.auth_mechanism = None
         self._busy = False
         self._reading = False
         self._update_reading()
@@ -1872,7 +1881,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if reply.code // 100 == 2:
             self._end_sasl()
             self.authenticated_as = username
-            self.log.info("authenticated as %r", username)
+            self.auth_mechanism = credentials.mechanism
+            self.log.info("authenticated as %r (%s)", username, credentials.mechanism)
             metrics.auth[credentials.mechanism, "success"] += 1
             self._write(reply)
             return
@@ -1981,6 +1991,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.esmtp = False
         login = attributes.get("LOGIN")
         self.authenticated_as = login if login and login not in _UNAVAILABLE else None
+        self.auth_mechanism = None
         self.state = advance(self.state, "XCLIENT")
         self.log.info("XCLIENT from %s: the client is %s", _where(origin), _where(self.peer))
         self._write(self._greeting if self._greeting is not None else R.OK)

@@ -347,6 +347,12 @@ class SmtpTestServer:
         # Last, so the test's own auth handlers decide first.
         if self.credentials:
             session.auth += self._check_credentials
+        # The capturing handler goes before any that on_session put first (Event.prepend,
+        # as the milters do), so that it still sees every answer.
+        event = session.message_received
+        if event.handlers[0] != self._run_message_handlers:
+            event -= self._run_message_handlers
+            event.prepend(self._run_message_handlers)
 
     def _check_credentials(self, session: SmtpSession, e: AuthEventArgs) -> bool:
         password = self.credentials.get(e.username)

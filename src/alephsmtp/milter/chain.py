@@ -2,11 +2,12 @@
 their verdicts become the replies, as Postfix's ``smtpd_milters`` does.
 
 ``Milters([...]).attach(session)`` adds one handler per event through the session's public
-events; it must run first in ``on_session``, so that a milter's verdict comes before the
-user's handlers (the first reply decides). A milter that says "continue" lets the next milter,
-then the user's handlers, decide. The message's header and body edits are applied before
-``message_received``'s later handlers see it (``e.message``), the envelope edits to the
-envelope, and the whole story goes on ``envelope.milter`` (:class:`.MilterReport`).
+events, before the user's handlers (``Event.prepend``), so that a milter's verdict comes first
+(the first reply decides) whenever ``attach`` is called in ``on_session``. A milter that says
+"continue" lets the next milter, then the user's handlers, decide. The message's header and body
+edits are applied before ``message_received``'s later handlers see it (``e.message``), the
+envelope edits to the envelope, and the whole story goes on ``envelope.milter``
+(:class:`.MilterReport`).
 
 The semantics follow Postfix's ``milter8.c`` and ``smtpd.c``, so that one milter behaves the
 same behind either MTA; where alephsmtp differs, docs/milter.md says so.
@@ -466,19 +467,21 @@ class MilterSession:
         self._helo: str | None = None  # the last HELO/EHLO name (shown again on reconnection)
         self._closed = False
         self._connected: asyncio.Task[None] | None = None
-        session.helo += self._on_helo
-        session.ehlo += self._on_helo
-        session.lhlo += self._on_helo
-        session.mail += self._on_mail
-        session.rcpt += self._on_rcpt
-        session.data += self._on_data
-        session.bdat += self._on_bdat
-        session.rset += self._on_rset
-        session.vrfy += self._on_other
-        session.expn += self._on_other
-        session.starttls += self._on_other
-        session.unhandled_command += self._on_unknown
-        session.message_received += self._on_message
+        # Before the user's handlers, whenever they were added: a milter's verdict decides
+        # first (the first reply wins); "continue" lets the user's handlers answer.
+        session.helo.prepend(self._on_helo)
+        session.ehlo.prepend(self._on_helo)
+        session.lhlo.prepend(self._on_helo)
+        session.mail.prepend(self._on_mail)
+        session.rcpt.prepend(self._on_rcpt)
+        session.data.prepend(self._on_data)
+        session.bdat.prepend(self._on_bdat)
+        session.rset.prepend(self._on_rset)
+        session.vrfy.prepend(self._on_other)
+        session.expn.prepend(self._on_other)
+        session.starttls.prepend(self._on_other)
+        session.unhandled_command.prepend(self._on_unknown)
+        session.message_received.prepend(self._on_message)
         session.message_discarded += self._on_discarded
         session.disconnected += self._on_disconnected
         if self._links and start:
@@ -987,7 +990,8 @@ class MilterSession:
         macros["{mail_addr}"] = str(return_path)
         macros["{mail_host}"] = return_path.domain
         if session.authenticated_as is not None:
-            # {auth_type} (the SASL mechanism) is not known: the session does not keep it.
+            if session.auth_mechanism is not None:
+                macros["{auth_type}"] = session.auth_mechanism
             macros["{auth_authen}"] = session.authenticated_as
             if command.auth is not None:
                 macros["{auth_author}"] = command.auth
@@ -1115,7 +1119,7 @@ class MilterSession:
         if self._streaming:
             return
         if any(handler != self._on_chunk for handler in session.message_chunk.handlers):
-            session.message_chunk += self._on_chunk
+            session.message_chunk.prepend(self._on_chunk)
             self._streaming = True
 
     def _on_chunk(self, session: SmtpSession, e: Any) -> Awaitable[None] | None:
@@ -1277,14 +1281,13 @@ class MilterSession:
         )
 
     def _refuse(self, transaction: _Transaction, e: Any, reply: Reply | None) -> Reply | None:
-        if reply is not None:
-            self._discard_streamed(e, reply)
+        # A streamed message refused here: the session tells the message_discarded handlers.
         return reply
 
     def _discard_streamed(self, e: Any, reply: Reply | None = None) -> None:
-        """A streamed message refused (or discarded) by a milter: tell the user's
-        ``message_discarded`` handlers, which the session does not (the refusal is a
-        ``message_received`` handler's answer), so they can drop what they stored."""
+        """A streamed message a milter discarded (the client was told 250, so the session
+        does not know): tell the user's ``message_discarded`` handlers, so they can drop what
+        they stored."""
         if not e.streamed:
             return
         args = MessageDiscardedEventArgs(e.envelope, reply)
