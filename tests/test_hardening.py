@@ -10,6 +10,7 @@ import pytest
 
 from _harness import Harness, MockLoop, settle
 from alephsmtp import Reply, SmtpServer, State
+from alephsmtp.session import _HOLD_LIMIT
 
 TRANSACTION = b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
 
@@ -329,7 +330,9 @@ async def test_streaming_hands_chunks_over_and_keeps_nothing() -> None:
     assert done[0].size == len(b"".join(chunks))
 
 
-async def test_async_chunk_handler_pauses_reading() -> None:
+async def test_async_chunk_handler_holds_what_comes_then_pauses_reading() -> None:
+    """Back-pressure: while an async message_chunk handler works, what comes is held, not
+    streamed, and past a bound reading pauses until the handler is done."""
     gate = asyncio.Event()
     got: list[bytes] = []
 
@@ -340,13 +343,18 @@ async def test_async_chunk_handler_pauses_reading() -> None:
     h = Harness(lambda s: s.message_chunk.connect(slow))
     h.send(TRANSACTION + b"first\r\n")
     await settle()
+    assert h.transport.reading
+    more = b"z" * (_HOLD_LIMIT - 1) + b"\r\n"  # past the bound on its last read
+    h.send(more)
+    await settle()
+    assert got == []
     assert not h.transport.reading
     gate.set()
     await settle()
     assert h.transport.reading
     h.send(b"second\r\n.\r\n")
     await settle()
-    assert b"".join(got) == b"first\r\nsecond\r\n"
+    assert b"".join(got) == b"first\r\n" + more + b"second\r\n"
     assert h.codes()[-1] == "250"
 
 

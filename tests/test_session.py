@@ -11,6 +11,7 @@ import pytest
 from _harness import Harness, MockLoop, settle
 from alephsmtp import Reply, SmtpError, State
 from alephsmtp.parser import IMPLEMENTATION
+from alephsmtp.session import _HOLD_LIMIT
 
 TRANSACTION = (
     b"EHLO client.test\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
@@ -377,7 +378,7 @@ async def test_event_operators() -> None:
         h.session.noop += "not callable"  # type: ignore[operator]
 
 
-async def test_async_handlers_keep_order_and_pause_reading() -> None:
+async def test_async_handlers_keep_order_and_hold_what_comes_meanwhile() -> None:
     release = asyncio.Event()
 
     async def slow_rcpt(sender: Any, e: Any) -> str:
@@ -390,14 +391,30 @@ async def test_async_handlers_keep_order_and_pause_reading() -> None:
     h.send(TRANSACTION)
     await settle()
     assert h.replies() == [*DEFAULT_EHLO, "250 2.1.0 OK"]
-    assert not h.transport.reading  # no more input while the handler decides
-    release.set()
-    await settle()
-    assert h.replies() == ["250 2.1.5 slow but sure", "354 End data with <CR><LF>.<CR><LF>"]
+    # While the handler decides, what comes is read (no pause: two system calls saved) and
+    # held, not answered...
     assert h.transport.reading
     h.send(b"x\r\n.\r\n")
-    assert h.codes() == ["250"]
-    assert messages[0].message == b"x\r\n"
+    await settle()
+    assert h.replies() == []
+    # ...up to a bound: past it, reading pauses until the handler is done.
+    head, tail = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n", b".\r\n"
+    body = b"y" * (_HOLD_LIMIT - len(head) - len(tail) - 2) + b"\r\n"
+    h.send(head + body + tail)  # with the 6 bytes above: past the bound on the last read
+    assert not h.transport.reading
+    release.set()
+    await settle()
+    assert h.replies() == [
+        "250 2.1.5 slow but sure",
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 OK: queued",
+        "250 2.1.0 OK",
+        "250 2.1.5 slow but sure",
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 OK: queued",
+    ]
+    assert h.transport.reading
+    assert [m.message for m in messages] == [b"x\r\n", body]
 
 
 async def test_async_message_handler() -> None:

@@ -128,6 +128,10 @@ _session_ids = itertools.count(1)
 _ANSWERS_MAX = 512  # handler answers kept rendered per server (their texts may vary)
 _RATE_CHECK_PERIOD = 5.0  # seconds between data-rate checks while a message streams in
 _LINGER = 2.0  # seconds a closed session reads (and drops) what the client still sends
+# While a handler runs, what the client sends is read and held, not answered; reading pauses
+# only once this much is held. Pausing and resuming costs two system calls per handler on
+# asyncio, and most clients send nothing while they wait for a reply.
+_HOLD_LIMIT = 64 << 10
 
 _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")  # reply classes, by first digit
 # Replies that count towards max_bad_commands: syntax, sequence, unknown (RFC 5321 4.2.2).
@@ -716,9 +720,12 @@ class SmtpSession(asyncio.BufferedProtocol):
             with view[:nbytes] as data:
                 if self._busy or not self._started or self.state is State.CLOSED:
                     # Held while a handler (or TLS) runs, and before the greeting: read
-                    # then. After the close (lingering), dropped.
+                    # then (bounded: reading pauses past _HOLD_LIMIT). After the close
+                    # (lingering), dropped.
                     if self.state is not State.CLOSED:
                         self._held += data
+                        if len(self._held) > _HOLD_LIMIT:
+                            self._set_reading(False)
                     return
                 reader = self._input
                 if reader is None:
@@ -1308,9 +1315,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             return False
         if type(result) is not Pending:
             return False
-        self._busy = True
+        self._busy = True  # reading goes on (what comes is held; see _HOLD_LIMIT)
         self._flush()
-        self._update_reading()
         self._handler_task = self._spawn(self._stream(result, tx))
         self._start_handler_clock(self.config.handler_timeout)
         return True
@@ -1816,7 +1822,6 @@ class SmtpSession(asyncio.BufferedProtocol):
         assert waiter is not None
         self._sasl_waiter = None
         self._busy = True  # the handler goes on
-        self._update_reading()
         if waiter.done():
             return
         if isinstance(line, SmtpError):
@@ -1913,9 +1918,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._limit_reply = R.TOO_MANY_AUTH_FAILURES
         delay = self.config.auth_failure_delay
         if self._auth_failures > 1 and delay > 0 and self._loop is not None:
-            self._busy = True
+            self._busy = True  # what the guesser sends meanwhile waits (held, bounded)
             self._flush()
-            self._update_reading()
             self._loop.call_later(delay, self._end_auth_delay, reply)
             return
         self._write(reply)
@@ -2056,11 +2060,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         failed: bool = False,
         started: float = 0.0,
     ) -> None:
-        """A handler went asynchronous: the rest runs in a task while reading pauses, so
-        replies stay in order (RFC 2920 3.1); ``done(context, reply)`` follows."""
+        """A handler went asynchronous: the rest runs in a task while what the client sends is
+        held, not answered, so replies stay in order (RFC 2920 3.1); ``done(context, reply)``
+        follows."""
         self._busy = True
         self._flush()
-        self._update_reading()
         self._handler_task = self._spawn(
             self._finish(pending, rule, done, context, failed, started)
         )
