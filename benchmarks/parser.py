@@ -1,9 +1,11 @@
-"""Parser benchmark: DataReader and LineReader throughput, compiled vs pure twin vs memcpy.
+"""Parser benchmark: DataReader and LineReader throughput, compiled vs pure twin vs memcpy;
+``scan_path`` against ``commands.parse_command``, in ns per call.
 
 Run from the repository root (after ``pip install -e ".[bench]"``, which builds the extension)::
 
     python benchmarks/parser.py                 # full: 50 MiB bodies, best of 5
     python benchmarks/parser.py --quick         # 8 MiB bodies, best of 3
+    python benchmarks/parser.py --only scan_path   # one section (data, lines, scan_path)
     python benchmarks/parser.py --json /tmp/parser.json
 
 Both implementations are imported directly (``alephsmtp._parser`` and ``alephsmtp._parser_py``),
@@ -19,6 +21,19 @@ unstuffed body. Bodies: (a) plain ASCII, 76-character lines, 1.5% starting with 
 pipelined command lines (MAIL, RCPTs, RSET/NOOP/...), in the same read sizes and in reads of
 one RFC 2920 group each (what a server really reads). Every figure is the best (least) time of
 several runs, with the garbage collector off. GB/s are 10^9 input bytes per second.
+
+``scan_path`` is timed on typical MAIL and RCPT arguments (as ``split_command`` returns them)
+in both cores, alone and after ``split_command`` of the whole line (the two calls a session
+makes), against ``commands.parse_command`` of the whole line (what it replaces for a simple
+path: the verb, the path and the parameters, into a ``MailCommand``/``RcptCommand``); and on two
+arguments it declines (``<>``, ``<Postmaster>``), where the caller falls back to
+``parse_command``. A tuple still leaves the caller the parameters (``rest``) and the command
+object to make, so the ratio is an upper bound of the saving, not the saving. ns per call: the
+best of 9 x ``--repeat`` short runs of a ``timeit`` loop (``--calls`` calls each, GC off: short
+runs so that some go undisturbed on a shared machine), divided by the calls; the loop's own
+cost (an empty statement) is printed with the table and included in every figure. The results are
+checked outside the timing: both cores agree, and a tuple names the address and parameters
+``parse_command`` reads.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ import functools
 import gc
 import importlib
 import time
+import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from types import ModuleType
@@ -47,6 +63,9 @@ from _common import (
     utf8_body,
     write_json,
 )
+
+from alephsmtp.addresses import parse_parameters
+from alephsmtp.commands import MailCommand, RcptCommand, parse_command
 
 READ_SIZES = (16 * KiB, 64 * KiB, 256 * KiB)
 BODIES: dict[str, Callable[[int], bytes]] = {
@@ -216,15 +235,134 @@ def table(results: Sequence[Result], impls: Sequence[str], lines: bool = False) 
     return format_table(headers, rows)
 
 
+# --- scan_path ---------------------------------------------------------------------------
+
+SCAN_LINES: tuple[tuple[str, bytes], ...] = (
+    ("MAIL simple", b"MAIL FROM:<alice@example.org>"),
+    ("MAIL + SIZE, BODY", b"MAIL FROM:<first.last@mail.example.com> SIZE=123456 BODY=8BITMIME"),
+    ("RCPT simple", b"RCPT TO:<bob@example.net>"),
+    ("RCPT + NOTIFY", b"RCPT TO:<bob.smith+tag@sub.example.co.uk> NOTIFY=SUCCESS,FAILURE"),
+    # The RFC 5321 4.5.3.1 limits: a 64-octet local part, a 256-octet path.
+    (
+        "MAIL 256-octet path",
+        b"MAIL FROM:<%s@%s.%s.%s>" % (b"l" * 64, b"d" * 63, b"e" * 63, b"f" * 61),
+    ),
+    ("MAIL <> (declined)", b"MAIL FROM:<> SIZE=1000"),
+    ("RCPT <Postmaster> (declined)", b"RCPT TO:<Postmaster>"),
+)
+KEYWORDS = {b"MAIL": b"FROM:", b"RCPT": b"TO:"}
+
+
+@dataclass
+class ScanResult:
+    case: str
+    line: str
+    impl: str  # "cython" or "python" (scan_path), or "commands" (parse_command)
+    what: str  # "scan_path", "split_command+scan_path" or "parse_command"
+    ns_per_call: float
+    accepted: bool | None = None
+    verified: bool | None = None
+
+
+def ns_per_call(stmt: str, namespace: dict[str, Any], repeat: int, number: int) -> float:
+    """The best of ``repeat`` timeit runs of ``number`` calls, in ns per call, GC off."""
+    timer = timeit.Timer(stmt, globals=namespace)
+    return min(timer.repeat(repeat=repeat, number=number)) / number * 1e9
+
+
+def check_scan(implementations: dict[str, ModuleType], line: bytes) -> tuple[bool, bool]:
+    """(accepted, verified): whether scan_path gives a tuple; whether every core gives the same
+    result and, for a tuple, ``parse_command`` reads the same address and parameters."""
+    verb, argument = implementations["python"].split_command(line)
+    found = [module.scan_path(argument, KEYWORDS[verb]) for module in implementations.values()]
+    if found[0] is None:
+        return False, all(result is None for result in found)
+    command = parse_command(line)
+    assert isinstance(command, MailCommand | RcptCommand)
+    address = command.return_path if isinstance(command, MailCommand) else command.recipient_address
+    local_part, domain, rest = found[0]
+    return True, all(result == found[0] for result in found) and (
+        (address.local_part, address.domain) == (local_part, domain)
+        and dict(command.parameters) == parse_parameters(rest.decode("utf-8"))
+    )
+
+
+def measure_scan(
+    implementations: dict[str, ModuleType], repeat: int, number: int
+) -> tuple[list[ScanResult], float]:
+    """Every line of SCAN_LINES: scan_path per core, split+scan per core, parse_command."""
+    empty = ns_per_call("pass", {}, repeat, number)
+    results: list[ScanResult] = []
+    for case, line in SCAN_LINES:
+        accepted, verified = check_scan(implementations, line)
+        verb, argument = implementations["python"].split_command(line)
+        namespace: dict[str, Any] = {
+            "argument": argument,
+            "keyword": KEYWORDS[verb],
+            "line": line,
+            "parse_command": parse_command,
+        }
+        text = line.decode()
+        for impl, module in implementations.items():
+            namespace["scan_path"] = module.scan_path
+            namespace["split_command"] = module.split_command
+            for what, stmt in (
+                ("scan_path", "scan_path(argument, keyword)"),
+                ("split_command+scan_path", "scan_path(split_command(line)[1], keyword)"),
+            ):
+                ns = ns_per_call(stmt, namespace, repeat, number)
+                results.append(ScanResult(case, text, impl, what, ns, accepted, verified))
+        ns = ns_per_call("parse_command(line)", namespace, repeat, number)
+        results.append(ScanResult(case, text, "commands", "parse_command", ns, accepted, verified))
+    return results, empty
+
+
+def scan_table(results: Sequence[ScanResult], impls: Sequence[str]) -> str:
+    """One row per line: ns per call of each way; for a simple path, how many times less the
+    two calls take than parse_command, else what they add before the fallback to it."""
+    headers = ["argument", "tuple?"]
+    for impl in impls:
+        headers += [f"scan {impl}", f"split+scan {impl}"]
+    headers += ["parse_command", f"split+scan {impls[0]} vs parse_command"]
+    rows = []
+    for case in dict.fromkeys(r.case for r in results):
+        by = {(r.impl, r.what): r for r in results if r.case == case}
+        first = by[("commands", "parse_command")]
+        flag = "" if first.verified else " WRONG"
+        row: list[object] = [case, ("yes" if first.accepted else "no") + flag]
+        for impl in impls:
+            row += [
+                f"{by[(impl, 'scan_path')].ns_per_call:.0f}",
+                f"{by[(impl, 'split_command+scan_path')].ns_per_call:.0f}",
+            ]
+        fast = by[(impls[0], "split_command+scan_path")].ns_per_call
+        if first.accepted:  # instead of parse_command: how many times less
+            versus = f"{first.ns_per_call / fast:.1f}x less"
+        else:  # declined: spent before the fallback to parse_command
+            versus = f"+{fast:.0f} ns (+{100 * fast / first.ns_per_call:.0f}%) first"
+        row += [f"{first.ns_per_call:.0f}", versus]
+        rows.append(row)
+    return format_table(headers, rows)
+
+
+SECTIONS = ("data", "lines", "scan_path")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 MiB bodies, best of 3")
     parser.add_argument("--size-mib", type=float, help="body size in MiB (default 50, quick 8)")
     parser.add_argument("--repeat", type=int, help="runs per figure (default 5, quick 3)")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run this section only (repeatable)"
+    )
+    parser.add_argument("--calls", type=int, help="scan_path: calls per timed run (default 20000)")
     parser.add_argument("--json", default=str(RESULTS / "parser.json"), help="results file")
     args = parser.parse_args()
     size = int((args.size_mib or (8 if args.quick else 50)) * MiB)
     repeat = args.repeat or (3 if args.quick else 5)
+    calls = args.calls or 20_000
+    sections = args.only or list(SECTIONS)
 
     implementations: dict[str, ModuleType] = {}
     notes: list[str] = []
@@ -236,10 +374,13 @@ def main() -> int:
     impls = list(implementations)
     for note in notes:
         print(f"note: {note}")
-    print(f"body size {size / MiB:g} MiB, best of {repeat}, implementations: {', '.join(impls)}")
+    print(
+        f"sections {', '.join(sections)}; body size {size / MiB:g} MiB, best of {repeat}, "
+        f"implementations: {', '.join(impls)}"
+    )
 
     data_results: list[Result] = []
-    for name, make in BODIES.items():
+    for name, make in BODIES.items() if "data" in sections else ():
         body = make(size)
         wire = dot_stuff(body) + b".\r\n"
         dots = body.count(b"\r\n.") + body.startswith(b".")
@@ -262,45 +403,75 @@ def main() -> int:
                 data_run,
             )
 
-    stream = command_stream(size // 3)
-    n_lines = stream.count(b"\r\n")
-    print(f"  LineReader commands: {len(stream) / MiB:.1f} MiB, {n_lines} lines")
     line_results: list[Result] = []
-    cases: list[tuple[str, Chunks]] = [(f"{r // KiB} KiB", chunked(stream, r)) for r in READ_SIZES]
-    groups = group_chunks(stream)
-    cases.append((f"group (~{len(stream) // len(groups)} B)", groups))
-    for read_name, chunks in cases:
-        line_results += measure(
-            "LineReader",
-            "commands",
-            read_name,
-            chunks,
-            len(stream),
-            implementations,
-            repeat,
-            functools.partial(check_lines, stream=stream),
-            line_run,
-            n_lines,
-        )
+    if "lines" in sections:
+        stream = command_stream(size // 3)
+        n_lines = stream.count(b"\r\n")
+        print(f"  LineReader commands: {len(stream) / MiB:.1f} MiB, {n_lines} lines")
+        cases: list[tuple[str, Chunks]] = [
+            (f"{r // KiB} KiB", chunked(stream, r)) for r in READ_SIZES
+        ]
+        groups = group_chunks(stream)
+        cases.append((f"group (~{len(stream) // len(groups)} B)", groups))
+        for read_name, chunks in cases:
+            line_results += measure(
+                "LineReader",
+                "commands",
+                read_name,
+                chunks,
+                len(stream),
+                implementations,
+                repeat,
+                functools.partial(check_lines, stream=stream),
+                line_run,
+                n_lines,
+            )
 
-    print("\nDataReader: dot-stuffed body + <CRLF>.<CRLF>, fresh reader per run")
-    print(table(data_results, impls))
-    print("\nLineReader: pipelined command lines")
-    print(table(line_results, impls, lines=True))
-    wrong = [r for r in data_results + line_results if r.verified is False]
+    scan_results: list[ScanResult] = []
+    empty_ns = None
+    if "scan_path" in sections:
+        print(f"  scan_path: {len(SCAN_LINES)} lines, best of {9 * repeat} runs of {calls} calls")
+        scan_results, empty_ns = measure_scan(implementations, 9 * repeat, calls)
+
+    if data_results:
+        print("\nDataReader: dot-stuffed body + <CRLF>.<CRLF>, fresh reader per run")
+        print(table(data_results, impls))
+    if line_results:
+        print("\nLineReader: pipelined command lines")
+        print(table(line_results, impls, lines=True))
+    if scan_results:
+        print(
+            f"\nscan_path on MAIL/RCPT arguments vs parse_command of the line, ns per call "
+            f"(timeit loop overhead, included: {empty_ns:.0f} ns)"
+        )
+        print(scan_table(scan_results, impls))
+    wrong = [
+        f"{r.reader} {r.impl} {r.data} {r.read_size}"
+        for r in data_results + line_results
+        if r.verified is False
+    ]
+    wrong += [f"scan_path {r.case}" for r in scan_results if r.verified is False]
     if wrong:
-        print("\nWRONG OUTPUT (the reader's output differs from the input):")
-        for r in wrong:
-            print(f"  {r.reader} {r.impl} {r.data} {r.read_size}")
+        print("\nWRONG OUTPUT (a reader's output differs from its input; or scan_path differs")
+        print("between the cores, or from the address and parameters parse_command reads):")
+        for line in dict.fromkeys(wrong):
+            print(f"  {line}")
     write_json(
         args.json,
         {
             "benchmark": "parser",
             "machine": machine_info(),
+            "sections": sections,
             "body_size": size,
             "repeat": repeat,
             "notes": notes,
             "results": [asdict(r) for r in data_results + line_results],
+            "scan_path": {
+                "calls_per_run": calls,
+                "runs": 9 * repeat,
+                "empty_loop_ns": empty_ns,
+                "results": [asdict(r) for r in scan_results],
+            },
         },
     )
     return 0

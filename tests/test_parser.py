@@ -197,6 +197,7 @@ def test_compiled_core_loaded() -> None:
     module = importlib.import_module("alephsmtp._parser")
     for name in ("BufferPool", "LineReader", "DataReader", "BdatReader", "split_command"):
         assert hasattr(module, name)
+    assert module.scan_path(b"FROM:<a@b>", b"FROM:") == ("a", "b", b"")
 
 
 def test_implementation_in_use() -> None:
@@ -204,10 +205,14 @@ def test_implementation_in_use() -> None:
 
     if NO_EXTENSIONS:
         assert parser.IMPLEMENTATION == "python"
-        assert parser.DataReader is importlib.import_module("alephsmtp._parser_py").DataReader
+        core = importlib.import_module("alephsmtp._parser_py")
     else:
         assert parser.IMPLEMENTATION == "cython"
-        assert parser.DataReader is importlib.import_module("alephsmtp._parser").DataReader
+        core = importlib.import_module("alephsmtp._parser")
+    # parser.py re-exports every name of the core, and each one from the core it picked.
+    assert sorted(parser.__all__) == sorted(["IMPLEMENTATION", *core.__all__])
+    for name in core.__all__:
+        assert getattr(parser, name) is getattr(core, name), name
 
 
 def test_no_extensions_forces_python() -> None:
@@ -222,6 +227,7 @@ def test_no_extensions_forces_python() -> None:
 def test_same_api(parser: ModuleType) -> None:
     twin = importlib.import_module("alephsmtp._parser_py")
     assert sorted(parser.__all__) == sorted(twin.__all__)
+    assert {"split_command", "scan_path"} <= set(parser.__all__)
     for name in ("BufferPool", "LineReader", "DataReader", "BdatReader"):
         public = {a for a in dir(getattr(twin, name)) if not a.startswith("_")}
         assert public <= set(dir(getattr(parser, name))), name
@@ -235,6 +241,7 @@ def test_non_contiguous_memoryview(parser: ModuleType) -> None:
     assert parser.DataReader().feed(strided(b"a\r\n..\r\n.\r\n")) == b"a\r\n.\r\n"
     assert parser.BdatReader(2).feed(strided(b"abc")) == b"ab"
     assert parser.split_command(strided(b"ehlo x")) == (b"EHLO", b"x")
+    assert parser.scan_path(strided(b"to:<a@b> X"), b"TO:") == ("a", "b", b"X")
 
 
 # --- BufferPool ------------------------------------------------------------------------------
@@ -772,6 +779,184 @@ def test_split_command(parser: ModuleType, line: bytes, expected: tuple[bytes, b
 def test_split_command_type(parser: ModuleType) -> None:
     with pytest.raises(TypeError):
         parser.split_command("NOOP")
+
+
+# --- scan_path -------------------------------------------------------------------------------
+
+# RFC 5322 3.2.3 atext: the 19 symbols plus letters and digits (62, too many for one local part).
+ATEXT = b"!#$%&'*+-/=?^_`{|}~09AZaz"
+ALNUM = bytes(range(48, 58)) + bytes(range(65, 91)) + bytes(range(97, 123))
+LABEL_63 = b"d" + b"-" * 61 + b"9"  # a 63-octet label, hyphens inside
+LOCAL_64 = b"l" * 32 + b"." + b"m" * 31  # a 64-octet Dot-string
+# 189 octets of domain: with a 64-octet local part, the path "<local@domain>" is 256 octets.
+DOMAIN_189 = b"a" * 63 + b"." + b"b" * 63 + b"." + b"c" * 61
+
+
+def scan(parser: ModuleType, argument: bytes, keyword: bytes = b"FROM:") -> Any:
+    """``scan_path`` of ``argument`` as bytes, bytearray and a memoryview slice of a reused
+    buffer scribbled over right after the call; all three must agree. Returns the result."""
+    results = [parser.scan_path(argument, keyword), parser.scan_path(bytearray(argument), keyword)]
+    buf = bytearray(b"\xee" + argument + b"\xee")
+    results.append(parser.scan_path(memoryview(buf)[1:-1], keyword))
+    buf[:] = b"\xee" * len(buf)  # what the core kept must not change with the buffer
+    assert results[1] == results[0]
+    assert results[2] == results[0]
+    if results[0] is not None:
+        local_part, domain, rest = results[0]
+        assert (type(local_part), type(domain), type(rest)) == (str, str, bytes)
+    return results[0]
+
+
+@pytest.mark.parametrize(
+    ("argument", "keyword", "expected"),
+    [
+        (b"FROM:<a@b>", b"FROM:", ("a", "b", b"")),
+        (b"TO:<a@b>", b"TO:", ("a", "b", b"")),
+        # RFC 5321 2.4: keywords in any case.
+        (b"from:<a@b>", b"FROM:", ("a", "b", b"")),
+        (b"FrOm:<a@b>", b"FROM:", ("a", "b", b"")),
+        (b"tO:<a@b>", b"TO:", ("a", "b", b"")),
+        (b"FROM:<a@b>", b"from:", ("a", "b", b"")),
+        # Spaces after the colon (common, accepted by the general parser too).
+        (b"FROM: <a@b>", b"FROM:", ("a", "b", b"")),
+        (b"TO:    <a@b>", b"TO:", ("a", "b", b"")),
+        # The rest: the bytes after the spaces that follow ">", unchecked.
+        (b"FROM:<a@b> SIZE=100", b"FROM:", ("a", "b", b"SIZE=100")),
+        (
+            b"FROM:<a@b.example>   SIZE=100 BODY=8BITMIME",
+            b"FROM:",
+            ("a", "b.example", b"SIZE=100 BODY=8BITMIME"),
+        ),
+        (b"FROM:<a@b>   ", b"FROM:", ("a", "b", b"")),  # an unstripped argument
+        (b"TO:<a@b> NOTIFY=NEVER  ", b"TO:", ("a", "b", b"NOTIFY=NEVER  ")),
+        (b"TO:<a@b> \xc3\xa9\xff", b"TO:", ("a", "b", b"\xc3\xa9\xff")),
+        (b"TO:<a@b> <x@y>", b"TO:", ("a", "b", b"<x@y>")),
+        # Dot-string: every atext character; atoms joined by single dots.
+        (b"FROM:<" + ATEXT + b"@b>", b"FROM:", (ATEXT.decode(), "b", b"")),
+        (b"FROM:<" + ALNUM + b"@b>", b"FROM:", (ALNUM.decode(), "b", b"")),
+        (b"TO:<a@" + ALNUM + b">", b"TO:", ("a", ALNUM.decode(), b"")),
+        (b"FROM:<first.last.x@b>", b"FROM:", ("first.last.x", "b", b"")),
+        (b"FROM:<postmaster@b>", b"FROM:", ("postmaster", "b", b"")),
+        # Domains: LDH labels, digits anywhere, hyphens inside, A-labels.
+        (b"TO:<a@mail.sub.example.co.uk>", b"TO:", ("a", "mail.sub.example.co.uk", b"")),
+        (b"TO:<a@1-2.3com>", b"TO:", ("a", "1-2.3com", b"")),
+        (b"TO:<a@xn--bcher-kva.example>", b"TO:", ("a", "xn--bcher-kva.example", b"")),
+        (b"TO:<a@b--c.D>", b"TO:", ("a", "b--c.D", b"")),
+        (b"TO:<a@192.0.2.1>", b"TO:", ("a", "192.0.2.1", b"")),  # digits: a name, not a literal
+        # Any bytes keyword; an empty one reads the path at once.
+        (b"<a@b>", b"", ("a", "b", b"")),
+        (b" <a@b>", b"", ("a", "b", b"")),
+    ],
+)
+def test_scan_path_accepts(
+    parser: ModuleType, argument: bytes, keyword: bytes, expected: tuple[str, str, bytes]
+) -> None:
+    assert scan(parser, argument, keyword) == expected
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [
+        # Another keyword, or a broken one.
+        b"", b"FROM", b"FROM:", b"FROM: ", b"FRO:<a@b>", b"TO:<a@b>", b"FROM :<a@b>",
+        b"FROM<a@b>", b" FROM:<a@b>", b"FROM;<a@b>", b"FROM\x1a<a@b>", b"FR\xcfM:<a@b>",
+        b"\xc6ROM:<a@b>", b"MAIL FROM:<a@b>",
+        # Only spaces may follow the colon.
+        b"FROM:\t<a@b>", b"FROM:\r\n<a@b>", b"FROM:x<a@b>",
+        # The null path, Postmaster, source routes: the general parser's.
+        b"FROM:<>", b"FROM:<> SIZE=1", b"FROM:<Postmaster>", b"FROM:<postmaster>",
+        b"FROM:<@relay.example:a@b>", b"FROM:<@r1.example,@r2.example:a@b>",
+        # Quoted local parts and address literals.
+        b'FROM:<"a"@b>', b'FROM:<"john doe"@b>', b'FROM:<"a\\"b"@b>',
+        b"FROM:<a@[192.0.2.1]>", b"FROM:<a@[IPv6:2001:db8::1]>", b"FROM:<a@[tag:x]>",
+        # Non-ASCII anywhere in the path (RFC 6531): the general parser decides.
+        b"FROM:<j\xc3\xb6rg@b>", b"FROM:<a@b\xc3\xbccher.example>", b"FROM:<\x80@b>",
+        b"FROM:<a@b\xff>", b"FROM:<a\xff@b>",
+        # No angle brackets, or only one.
+        b"FROM:a@b", b"FROM:a@b SIZE=1", b"FROM:<a@b", b"FROM:a@b>", b"FROM:<a@b SIZE=1",
+        b"FROM:<<a@b>>", b"FROM:<a@b>>",
+        # Dot-string faults.
+        b"FROM:<@b>", b"FROM:<.a@b>", b"FROM:<a.@b>", b"FROM:<a..b@b>", b"FROM:<a b@b>",
+        b"FROM:<a(c)@b>", b"FROM:<a\\b@b>", b"FROM:<a,b@b>", b"FROM:<a;b@b>", b"FROM:<a:b@b>",
+        b"FROM:<a\x00@b>", b"FROM:<a\x7f@b>", b"FROM:<a@b@c>", b"FROM:<a[@b>",
+        # Domain faults.
+        b"FROM:<a@>", b"FROM:<a@.b>", b"FROM:<a@b.>", b"FROM:<a@b..c>", b"FROM:<a@-b>",
+        b"FROM:<a@b->", b"FROM:<a@b-.c>", b"FROM:<a@b.-c>", b"FROM:<a@b_c>", b"FROM:<a@b c>",
+        b"FROM:<a@b!c>", b"FROM:<a@b:25>",
+        # After ">": the end, or spaces then the rest; nothing else.
+        b"FROM:<a@b>x", b"FROM:<a@b>\tSIZE=1", b"FROM:<a@b>,", b"FROM:<a@b>\x00",
+        b"FROM:<a@b>\r\n",
+    ],
+)  # fmt: skip
+def test_scan_path_refuses(parser: ModuleType, argument: bytes) -> None:
+    assert scan(parser, argument) is None
+
+
+def test_scan_path_limits(parser: ModuleType) -> None:
+    # RFC 5321 4.5.3.1.1: a local part of 64 octets, not 65.
+    assert scan(parser, b"FROM:<" + LOCAL_64 + b"@b>") == (LOCAL_64.decode(), "b", b"")
+    assert scan(parser, b"FROM:<" + LOCAL_64 + b"x@b>") is None
+    assert scan(parser, b"FROM:<" + b"x" * 65 + b"@b>") is None
+    # RFC 1035 2.3.4: a label of 63 octets, not 64 (first, middle or last).
+    for domain in (LABEL_63, LABEL_63 + b".b", b"a." + LABEL_63 + b".b", b"a." + LABEL_63):
+        assert scan(parser, b"TO:<a@" + domain + b">", b"TO:") == ("a", domain.decode(), b"")
+        long_label = domain.replace(LABEL_63, LABEL_63 + b"x")
+        assert scan(parser, b"TO:<a@" + long_label + b">", b"TO:") is None
+    # RFC 5321 4.5.3.1.3: the path, "<" and ">" included, of 256 octets, not 257, whichever
+    # part is the longer.
+    path = b"<" + LOCAL_64 + b"@" + DOMAIN_189 + b">"
+    assert len(path) == 256
+    assert scan(parser, b"FROM:" + path + b" SIZE=1") == (
+        LOCAL_64.decode(),
+        DOMAIN_189.decode(),
+        b"SIZE=1",
+    )
+    assert scan(parser, b"FROM:<" + LOCAL_64 + b"@" + DOMAIN_189 + b"d>") is None
+    assert scan(parser, b"FROM:<" + LOCAL_64 + b"@" + DOMAIN_189 + b".d>") is None
+    short_local = b"x" * 3
+    domain = DOMAIN_189 + b"." + b"e" * (256 - 3 - len(short_local) - len(DOMAIN_189) - 1)
+    assert len(short_local) + len(domain) + 3 == 256
+    assert scan(parser, b"FROM:<xxx@" + domain + b">") == ("xxx", domain.decode(), b"")
+    assert scan(parser, b"FROM:<xxxx@" + domain + b">") is None
+    # A long argument is read to its end: no limit on the rest, no quadratic rescans.
+    rest = b"X-PAD=" + b"p" * 100_000
+    assert scan(parser, b"FROM:<a@b> " + rest) == ("a", "b", rest)
+    assert scan(parser, b"FROM:<" + b"a." * 50_000 + b"a@b>") is None
+
+
+def test_scan_path_agrees_with_parse_path(parser: ModuleType) -> None:
+    """Every accepted vector above: the general Python path parser reads the same parts."""
+    from alephsmtp.addresses import parse_path
+
+    vectors = [
+        b"FROM:<a@b> SIZE=100",
+        b"from:   <" + ATEXT + b"@xn--bcher-kva.example>  BODY=8BITMIME",
+        b"FROM:<" + LOCAL_64 + b"@" + DOMAIN_189 + b">",
+        b"FROM:<first.last@" + LABEL_63 + b".example>",
+    ]
+    for argument in vectors:
+        local_part, domain, rest = scan(parser, argument)
+        address, text_rest = parse_path(argument[5:].lstrip(b" ").decode(), allow_null=True)
+        assert (address.local_part, address.domain, text_rest) == (
+            local_part,
+            domain,
+            rest.decode(),
+        )
+        assert str(address) == f"{local_part}@{domain}"
+
+
+def test_scan_path_types(parser: ModuleType) -> None:
+    # No buffer protocol, or a keyword that is not bytes: TypeError, as elsewhere in the core.
+    for argument in ("FROM:<a@b>", None, 7):
+        with pytest.raises(TypeError):
+            parser.scan_path(argument, b"FROM:")
+    for keyword in ("FROM:", bytearray(b"FROM:"), memoryview(b"FROM:"), None, 7):
+        with pytest.raises(TypeError):
+            parser.scan_path(b"FROM:<a@b>", keyword)
+    with pytest.raises(TypeError):
+        parser.scan_path(b"FROM:<a@b>")
+    # An empty result shares no state with the argument: b"" for the rest.
+    assert parser.scan_path(memoryview(b"TO:<a@b>"), b"TO:")[2] == b""
 
 
 # --- long streams: the compiled core's block kernel (64-byte blocks) ------------------------

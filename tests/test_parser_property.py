@@ -5,6 +5,10 @@
 * The compiled core and the pure twin agree call by call (skipped only when the compiled core
   is not available).
 * DataReader round trip: a dot-stuffed body plus ``.<CRLF>`` comes out as the body.
+* ``scan_path`` is the Python fast path of :mod:`alephsmtp.commands` and
+  :mod:`alephsmtp.addresses` in bytes: on (mostly near-valid) MAIL/RCPT arguments both cores
+  return exactly what that path finds, and ``parse_path`` and ``parse_command`` read the same
+  address from the text.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from alephsmtp import addresses
+from alephsmtp.addresses import AddressError, parse_path
+from alephsmtp.commands import MailCommand, RcptCommand, parse_command
 from alephsmtp.errors import (
     BareCarriageReturn,
     BareLineFeed,
+    CommandSyntaxError,
     LineTooLong,
     MessageTooLarge,
     SmtpError,
@@ -420,3 +428,190 @@ def test_split_command_implementations_agree(line: bytes) -> None:
     assert C is not None
     assert C.split_command(line) == PY.split_command(line)
     assert C.split_command(memoryview(line)) == PY.split_command(bytearray(line))
+
+
+# --- scan_path -------------------------------------------------------------------------------
+
+CORES = [PY] if C is None else [PY, C]
+ATEXT = b"abxyzABZ0189!#$%&'*+-/=?^_`{|}~"
+LDH = b"abzAZ09-"
+ALNUM = b"abzAZ09"
+# One of each fallback form's marks, and bytes that are never part of a simple path.
+PATH_NOISE = [
+    b" ", b"  ", b"\t", b'"', b"\\", b"(", b",", b":", b";", b"[", b"]", b"<", b">", b"@",
+    b".", b"..", b"-", b"_", b"\x00", b"\x7f", b"\x80", b"\xc3\xa9", b"\xff", b"\r\n", b"\x1a",
+]  # fmt: skip
+PATH_FORMS = [
+    b"<>", b"<Postmaster>", b"<postmaster>", b"<@a.example,@b.example:x@y.example>",
+    b'<"x y"@d.example>', b"<a@[192.0.2.1]>", b"<a@[IPv6:::1]>", b"a@b.example",
+    b"<a@b.example", b"<j\xc3\xb6rg@b.example>", b"<a@b\xc3\xbccher.example>",
+]  # fmt: skip
+TAILS = [
+    b"", b" SIZE=1", b"  BODY=8BITMIME SMTPUTF8", b"   ", b"x", b"\t", b">", b" \xff",
+    b" NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@b", b" \xc3\xa9=1",
+]  # fmt: skip
+
+
+def runs_of(alphabet: bytes) -> st.SearchStrategy[bytes]:
+    """Bytes of ``alphabet``: a few mixed ones, or one repeated, often to near the limits."""
+    mixed = st.lists(st.sampled_from(alphabet), min_size=1, max_size=6).map(bytes)
+    repeated = st.tuples(
+        st.sampled_from(alphabet), st.one_of(st.integers(1, 4), st.integers(58, 70))
+    ).map(lambda t: bytes([t[0]]) * t[1])
+    return st.one_of(mixed, repeated)
+
+
+# A label that is valid but for its length (mostly), or any run of LDH bytes (a hyphen at an end).
+let_dig = st.sampled_from([bytes([c]) for c in ALNUM])
+labels = st.one_of(
+    st.tuples(let_dig, st.just(b"") | runs_of(LDH), let_dig).map(b"".join),
+    let_dig,
+    runs_of(LDH),
+)
+random_paths = st.tuples(
+    st.lists(runs_of(ATEXT), min_size=1, max_size=3).map(b".".join),
+    st.lists(labels, min_size=1, max_size=4).map(b".".join),
+).map(lambda t: b"<" + t[0] + b"@" + t[1] + b">")
+
+
+@st.composite
+def boundary_paths(draw: st.DrawFn) -> bytes:
+    """``<local@domain>`` at the RFC 5321 4.5.3.1 limits: a local part of 63-65 octets, a path
+    of 255-257, labels of 62-64."""
+    local_size = draw(st.sampled_from([64, 65, 63, 1, 30]))
+    path_size = draw(st.sampled_from([256, 257, 255, 100]))
+    local = bytearray(b"l" * local_size)
+    if local_size > 2 and draw(st.booleans()):
+        local[draw(st.integers(1, local_size - 2))] = ord(".")
+    label_size = draw(st.sampled_from([63, 64, 62, 7]))
+    domain_size = path_size - local_size - 3
+    unit = b"d" * label_size + b"."
+    domain = (unit * (domain_size // len(unit) + 1))[:domain_size]
+    if domain.endswith(b"."):
+        domain = domain[:-2] + b".e"
+    return b"<" + bytes(local) + b"@" + domain + b">"
+
+
+simple_paths = st.one_of(random_paths, boundary_paths())
+
+
+@st.composite
+def path_arguments(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """``(argument, keyword)``: a MAIL/RCPT argument, most often a simple path or nearly one.
+
+    (Hypothesis favours the first of the choices and small integers: the common case first.)
+    """
+    keyword = draw(st.sampled_from([b"FROM:", b"TO:"]))
+    kind = draw(st.sampled_from(["path", "near", "path", "near", "other form", "any bytes"]))
+    if kind == "any bytes":
+        return draw(st.binary(max_size=30)), keyword
+    good = [keyword, keyword.lower(), keyword.capitalize()]
+    # Keywords that must not match: the other one, cut short, spaced, empty, 8-bit, no colon.
+    bad = [b"TO:" if keyword == b"FROM:" else b"FROM:", keyword[:-1], keyword[:-1] + b" :"]
+    bad += [b"", b"\xc6ROM:", b"FROM\x1a"]
+    written = draw(st.sampled_from(good) | st.sampled_from(bad)) if kind == "near" else keyword
+    spaces = draw(st.sampled_from([b"", b" ", b"   "]))
+    path = draw(st.sampled_from(PATH_FORMS) if kind == "other form" else simple_paths)
+    argument = bytearray(written + spaces + path + draw(st.sampled_from(TAILS)))
+    if kind == "near":  # one or two bytes changed, added or removed, now and then
+        for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
+            at = draw(st.integers(0, len(argument)))
+            op = draw(st.sampled_from(["insert", "replace", "delete"]))
+            noise = draw(st.sampled_from(PATH_NOISE))
+            if op == "insert":
+                argument[at:at] = noise
+            elif op == "replace":
+                argument[at : at + len(noise)] = noise
+            else:
+                del argument[at : at + 1]
+    return bytes(argument), keyword
+
+
+def after_keyword(argument: bytes, keyword: bytes) -> str | None:
+    """The text :func:`alephsmtp.addresses.parse_path` gets: the argument (a command line is
+    decoded first, ``surrogateescape`` standing in for that refusal here) after the keyword,
+    matched as ``commands._after_keyword`` does (ASCII, any case), and the spaces after it."""
+    text = argument.decode("utf-8", "surrogateescape")
+    word = keyword.decode("ascii")
+    head = text[: len(word)]
+    if not (head.isascii() and head.upper() == word):
+        return None
+    return text[len(word) :].lstrip(" ")
+
+
+def python_fast_path(argument: bytes, keyword: bytes) -> tuple[str, str, str] | None:
+    """What :func:`alephsmtp.addresses.parse_path` takes without its general parser: its
+    pattern for the simple path and the RFC 5321 4.5.3.1 limits it checks there."""
+    text = after_keyword(argument, keyword)
+    if text is None:
+        return None
+    match = addresses._SIMPLE_PATH_RE.match(text)
+    if match is None:
+        return None
+    local_part, domain = match.group(1, 2)
+    if (
+        len(local_part) > addresses.MAX_LOCAL_PART
+        or len(local_part) + len(domain) + 3 > addresses.MAX_PATH
+    ):
+        return None
+    return local_part, domain, text[match.end() :]
+
+
+@SETTINGS
+@given(case=path_arguments())
+def test_scan_path_is_the_python_fast_path(case: tuple[bytes, bytes]) -> None:
+    argument, keyword = case
+    expected = python_fast_path(argument, keyword)
+    event("simple path" if expected is not None else "not simple")  # --hypothesis-show-statistics
+    for core in CORES:
+        got = core.scan_path(argument, keyword)
+        if expected is None:
+            assert got is None, core.__name__
+        else:
+            assert got is not None, core.__name__
+            local_part, domain, rest = got
+            assert (local_part, domain, rest.decode("utf-8", "surrogateescape")) == expected
+    if expected is None:
+        return
+    # The general parser reads the same address and the same parameters text...
+    text = after_keyword(argument, keyword)
+    assert text is not None
+    address, rest_text = parse_path(
+        text, allow_null=True, allow_utf8=True, allow_postmaster=keyword == b"TO:"
+    )
+    assert (address.local_part, address.domain, rest_text) == expected
+    assert address == f"{expected[0]}@{expected[1]}"
+    # ...and so does the whole command line, unless it refuses the parameters (or a rest that
+    # is not UTF-8): never the path.
+    verb = b"MAIL " if keyword == b"FROM:" else b"RCPT "
+    try:
+        command = parse_command(verb + argument, smtputf8=True)
+    except AddressError as error:
+        pytest.fail(f"the general parser refused the path: {error!r}")
+    except CommandSyntaxError:
+        return
+    if isinstance(command, MailCommand):
+        address = command.return_path
+    else:
+        assert isinstance(command, RcptCommand)
+        address = command.recipient_address
+    assert (address.local_part, address.domain) == expected[:2]
+
+
+@needs_compiled
+@SETTINGS
+@given(
+    case=st.one_of(
+        path_arguments(),
+        st.tuples(
+            st.one_of(token_streams, st.binary(max_size=40)),
+            st.sampled_from([b"FROM:", b"TO:", b"", b"<", b"from:", b"\xff:"]),
+        ),
+    )
+)
+def test_scan_path_implementations_agree(case: tuple[bytes, bytes]) -> None:
+    assert C is not None
+    argument, keyword = case
+    expected = PY.scan_path(argument, keyword)
+    assert C.scan_path(argument, keyword) == expected
+    assert C.scan_path(memoryview(argument), keyword) == PY.scan_path(bytearray(argument), keyword)

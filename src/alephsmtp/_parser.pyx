@@ -14,6 +14,9 @@ DataReader's common case, lines that end in CRLF and have no bare CR, goes throu
 portable C) and drops stuffed dots in the same pass; the exact line-by-line scan takes what
 it leaves: the end mark, the lines with a bare CR or LF or near the line limit, the last line
 of a read. LineReader finds a line's CRLF, and that it has no other CR, in one pass.
+
+``scan_path`` reads the common MAIL/RCPT argument in one pass over a character-class table and
+creates its three results only when the argument has the simple form.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -23,7 +26,7 @@ from cpython.bytearray cimport (
     PyByteArray_GET_SIZE,
     PyByteArray_Resize,
 )
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.ref cimport Py_DECREF, Py_INCREF
@@ -33,11 +36,13 @@ import operator
 
 from alephsmtp.errors import BareCarriageReturn, BareLineFeed, LineTooLong, MessageTooLarge
 
-__all__ = ["BdatReader", "BufferPool", "DataReader", "LineReader", "split_command"]
+__all__ = ["BdatReader", "BufferPool", "DataReader", "LineReader", "scan_path", "split_command"]
 
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject **bytes, Py_ssize_t newsize) except -1
     void Py_SET_SIZE(object o, Py_ssize_t size)
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void* PyUnicode_1BYTE_DATA(object o)
 
 cdef bytes EMPTY = b""
 
@@ -1278,3 +1283,126 @@ def split_command(line):
         return verb, PyBytes_FromStringAndSize(<const char*>p + a, b - a)
     finally:
         PyBuffer_Release(&view)
+
+
+# scan_path's character classes (RFC 5321 4.1.2): atext (RFC 5322 3.2.3) makes the local part's
+# atoms; Let-dig starts and ends a domain label, Ldh-str (letters, digits, hyphens) fills it.
+cdef enum:
+    C_ATEXT = 1
+    C_LET_DIG = 2
+    C_LDH = 4
+
+# RFC 5321 4.5.3.1.1 and 4.5.3.1.3: the local part; the path with "<", "@" and ">". RFC 1035
+# 2.3.4: a label.
+cdef enum:
+    MAX_LOCAL_PART = 64
+    MAX_PATH = 256
+    MAX_LABEL = 63
+
+cdef unsigned char PATH_CLASS[256]
+
+
+cdef void _fill_path_class() noexcept:
+    cdef unsigned char c
+    cdef int i
+    for i in range(256):
+        PATH_CLASS[i] = 0
+    for c in b"!#$%&'*+/=?^_`{|}~":
+        PATH_CLASS[c] = C_ATEXT
+    PATH_CLASS[b"-"] = C_ATEXT | C_LDH
+    for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789":
+        PATH_CLASS[c] = C_ATEXT | C_LET_DIG | C_LDH
+
+
+_fill_path_class()
+
+
+cdef inline object _ascii_str(const unsigned char* p, Py_ssize_t n):
+    """A new ``str`` of ``n`` bytes known to be ASCII: copied, not decoded."""
+    cdef object text = PyUnicode_New(n, 127)
+    memcpy(PyUnicode_1BYTE_DATA(text), p, n)
+    return text
+
+
+cdef inline unsigned char _lower(unsigned char c) noexcept:
+    """ASCII letters in lower case; every other byte as it is (as ``bytes.lower()``)."""
+    return c + 32 if b"A" <= c <= b"Z" else c
+
+
+def scan_path(argument, keyword):
+    """The simple ``keyword<local@domain>`` MAIL/RCPT argument as its parts, else None."""
+    cdef Py_buffer view
+    if type(keyword) is not bytes:
+        raise TypeError(f"scan_path() keyword must be bytes, not {type(keyword).__name__}")
+    if type(argument) is bytes:
+        # split_command's result: read in place, without the buffer protocol (which was about
+        # a third of the instructions of a call that declines).
+        return _scan_path(
+            <const unsigned char*>PyBytes_AS_STRING(argument), PyBytes_GET_SIZE(argument), keyword
+        )
+    _get_buffer(argument, &view)
+    try:
+        return _scan_path(<const unsigned char*>view.buf, view.len, keyword)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef object _scan_path(const unsigned char* p, Py_ssize_t n, bytes keyword):
+    """scan_path over ``p[:n]``: one pass, the results made only for a simple path."""
+    cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(keyword)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(keyword)
+    cdef Py_ssize_t i, local, at, close, label
+    if n < size:
+        return None
+    for i in range(size):
+        if p[i] != k[i] and _lower(p[i]) != _lower(k[i]):  # (mostly the same case)
+            return None
+    i = size
+    while i < n and p[i] == SP:
+        i += 1
+    if i == n or p[i] != b"<":
+        return None
+    i += 1
+    local = i
+    while True:  # Dot-string = Atom *("." Atom)
+        if i == n or not PATH_CLASS[p[i]] & C_ATEXT:
+            return None
+        i += 1
+        while i < n and PATH_CLASS[p[i]] & C_ATEXT:
+            i += 1
+        if i == n or p[i] != DOT:
+            break
+        i += 1
+    if i == n or p[i] != b"@":
+        return None
+    at = i
+    i += 1
+    while True:  # Domain = sub-domain *("." sub-domain)
+        label = i
+        if i == n or not PATH_CLASS[p[i]] & C_LET_DIG:
+            return None
+        i += 1
+        while i < n and PATH_CLASS[p[i]] & C_LDH:
+            i += 1
+        if p[i - 1] == b"-" or i - label > MAX_LABEL:
+            return None
+        if i == n or p[i] != DOT:
+            break
+        i += 1
+    if i == n or p[i] != b">":
+        return None
+    close = i
+    if at - local > MAX_LOCAL_PART or close - local + 2 > MAX_PATH:
+        return None
+    i += 1
+    if i < n:  # RFC 5321 4.1.2: the parameters follow the path after SP
+        if p[i] != SP:
+            return None
+        i += 1
+        while i < n and p[i] == SP:
+            i += 1
+    return (
+        _ascii_str(p + local, at - local),
+        _ascii_str(p + at + 1, close - at - 1),
+        PyBytes_FromStringAndSize(<const char*>p + i, n - i) if i < n else EMPTY,
+    )

@@ -95,6 +95,29 @@ split_command(line) -> tuple[bytes, bytes]
   none). Leading spaces before the verb are stripped first. ``b"mail FROM:<a@b>  "`` gives
   ``(b"MAIL", b"FROM:<a@b>")``; ``b""`` gives ``(b"", b"")``.
 
+scan_path(argument, keyword) -> tuple[str, str, bytes] | None
+  The common MAIL/RCPT argument in one call (RFC 5321 4.1.1.2, 4.1.1.3); ``None`` for anything
+  else, which the caller hands to the general parser (:func:`alephsmtp.addresses.parse_path`
+  via :mod:`alephsmtp.commands`), the one that decides what it is. ``argument`` is the command
+  argument as ``split_command`` returns it; ``keyword`` (``bytes``) is ``b"FROM:"`` or
+  ``b"TO:"``, matched ASCII-case-insensitively (RFC 5321 2.4) at the start. Then, exactly:
+  zero or more spaces, ``<`` Dot-string ``@`` Domain ``>``, then the end of the argument or one
+  or more spaces and the rest. Dot-string (RFC 5321 4.1.2) is atoms of ASCII atext
+  (``A-Za-z0-9!#$%&'*+-/=?^_`{|}~``, RFC 5322 3.2.3) joined by single dots; Domain is labels
+  of 1 to 63 letters, digits and hyphens, not starting or ending with a hyphen, joined by single
+  dots. Limits (RFC 5321 4.5.3.1.1, 4.5.3.1.3): the local part has at most 64 octets and the
+  path with its ``<``, ``@`` and ``>`` at most 256.
+  Returns ``(local_part, domain, rest)``: ``local_part`` and ``domain`` are ASCII ``str``;
+  ``rest`` is the ``bytes`` after the spaces that follow ``>`` (the ESMTP parameters, not
+  checked here and not necessarily UTF-8; ``b""`` when none).
+  ``None`` for every other argument: another keyword, the null path ``<>``, ``<Postmaster>``,
+  a source route, a quoted local part, an address literal, non-ASCII, no angle brackets, any
+  other syntax error, a limit broken. It never raises for content; ``TypeError`` when
+  ``argument`` has no buffer protocol or ``keyword`` is not ``bytes``.
+  It is :func:`alephsmtp.addresses.parse_path`'s fast path in bytes: it returns a tuple
+  exactly when that path's pattern and limits take the text after the keyword and its spaces,
+  and then ``parse_path`` gives the same local part, domain and (decoded) rest.
+
 CLARIFICATIONS (decided while implementing; both implementations follow them, tests pin them):
   * Arguments: a ``feed``/``split_command`` argument without the buffer protocol raises
     ``TypeError`` (a non-contiguous buffer is accepted: its bytes are copied first). Sizes and
@@ -126,15 +149,16 @@ CLARIFICATIONS (decided while implementing; both implementations follow them, te
 from __future__ import annotations
 
 import operator
+import re
 import sys
 from typing import Final, TypeAlias
 
 from .errors import BareCarriageReturn, BareLineFeed, LineTooLong, MessageTooLarge, SmtpError
 
-__all__ = ["BdatReader", "BufferPool", "DataReader", "LineReader", "split_command"]
+__all__ = ["BdatReader", "BufferPool", "DataReader", "LineReader", "scan_path", "split_command"]
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
-"""What ``feed`` and ``split_command`` accept."""
+"""What ``feed``, ``split_command`` and ``scan_path`` accept."""
 
 _EMPTY: Final = b""
 _CR: Final = 13
@@ -142,6 +166,18 @@ _LF: Final = 10
 _DOT: Final = 46
 _END_MARK: Final = b"\r\n.\r\n"
 _CRLF_DOT: Final = b"\r\n."
+
+# scan_path: "<" Dot-string "@" Domain ">" (RFC 5321 4.1.2) in ASCII, then the end or spaces.
+# Atom = 1*atext (RFC 5322 3.2.3); sub-domain = Let-dig [Ldh-str], at most 63 octets (RFC 1035
+# 2.3.4). The compiled core scans the same grammar with a character-class table.
+_ATOM: Final = rb"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_LABEL: Final = rb"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+_SIMPLE_PATH: Final = re.compile(
+    rb" *<(%s(?:\.%s)*)@(%s(?:\.%s)*)>(?: +|\Z)" % (_ATOM, _ATOM, _LABEL, _LABEL)
+)
+# RFC 5321 4.5.3.1.1 and 4.5.3.1.3: the local part; the path with "<", "@" and ">".
+_MAX_LOCAL_PART: Final = 64
+_MAX_PATH: Final = 256
 
 # DataReader line-start states: nothing of the line seen yet / a dot / a dot and a CR (both
 # held, not output yet) / inside a line (output as it comes).
@@ -796,3 +832,21 @@ def split_command(line: BytesLike) -> tuple[bytes, bytes]:
     """Split a command line into its ASCII-uppercased verb and its space-stripped argument."""
     verb, _, argument = _as_bytes(line).lstrip(b" ").partition(b" ")
     return verb.upper(), argument.strip(b" ")
+
+
+def scan_path(argument: BytesLike, keyword: bytes) -> tuple[str, str, bytes] | None:
+    """The simple ``keyword<local@domain>`` MAIL/RCPT argument as its parts, else None."""
+    if type(keyword) is not bytes:
+        raise TypeError(f"scan_path() keyword must be bytes, not {type(keyword).__name__}")
+    data = _as_bytes(argument)
+    size = len(keyword)
+    # bytes.lower() changes ASCII letters only (RFC 5321 2.4: verbs and keywords in any case).
+    if data[:size].lower() != keyword.lower():
+        return None
+    match = _SIMPLE_PATH.match(data, size)
+    if match is None:
+        return None
+    local_part, domain = match.group(1, 2)
+    if len(local_part) > _MAX_LOCAL_PART or len(local_part) + len(domain) + 3 > _MAX_PATH:
+        return None
+    return local_part.decode("ascii"), domain.decode("ascii"), data[match.end() :]

@@ -15,6 +15,7 @@ __all__ = [
     "BufferPool",
     "DataReader",
     "LineReader",
+    "scan_path",
     "split_command",
 ]
 
@@ -24,7 +25,14 @@ IMPLEMENTATION: Literal["cython", "python"]
 
 if TYPE_CHECKING or NO_EXTENSIONS:
     # The twin is what type checkers read: one API, typed once.
-    from ._parser_py import BdatReader, BufferPool, DataReader, LineReader, split_command
+    from ._parser_py import (
+        BdatReader,
+        BufferPool,
+        DataReader,
+        LineReader,
+        scan_path,
+        split_command,
+    )
 
     IMPLEMENTATION = "python"
 else:
@@ -34,11 +42,19 @@ else:
             BufferPool,
             DataReader,
             LineReader,
+            scan_path,
             split_command,
         )
 
         IMPLEMENTATION = "cython"
     except ImportError:  # not built (sdist without a compiler, or another interpreter)
-        from ._parser_py import BdatReader, BufferPool, DataReader, LineReader, split_command
+        from ._parser_py import (
+            BdatReader,
+            BufferPool,
+            DataReader,
+            LineReader,
+            scan_path,
+            split_command,
+        )
 
         IMPLEMENTATION = "python"

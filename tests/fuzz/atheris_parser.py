@@ -36,6 +36,7 @@ def test_one_input(data: bytes) -> None:
     checker.data_reader("normalize")
     checker.bdat_reader()
     checker.split_command()
+    checker.scan_path()
     checker.round_trip()
 
 

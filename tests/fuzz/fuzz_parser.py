@@ -20,6 +20,11 @@ larger buffer or non-contiguous views. Each input goes through:
   after the end mark (``trailing`` plus what was not fed) -- so nothing depends on the splits;
 - ``BdatReader``: the same transcript, against exactly ``size`` bytes of the stream;
 - ``split_command``: the same result, against the contract;
+- ``scan_path`` (FROM: or TO:), on a MAIL/RCPT argument made for it (a simple path, one at the
+  RFC 5321 limits, a fallback form, with keyword faults and a few bytes changed) or on the
+  input's first bytes: the same result from both cores, and exactly what the Python fast path
+  (commands' keyword rule, ``addresses._SIMPLE_PATH_RE`` and its limits) finds; when a tuple
+  comes back, ``addresses.parse_path`` reads the same local part, domain and rest;
 - a round trip: a body of lines dot-stuffed here plus ``.<CRLF>`` comes back byte-exact;
 - every 64th input, ``BufferPool``: the same counters and errors for a random sequence of calls.
 
@@ -41,7 +46,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from alephsmtp import _parser_py
+from alephsmtp import _parser_py, addresses
 
 
 def _load_compiled() -> ModuleType | None:
@@ -126,6 +131,93 @@ def body_input(rng: random.Random) -> bytes:
 def random_input(rng: random.Random) -> bytes:
     """A token soup (60%) or a long, mostly clean body (40%)."""
     return token_input(rng) if rng.random() < 0.6 else body_input(rng)
+
+
+ATEXT = b"abxyzABZ0189!#$%&'*+-/=?^_`{|}~"
+LDH = b"abzAZ09-"
+LET_DIG = b"abzAZ09"
+# One of each fallback form's marks, and bytes that are never part of a simple path.
+PATH_NOISE = (
+    b" ", b"  ", b"\t", b'"', b"\\", b"(", b",", b":", b";", b"[", b"]", b"<", b">", b"@",
+    b".", b"..", b"-", b"_", b"\x00", b"\x7f", b"\x80", b"\xc3\xa9", b"\xff", b"\r\n", b"\x1a",
+)  # fmt: skip
+PATH_FORMS = (
+    b"<>", b"<Postmaster>", b"<postmaster>", b"<@a.example,@b.example:x@y.example>",
+    b'<"x y"@d.example>', b"<a@[192.0.2.1]>", b"<a@[IPv6:::1]>", b"a@b.example",
+    b"<a@b.example", b"<j\xc3\xb6rg@b.example>", b"<a@b\xc3\xbccher.example>",
+)  # fmt: skip
+PATH_TAILS = (
+    b"", b" SIZE=1", b"  BODY=8BITMIME SMTPUTF8", b"   ", b"x", b"\t", b">", b" \xff",
+    b" NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@b", b" \xc3\xa9=1",
+)  # fmt: skip
+
+
+def _run_of(rng: random.Random, alphabet: bytes) -> bytes:
+    """A few mixed bytes of ``alphabet``, or one repeated, often to near the 63/64 limits."""
+    if rng.random() < 0.7:
+        return bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 7)))
+    return bytes([rng.choice(alphabet)]) * rng.choice([rng.randrange(1, 5), rng.randrange(58, 71)])
+
+
+def _label(rng: random.Random) -> bytes:
+    """A domain label: mostly valid but for its length, sometimes any run of LDH bytes."""
+    roll = rng.random()
+    if roll < 0.6:
+        middle = _run_of(rng, LDH) if rng.random() < 0.5 else b""
+        return bytes([rng.choice(LET_DIG)]) + middle + bytes([rng.choice(LET_DIG)])
+    if roll < 0.8:
+        return bytes([rng.choice(LET_DIG)])
+    return _run_of(rng, LDH)
+
+
+def _boundary_path(rng: random.Random) -> bytes:
+    """``<local@domain>`` at the RFC 5321 4.5.3.1 limits: a local part of 63-65 octets, a path
+    of 255-257, labels of 62-64."""
+    local_size = rng.choice([64, 65, 63, 1, 30])
+    local = bytearray(b"l" * local_size)
+    if local_size > 2 and rng.random() < 0.5:
+        local[rng.randrange(1, local_size - 1)] = ord(".")
+    domain_size = rng.choice([256, 257, 255, 100]) - local_size - 3
+    unit = b"d" * rng.choice([63, 64, 62, 7]) + b"."
+    domain = (unit * (domain_size // len(unit) + 1))[:domain_size]
+    if domain.endswith(b"."):
+        domain = domain[:-2] + b".e"
+    return b"<" + bytes(local) + b"@" + domain + b">"
+
+
+def path_input(rng: random.Random, keyword: bytes) -> bytes:
+    """A MAIL/RCPT argument for ``keyword``: most often a simple path or nearly one."""
+    roll = rng.random()
+    if roll < 0.1:
+        return rng.randbytes(rng.randrange(0, 30))
+    written = keyword
+    if rng.random() < 0.25:
+        other = b"TO:" if keyword == b"FROM:" else b"FROM:"
+        # Another case (matches), or a keyword that must not match.
+        forms = [keyword.lower(), keyword.capitalize(), other, keyword[:-1], keyword[:-1] + b" :"]
+        forms += [b"", b"\xc6ROM:", keyword[:-1] + b"\x1a"]
+        written = rng.choice(forms)
+    if roll < 0.2:
+        path = rng.choice(PATH_FORMS)
+    elif roll < 0.45:
+        path = _boundary_path(rng)
+    else:
+        local_part = b".".join(_run_of(rng, ATEXT) for _ in range(rng.randrange(1, 4)))
+        domain = b".".join(_label(rng) for _ in range(rng.randrange(1, 5)))
+        path = b"<" + local_part + b"@" + domain + b">"
+    argument = bytearray(written + b" " * rng.choice([0, 0, 1, 3]) + path + rng.choice(PATH_TAILS))
+    if rng.random() < 0.35:  # one to three bytes changed, added or removed
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(0, len(argument) + 1)
+            noise = rng.choice(PATH_NOISE)
+            op = rng.randrange(3)
+            if op == 0:
+                argument[at:at] = noise
+            elif op == 1:
+                argument[at : at + len(noise)] = noise
+            else:
+                del argument[at : at + 1]
+    return bytes(argument)
 
 
 def random_splits(rng: random.Random, data: bytes) -> list[bytes]:
@@ -239,6 +331,36 @@ def ref_data(data: bytes, max_size: int, limit: int, normalize: bool) -> DataRes
     if max_size and len(out) > max_size:
         broken = True
     return DataResult(done, data[end + 3 :] if done else b"", bytes(out), len(out), broken)
+
+
+def after_keyword(argument: bytes, keyword: bytes) -> str | None:
+    """The text ``addresses.parse_path`` gets for this argument: decoded (``surrogateescape``
+    standing in for the command layer's refusal of bad UTF-8), after the keyword (matched as
+    ``commands._after_keyword`` does: ASCII, any case) and the spaces after it."""
+    text = argument.decode("utf-8", "surrogateescape")
+    word = keyword.decode("ascii").upper()
+    head = text[: len(word)]
+    if not (head.isascii() and head.upper() == word):
+        return None
+    return text[len(word) :].lstrip(" ")
+
+
+def ref_scan_path(argument: bytes, keyword: bytes) -> tuple[str, str, str] | None:
+    """What ``addresses.parse_path`` takes without its general parser: the simple-path
+    pattern and the RFC 5321 4.5.3.1 limits it checks there."""
+    text = after_keyword(argument, keyword)
+    if text is None:
+        return None
+    match = addresses._SIMPLE_PATH_RE.match(text)
+    if match is None:
+        return None
+    local_part, domain = match.group(1, 2)
+    if (
+        len(local_part) > addresses.MAX_LOCAL_PART
+        or len(local_part) + len(domain) + 3 > addresses.MAX_PATH
+    ):
+        return None
+    return local_part, domain, text[match.end() :]
 
 
 def stuff(lines: list[bytes]) -> bytes:
@@ -393,6 +515,34 @@ class Checker:
         if got != (verb.upper(), argument.strip(b" ")):
             raise Mismatch(f"split_command({line!r:.200}) = {got!r}")
 
+    def scan_path(self) -> None:
+        rng = self.rng
+        keyword = rng.choice([b"FROM:", b"TO:"])
+        if rng.random() < 0.8:
+            argument = path_input(rng, keyword)
+        else:
+            argument = self.data[: rng.randrange(0, 300)]
+        got = self.compare(
+            f"scan_path({argument!r:.300}, {keyword!r})",
+            lambda m: m.scan_path(as_buffer(rng, argument), keyword),
+        )
+        expected = ref_scan_path(argument, keyword)
+        if got is not None:
+            got = (got[0], got[1], got[2].decode("utf-8", "surrogateescape"))
+        if got != expected:
+            raise Mismatch(
+                f"scan_path({argument!r:.300}, {keyword!r}) = {got!r:.300}, "
+                f"the Python fast path finds {expected!r:.300}"
+            )
+        if expected is not None:
+            text = after_keyword(argument, keyword)
+            assert text is not None
+            address, rest = addresses.parse_path(
+                text, allow_null=True, allow_utf8=True, allow_postmaster=keyword == b"TO:"
+            )
+            if (address.local_part, address.domain, rest) != expected:
+                raise Mismatch(f"parse_path({text!r:.300}) = {address!r}, {rest!r:.100}")
+
     def round_trip(self) -> None:
         rng = self.rng
         normalize = rng.random() < 0.5
@@ -462,6 +612,7 @@ def check_input(seed: int, index: int) -> None:
     checker.data_reader("normalize")
     checker.bdat_reader()
     checker.split_command()
+    checker.scan_path()
     checker.round_trip()
     if index % 64 == 0:
         checker.buffer_pool()
