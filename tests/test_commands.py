@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import pytest
 
@@ -30,7 +32,10 @@ from alephsmtp.commands import (
     SmtpCommand,
     StarttlsCommand,
     VrfyCommand,
+    parse_argument,
     parse_command,
+    parse_mail,
+    parse_rcpt,
 )
 from alephsmtp.errors import CommandSyntaxError
 
@@ -483,3 +488,57 @@ def test_errors_are_not_chained_to_the_internal_one() -> None:
     with pytest.raises(AddressError) as info:
         parse_command(b"RCPT TO:<a..b@example.org>")
     assert info.value.__suppress_context__
+
+
+FAST_PATH_ARGUMENTS = [
+    b"FROM:<alice@example.org>",
+    b"from:<alice@example.org>",
+    b"FROM: <alice@example.org>",
+    b"FROM:<alice@example.org> SIZE=1000 BODY=8BITMIME",
+    b"FROM:<alice@example.org> SIZE=x",
+    b"FROM:<alice@example.org> SIZE=1 \xff",
+    b"FROM:<alice@example.org> BODY",
+    b"FROM:<>",
+    b"FROM:<Postmaster>",
+    b'FROM:<"a b"@example.org>',
+    b"FROM:<@relay.example:alice@example.org>",
+    b"FROM:<al\xc3\xafce@example.org> SMTPUTF8",
+    b"FROM:<alice@[192.0.2.1]>",
+    b"FROM:alice@example.org",
+    b"TO:<alice@example.org>",
+]
+
+
+@pytest.mark.parametrize("argument", FAST_PATH_ARGUMENTS)
+@pytest.mark.parametrize("verb", [b"MAIL", b"RCPT"])
+def test_the_session_way_in_gives_what_the_general_parser_gives(
+    verb: bytes, argument: bytes
+) -> None:
+    """parse_mail / parse_rcpt read the common form through the core's scan_path and
+    everything else through parse_argument: the same command, or the same error, either way."""
+    if verb == b"RCPT":
+        argument = argument.replace(b"FROM:", b"TO:", 1).replace(b"from:", b"to:", 1)
+
+    def outcome(parse: Callable[[], SmtpCommand]) -> object:
+        try:
+            command = parse()
+        except CommandSyntaxError as error:
+            return (type(error), error.code, error.enhanced, error.text)
+        path = getattr(command, "return_path", None) or getattr(command, "recipient_address", "")
+        parts = (getattr(path, "local_part", None), getattr(path, "domain", None))
+        return (
+            type(command),
+            command,
+            command.parameter,
+            dict(getattr(command, "parameters", {})),
+            parts,
+        )
+
+    for utf8 in (False, True):
+        fast = outcome(
+            functools.partial(parse_mail, argument)
+            if verb == b"MAIL"
+            else functools.partial(parse_rcpt, argument, utf8)
+        )
+        general = outcome(functools.partial(parse_argument, verb, argument, smtputf8=utf8))
+        assert fast == general

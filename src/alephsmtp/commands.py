@@ -27,7 +27,7 @@ from .addresses import (
     parse_path,
 )
 from .errors import CommandSyntaxError
-from .parser import split_command
+from .parser import scan_path, split_command
 
 __all__ = [
     "AuthCommand",
@@ -50,6 +50,8 @@ __all__ = [
     "XforwardCommand",
     "parse_argument",
     "parse_command",
+    "parse_mail",
+    "parse_rcpt",
     "xclient_address",
 ]
 
@@ -392,6 +394,10 @@ def _parse_mail(argument: str, smtputf8: bool) -> SmtpCommand:
                 "Non-ASCII sender address requires SMTPUTF8", reason="non-ASCII address"
             )
         return MailCommand(return_path, parameter=argument)
+    return _mail_with_parameters(return_path, rest, argument)
+
+
+def _mail_with_parameters(return_path: Address, rest: str, argument: str) -> MailCommand:
     parameters = parse_parameters(rest)
     if "SIZE" in parameters:
         size = parameters["SIZE"]
@@ -424,6 +430,52 @@ def _parse_rcpt(argument: str, smtputf8: bool) -> SmtpCommand:
     if not rest:
         return RcptCommand(recipient, parameter=argument)
     return RcptCommand(recipient, _frozen(parse_parameters(rest)), parameter=argument)
+
+
+# The session's way in for MAIL and RCPT: the common ``FROM:<local@domain>`` form is read by
+# the parsing core in one call (scan_path: a tuple exactly when parse_path's simple form takes
+# it, with the same parts); everything else, and every error, by parse_argument.
+
+
+def parse_mail(argument: bytes) -> MailCommand:
+    """MAIL's argument, as :func:`~alephsmtp.parser.split_command` gives it; the errors of
+    :func:`parse_command`."""
+    scanned = scan_path(argument, b"FROM:")
+    if scanned is not None:
+        local_part, domain, rest = scanned
+        return_path = str.__new__(Address, f"{local_part}@{domain}")
+        return_path._local_part = local_part
+        return_path._domain = domain
+        if not rest:
+            return MailCommand(return_path, _NO_PARAMETERS, parameter=argument.decode("ascii"))
+        try:
+            text = argument.decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # parse_argument says so
+        else:
+            return _mail_with_parameters(return_path, rest.decode("utf-8"), text)
+    return parse_argument(b"MAIL", argument)  # type: ignore[return-value]
+
+
+def parse_rcpt(argument: bytes, smtputf8: bool) -> RcptCommand:
+    """RCPT's argument, as :func:`~alephsmtp.parser.split_command` gives it, in a transaction
+    begun with SMTPUTF8 or not; the errors of :func:`parse_command`."""
+    scanned = scan_path(argument, b"TO:")
+    if scanned is not None:
+        local_part, domain, rest = scanned
+        recipient = str.__new__(Address, f"{local_part}@{domain}")
+        recipient._local_part = local_part
+        recipient._domain = domain
+        if not rest:
+            return RcptCommand(recipient, _NO_PARAMETERS, parameter=argument.decode("ascii"))
+        try:
+            text = argument.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            parameters = _frozen(parse_parameters(rest.decode("utf-8")))
+            return RcptCommand(recipient, parameters, parameter=text)
+    return parse_argument(b"RCPT", argument, smtputf8=smtputf8)  # type: ignore[return-value]
 
 
 def _frozen(parameters: dict[str, str | None]) -> Parameters:

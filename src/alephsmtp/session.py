@@ -64,6 +64,8 @@ from .commands import (
     XclientCommand,
     XforwardCommand,
     parse_argument,
+    parse_mail,
+    parse_rcpt,
     xclient_address,
 )
 from .config import SessionConfig
@@ -1097,7 +1099,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._limit_reply = R.TOO_MANY_TRANSACTIONS
             return
         try:
-            command = cast(MailCommand, parse_argument(b"MAIL", argument))
+            command = parse_mail(argument)
         except CommandSyntaxError as error:
             self._write(_error_reply(error))
             return
@@ -1164,9 +1166,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         assert tx is not None  # the order says a transaction is open
         envelope = tx.envelope
         try:
-            command = cast(
-                RcptCommand, parse_argument(b"RCPT", argument, smtputf8=envelope.smtputf8)
-            )
+            command = parse_rcpt(argument, envelope.smtputf8)
         except CommandSyntaxError as error:
             self._write(_error_reply(error))
             return
