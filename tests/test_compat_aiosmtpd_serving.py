@@ -502,11 +502,6 @@ def xoauth_handler(ns: SimpleNamespace) -> Any:
     return XOAuth2()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NEEDS.md: a handler may run a SASL exchange (challenge, response) itself",
-    raises=(NotImplementedError, AssertionError),
-)
 def test_custom_auth_mechanism() -> None:
     def script(client: Client) -> None:
         client.ehlo()
@@ -518,11 +513,6 @@ def test_custom_auth_mechanism() -> None:
     assert_same_transcript(original.steps, compat.steps)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NEEDS.md: a handler may run a SASL exchange (challenge, response) itself",
-    raises=(NotImplementedError, AssertionError),
-)
 def test_handle_auth_hook() -> None:
     class Auth:
         async def handle_AUTH(
