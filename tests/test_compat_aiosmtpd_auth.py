@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import ssl
 import threading
 from types import SimpleNamespace
 from typing import Any
 
 import aiosmtplib
 import pytest
+import trustme
 
 from _aiosmtpd_pair import (
     IMPLEMENTATIONS,
@@ -27,6 +30,7 @@ from _aiosmtpd_pair import (
     Client,
     Step,
     assert_same_transcript,
+    run_one,
     run_pair,
     serve,
 )
@@ -180,8 +184,6 @@ def test_aiosmtpds_own_login_and_plain_when_the_program_has_auth_hooks(mechanism
 
     outcomes = []
     for impl in ("aiosmtpd", "compat"):
-        from _aiosmtpd_pair import run_one
-
         outcomes.append(
             run_one(
                 impl, make, script, auth_require_tls=False, authenticator=authenticator_for(impl)
@@ -398,8 +400,6 @@ def test_a_subclass_overriding_a_built_in_mechanism_and_adding_one() -> None:
 
     results = {}
     for impl in ("aiosmtpd", "compat"):
-        from _aiosmtpd_pair import run_one
-
         cls = subclass(IMPLEMENTATIONS[impl])
         results[impl] = run_one(
             impl,
@@ -475,6 +475,37 @@ def _run_in_thread(coroutine: Any) -> Any:
     if errors:
         raise errors[0]
     return result[0]
+
+
+@pytest.fixture(scope="module")
+def tls() -> SimpleNamespace:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return SimpleNamespace(server=server, client=client)
+
+
+def test_auth_require_tls_with_a_mechanism_of_ones_own(tls: SimpleNamespace) -> None:
+    """auth_require_tls (the default): 538 before STARTTLS (RFC 4954 4), served after it."""
+
+    def script(client: Client) -> None:
+        client.ehlo()
+        client.cmd("AUTH X-TWO")
+        client.starttls(tls.client)
+        client.ehlo()
+        client.cmd("AUTH X-TWO")
+        client.cmd(b64(b"alice"))
+        client.cmd(b64(b"s3cret"))
+        deliver(client)
+
+    original, compat = run_pair(TwoChallenges, script, tls_context=tls.server)
+    # 538's text is alephsmtp's session's ("Encryption required for requested authentication").
+    assert_same(original.steps, compat.steps, codes_only=2)
+    assert [s.code for s in compat.steps[2:9]] == [538, 220, 250, 334, 334, 235, 250]
+    assert "AUTH" not in compat.steps[1].text  # offered over TLS only
+    assert compat.handler.sessions == original.handler.sessions
 
 
 # --- documented differences ------------------------------------------------------------------
@@ -586,3 +617,120 @@ def test_difference_mechanism_names_in_any_case() -> None:
     assert [s.code for s in original.steps[2:]] == [504, 500]
     assert [s.code for s in compat.steps[2:]] == [334, 501]
     assert compat.handler.calls == [("X-TWO", ["x-two"])]
+
+
+def test_difference_failed_auth_is_limited() -> None:
+    """aiosmtpd lets a client guess passwords for ever; alephsmtp answers each failure after
+    the first ``auth_failure_delay`` late (1 s; 0 here, through the layer's session_config())
+    and closes after ``max_auth_failures`` (5) with 421 (docs/security.md)."""
+
+    def subclass(ns: SimpleNamespace) -> type:
+        if ns.name == "aiosmtpd":
+            return ns.smtp.SMTP  # type: ignore[no-any-return]
+
+        class Undelayed(ns.smtp.SMTP):  # type: ignore[misc,name-defined]
+            def session_config(self, implicit_tls: Any = None) -> Any:
+                config = super().session_config(implicit_tls)
+                return dataclasses.replace(config, auth_failure_delay=0.0)
+
+        return Undelayed
+
+    def script(client: Client) -> None:
+        client.ehlo()
+        for _ in range(6):
+            client.cmd("AUTH DENYFALSE")
+
+    original, compat = run_pair(
+        HandledMechanisms, script, smtp_class=subclass, auth_require_tls=False
+    )
+    assert [s.code for s in original.steps[2:]] == [535] * 6
+    assert [s.code for s in compat.steps[2:]] == [535] * 5 + [421]
+
+
+class Careless(Base):
+    """Mechanisms that ignore what aiosmtpd's rules say about the exchange."""
+
+    async def auth_TWICE(self, server: Any, args: list[str]) -> Any:
+        first = await server.challenge_auth("first")
+        second = await server.challenge_auth("second")  # even after "*"
+        self.calls.append((first is self.ns.smtp.MISSING, second is self.ns.smtp.MISSING))
+        return self.ns.smtp.AuthResult(success=False)
+
+    async def auth_CHATTY(self, server: Any, args: list[str]) -> Any:
+        await server.push("235-2.7.0 about to ask")
+        await server.challenge_auth("ask")
+        return self.ns.smtp.AuthResult(success=True, message="235 2.7.0 done")
+
+    async def auth_ARG(self, server: Any, args: list[str]) -> Any:
+        self.calls.append(("ARG", args))
+        return self.ns.smtp.AuthResult(success=False, handled=False)
+
+
+def test_difference_challenge_auth_after_the_exchange_ended() -> None:
+    """After challenge_auth() answered ``*`` with its 501, aiosmtpd sends the next
+    challenge anyway (the client reads it as its next command's reply); the layer returns
+    MISSING without sending."""
+
+    def script(client: Client) -> None:
+        client.ehlo()
+        client.cmd("AUTH TWICE")
+        client.cmd("*")
+        client.cmd("NOOP")
+
+    original, compat = run_pair(Careless, script, auth_require_tls=False)
+    assert [s.code for s in original.steps[2:]] == [334, 501, 334]  # out of step
+    assert [s.code for s in compat.steps[2:]] == [334, 501, 250]
+    assert compat.handler.calls == [(True, True)]
+
+
+def test_difference_lines_pushed_before_a_challenge() -> None:
+    """aiosmtpd writes a pushed line at once, before the challenge (a client reads the two as
+    one broken reply); the layer sends it with the command's final reply."""
+
+    def script(client: Client) -> None:
+        client.ehlo()
+        client.cmd("AUTH CHATTY")
+        client.cmd(b64(b"answer"))
+
+    original, compat = run_pair(Careless, script, auth_require_tls=False)
+    # "235-...", then "334 ...": smtplib takes the two for one 334 reply.
+    assert [(s.code, s.text) for s in original.steps[2:]] == [
+        (334, f"2.7.0 about to ask\n{b64(b'ask')}"),
+        (235, "2.7.0 done"),
+    ]
+    assert [(s.code, s.text) for s in compat.steps[2:]] == [
+        (334, b64(b"ask")),
+        (235, "2.7.0 about to ask\n2.7.0 done"),
+    ]
+
+
+def test_difference_an_initial_response_that_is_not_base64() -> None:
+    """aiosmtpd hands ``AUTH ARG <text>`` to the mechanism whatever the text; alephsmtp's
+    session refuses a response that is not base64 first (RFC 4954 4: 501)."""
+
+    def script(client: Client) -> None:
+        client.ehlo()
+        client.cmd("AUTH ARG not-base64")
+
+    original, compat = run_pair(Careless, script, auth_require_tls=False)
+    assert original.steps[-1].code == 535
+    assert original.handler.calls == [("ARG", ["ARG", "not-base64"])]
+    assert compat.steps[-1].code == 501
+    assert compat.handler.calls == []
+
+
+def test_difference_a_second_auth_after_a_2xx_that_left_session_authenticated_unset() -> None:
+    def script(client: Client) -> None:
+        client.ehlo()
+        client.cmd("AUTH SPECIAL " + b64(b"hi"))
+        client.cmd("AUTH SPECIAL " + b64(b"hi"))
+        client.cmd("MAIL FROM:<alice@example.org>")
+
+    original, compat = run_pair(
+        lambda ns: HookedAuth(ns, sets_authenticated=False),
+        script,
+        auth_require_tls=False,
+        auth_required=True,
+    )
+    assert [s.code for s in original.steps[2:]] == [235, 235, 530]
+    assert [s.code for s in compat.steps[2:]] == [235, 503, 530]

@@ -1,9 +1,6 @@
 """Differential tests of how an aiosmtpd program is served: its controllers (threaded,
 unthreaded, Unix socket, SMTPS), LMTP, the PROXY protocol, timeouts, subclass commands; and
 the documented differences (docs/aiosmtpd.md), each shown on both implementations.
-
-Tests marked ``xfail(strict=True)`` need a session hook alephsmtp does not have yet; NEEDS.md
-names it. They pass, and their mark must go, once the hook is there and the layer uses it.
 """
 
 from __future__ import annotations

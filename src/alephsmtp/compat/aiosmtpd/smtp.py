@@ -187,8 +187,8 @@ _MECHANISM_NAME = re.compile(r"[A-Z0-9_-]+\Z")
 
 
 def auth_mechanism(actual_name: str) -> DecoratorType[RT]:
-    """Name the SASL mechanism an ``auth_XXX`` method implements (see :class:`SMTP`: custom
-    mechanisms are not served by this layer yet)."""
+    """Name the SASL mechanism an ``auth_XXX`` method implements (a name with a dash, or
+    in lower case: it is uppercased)."""
     name = actual_name.upper()
     if not _MECHANISM_NAME.match(name):
         raise ValueError(f"Invalid AUTH mechanism name: {name}")
