@@ -358,12 +358,14 @@ async def test_auth_runs_in_the_layer_only_for_programs_that_change_it(
 
 async def test_challenge_auth_is_for_an_auth_command() -> None:
     smtp = compat_smtp.SMTP(_WithMechanism())
-    with pytest.raises(RuntimeError, match="AUTH"):
+    with pytest.raises(RuntimeError, match="answering AUTH"):
         await smtp.challenge_auth("x")
     session = SmtpSession(smtp.session_config(), smtp.attach)
-    session.connection_made(FakeTransport(session))
-    with pytest.raises(RuntimeError, match="auth_command"):
-        await smtp.challenge_auth("x")  # the session's: no AUTH command is being answered
+    transport = FakeTransport(session)
+    session.connection_made(transport)
+    with pytest.raises(RuntimeError, match="answering AUTH"):
+        await smtp.challenge_auth("x")  # served, but no AUTH command is being answered
+    assert b"334" not in transport.written
     session.close()
 
 

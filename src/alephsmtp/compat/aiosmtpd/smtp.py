@@ -470,6 +470,7 @@ _AUTH_NOT_BASE64 = "501 5.5.2 Can't decode base64"
 _AUTH_NOT_SPLIT = "501 5.5.2 Can't split auth value"
 _AUTH_SUCCESS = "235 2.7.0 Authentication successful"
 _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # aiosmtpd's auth_required refuses these until session.authenticated is true.
 _AUTH_GATED = frozenset({"MAIL", "RCPT", "DATA"})
 # A fault on the server's side is temporary (RFC 5321 4.2.5: the client keeps the message and
@@ -480,6 +481,12 @@ _R_FAULT = verbatim_reply("451 4.3.0 Error: local error in processing")
 _ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 Missing = Callable[[], Reply | None] | None
+
+
+def _final(text: str) -> bool:
+    """Whether pushed ``text`` ends with a reply's final line (``"501 ..."``, not
+    ``"250-..."``: RFC 5321 4.2.1)."""
+    return _LINE_BREAK.split(text.rstrip("\r\n"))[-1][3:4] != "-"
 
 
 def _challenge_bytes(text: bytes) -> bytes:
@@ -632,6 +639,7 @@ class SMTP(asyncio.BufferedProtocol):
         self._tls_seen = False
         self._tls_okay = True
         self._call_limit: MutableMapping[str, int] | None = None
+        self._in_auth = False  # an AUTH command is being answered by the hooks
         self._auth_over = False  # challenge_auth() ended the exchange with a reply of its own
 
     def _auth_setup(self, info: _Handler, cls_info: _Class, exclude: Iterable[str]) -> None:
@@ -688,8 +696,10 @@ class SMTP(asyncio.BufferedProtocol):
         """
         session = self._session
         aio = self.session
-        if session is None or aio is None:
-            raise RuntimeError("challenge_auth() is for AUTH: the SMTP object serves no session")
+        if session is None or aio is None or not self._in_auth:
+            raise RuntimeError(
+                "challenge_auth() is for handle_AUTH and auth_XXX methods answering AUTH"
+            )
         if self._auth_over:
             # The exchange already got its reply (the client cancelled, or sent what is not
             # base64): the client reads no more challenges.
@@ -1410,6 +1420,7 @@ class SMTP(asyncio.BufferedProtocol):
         # aiosmtpd's args: the words after AUTH, as the client wrote them.
         args = e.command.parameter.split()
         mechanism = e.mechanism
+        self._in_auth = True
         self._auth_over = False
         try:
             status: Any = MISSING
@@ -1438,7 +1449,7 @@ class SMTP(asyncio.BufferedProtocol):
             failure = self._failure(error)
             return await failure if inspect.isawaitable(failure) else failure
         finally:
-            self._auth_over = False
+            self._in_auth = self._auth_over = False
         if reply.code // 100 == 2:
             # alephsmtp's session needs an identity to accept (session.authenticated_as).
             e.identity = self._identity(mechanism)
@@ -1478,7 +1489,7 @@ class SMTP(asyncio.BufferedProtocol):
                 # gets a reply (RFC 5321 4.2).
                 return _R_AUTH_INVALID
             return self._reply(None)
-        if pushed and pushed[-1][3:4] != "-":
+        if pushed and _final(pushed[-1]):
             # What was pushed is a whole reply already (challenge_auth's 501 after "*"):
             # aiosmtpd would send the status as a second reply, which the client would take
             # for the answer to its next command.
