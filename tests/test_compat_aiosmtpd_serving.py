@@ -1,9 +1,6 @@
 """Differential tests of how an aiosmtpd program is served: its controllers (threaded,
 unthreaded, Unix socket, SMTPS), LMTP, the PROXY protocol, timeouts, subclass commands; and
 the documented differences (docs/aiosmtpd.md), each shown on both implementations.
-
-Tests marked ``xfail(strict=True)`` need a session hook alephsmtp does not have yet; NEEDS.md
-names it. They pass, and their mark must go, once the hook is there and the layer uses it.
 """
 
 from __future__ import annotations
@@ -502,11 +499,6 @@ def xoauth_handler(ns: SimpleNamespace) -> Any:
     return XOAuth2()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NEEDS.md: a handler may run a SASL exchange (challenge, response) itself",
-    raises=(NotImplementedError, AssertionError),
-)
 def test_custom_auth_mechanism() -> None:
     def script(client: Client) -> None:
         client.ehlo()
@@ -518,11 +510,6 @@ def test_custom_auth_mechanism() -> None:
     assert_same_transcript(original.steps, compat.steps)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NEEDS.md: a handler may run a SASL exchange (challenge, response) itself",
-    raises=(NotImplementedError, AssertionError),
-)
 def test_handle_auth_hook() -> None:
     class Auth:
         async def handle_AUTH(

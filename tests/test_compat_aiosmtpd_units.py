@@ -26,12 +26,14 @@ from _aiosmtpd_pair import (
     run_pair,
     serve,
 )
+from _harness import FakeTransport, Harness, settle
 from alephsmtp.compat.aiosmtpd import controller as compat_controller
 from alephsmtp.compat.aiosmtpd import handlers as compat_handlers
 from alephsmtp.compat.aiosmtpd import proxy_protocol as compat_proxy
 from alephsmtp.compat.aiosmtpd import smtp as compat_smtp
 from alephsmtp.compat.aiosmtpd._support import verbatim_reply
 from alephsmtp.replies import Reply
+from alephsmtp.session import SmtpSession
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning:aiosmtpd",
@@ -254,20 +256,117 @@ def test_smtp_parameters_are_checked_alike(kwargs: dict[str, Any], error: type) 
             module.SMTP(object(), loop=asyncio.new_event_loop(), **kwargs)
 
 
-def test_handle_auth_and_custom_mechanisms_are_refused_up_front() -> None:
-    class WithHook:
-        async def handle_AUTH(self, *args: Any) -> str:
-            return "235 ok"
+class _WithHook:
+    async def handle_AUTH(self, *args: Any) -> str:
+        return "235 ok"
 
-    class WithMechanism:
-        async def auth_XOAUTH2(self, server: Any, args: list[str]) -> Any:
-            return None
 
-    with pytest.raises(NotImplementedError, match="handle_AUTH"):
-        compat_smtp.SMTP(WithHook())
-    with pytest.raises(NotImplementedError, match="XOAUTH2"):
-        compat_smtp.SMTP(WithMechanism())
-    compat_smtp.SMTP(WithMechanism(), auth_exclude_mechanism=["XOAUTH2"])  # not offered: fine
+class _WithMechanism:
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> Any:
+        return None
+
+    @compat_smtp.auth_mechanism("x-named")
+    async def auth_anything(self, server: Any, args: list[str]) -> Any:
+        return None
+
+
+class _WithHelper:
+    """Not a mechanism to the layer: no client could name it (RFC 4422 3.1: 20 characters)."""
+
+    def auth_check_a_user_against_the_database(self) -> bool:
+        return True
+
+
+class _ChallengeLogger(compat_smtp.SMTP):
+    async def challenge_auth(self, *args: Any, **kwargs: Any) -> Any:
+        return await super().challenge_auth(*args, **kwargs)
+
+
+class _OtherPrompt(compat_smtp.SMTP):
+    AuthLoginUsernameChallenge = "Login:"
+
+
+class _Pinging(compat_smtp.SMTP):
+    async def smtp_PING(self, arg: str) -> None:
+        await self.push("250 pong")
+
+
+_LONG = "CHECK_A_USER_AGAINST_THE_DATABASE"
+
+
+@pytest.mark.parametrize(
+    ("cls", "handler", "kwargs", "mechanisms", "in_layer", "only_aiosmtpd"),
+    [
+        (compat_smtp.SMTP, object(), {}, ("LOGIN", "PLAIN"), False, set()),
+        # aiosmtpd compares the names to exclude as written (docs/aiosmtpd.md).
+        (
+            compat_smtp.SMTP,
+            object(),
+            {"auth_exclude_mechanism": ["login"]},
+            ("PLAIN",),
+            False,
+            {"LOGIN"},
+        ),
+        (_Pinging, compat_handlers.Sink(), {}, ("LOGIN", "PLAIN"), False, set()),
+        (compat_smtp.SMTP, _WithHook(), {}, ("LOGIN", "PLAIN"), True, set()),
+        (
+            compat_smtp.SMTP,
+            _WithMechanism(),
+            {},
+            ("LOGIN", "PLAIN", "X-NAMED", "XOAUTH2"),
+            True,
+            set(),
+        ),
+        (
+            compat_smtp.SMTP,
+            _WithMechanism(),
+            {"auth_exclude_mechanism": ["XOAUTH2", "X-NAMED"]},
+            ("LOGIN", "PLAIN"),
+            False,
+            set(),
+        ),
+        (compat_smtp.SMTP, _WithHelper(), {}, ("LOGIN", "PLAIN"), False, {_LONG}),
+        (_ChallengeLogger, object(), {}, ("LOGIN", "PLAIN"), True, set()),
+        (_OtherPrompt, object(), {}, ("LOGIN", "PLAIN"), True, set()),
+        (_OtherPrompt, object(), {"auth_exclude_mechanism": ["LOGIN"]}, ("PLAIN",), False, set()),
+    ],
+)
+async def test_auth_runs_in_the_layer_only_for_programs_that_change_it(
+    cls: type,
+    handler: Any,
+    kwargs: dict[str, Any],
+    mechanisms: tuple[str, ...],
+    in_layer: bool,
+    only_aiosmtpd: set[str],
+) -> None:
+    """Without AUTH hooks of its own a program's AUTH is alephsmtp's session's (LOGIN,
+    PLAIN): no auth_command handler is connected, nothing is paid. The mechanisms offered are
+    aiosmtpd's, but for the differences docs/aiosmtpd.md lists."""
+    smtp = cls(handler, auth_require_tls=False, **kwargs)
+    assert smtp._mechanisms == mechanisms
+    theirs = aiosmtpd.smtp.SMTP(handler, loop=asyncio.get_running_loop(), **kwargs)
+    assert {name.upper() for name in theirs._auth_methods} - set(mechanisms) == only_aiosmtpd
+    assert set(mechanisms) <= {name.upper() for name in theirs._auth_methods}
+    session = SmtpSession(smtp.session_config(), smtp.attach)
+    session.connection_made(FakeTransport(session))
+    try:
+        assert bool(session.auth_command) is in_layer
+        assert bool(session.auth) is True
+    finally:
+        session.close()
+
+
+async def test_challenge_auth_is_for_an_auth_command() -> None:
+    smtp = compat_smtp.SMTP(_WithMechanism())
+    with pytest.raises(RuntimeError, match="answering AUTH"):
+        await smtp.challenge_auth("x")
+    session = SmtpSession(smtp.session_config(), smtp.attach)
+    transport = FakeTransport(session)
+    session.connection_made(transport)
+    with pytest.raises(RuntimeError, match="answering AUTH"):
+        await smtp.challenge_auth("x")  # served, but no AUTH command is being answered
+    assert b"334" not in transport.written
+    session.close()
 
 
 def test_get_localhost_alike() -> None:
@@ -436,3 +535,61 @@ def test_the_controller_stops_gracefully() -> None:
     assert code == 421
     assert [s.code for s in client.steps[-3:]] == [250, 354, 250]
     assert len(handler.messages) == 1
+
+
+class _Asking:
+    """A mechanism of its own that asks once and records how its exchange ended."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    async def auth_X_ASK(self, server: Any, args: list[str]) -> Any:
+        try:
+            answer = await server.challenge_auth("well?")
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+        self.ended.append("MISSING" if answer is compat_smtp.MISSING else "answered")
+        return compat_smtp.AuthResult(success=False)
+
+
+def _asking_session() -> tuple[_Asking, Harness]:
+    handler = _Asking()
+    smtp = compat_smtp.SMTP(handler, auth_require_tls=False, hostname="mx.test")
+    config = smtp.session_config()
+    h = Harness(
+        smtp.attach,
+        hostname=config.hostname,
+        enhanced_status_codes=False,
+        auth_mechanisms=config.auth_mechanisms,
+        auth_over_plaintext=True,
+    )
+    h.send(b"EHLO c\r\nAUTH X_ASK\r\n")
+    return handler, h
+
+
+async def test_a_client_gone_during_a_challenge_ends_the_hook_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As in aiosmtpd, the hook is cancelled; nothing is logged as a fault."""
+    handler, h = _asking_session()
+    await settle()
+    assert h.replies()[-1] == "334 d2VsbD8="
+    with caplog.at_level(logging.ERROR):
+        h.transport.close()
+        await settle()
+    assert handler.ended == ["cancelled"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_answer_line_over_the_limit_ends_the_exchange() -> None:
+    """RFC 4954 4: 12,288 octets at most; a longer line gets a 5xx, the session goes on."""
+    handler, h = _asking_session()
+    await settle()
+    h.output()
+    h.send(b"A" * 13000 + b"\r\nNOOP\r\n")
+    await settle()
+    replies = h.replies()
+    assert [line[:3] for line in replies] == ["501", "250"]
+    assert "too long" in replies[0]
+    assert handler.ended == ["MISSING"]

@@ -17,6 +17,7 @@ whenever no ``handle_MAIL`` / ``handle_RCPT`` hook keeps it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import dis
 import email._header_value_parser as _header_parser
@@ -35,9 +36,16 @@ from email.errors import HeaderParseError
 from typing import Any, NamedTuple, TypeVar
 
 from alephsmtp import __version__ as _alephsmtp_version
+from alephsmtp.auth import AuthCancelled
 from alephsmtp.config import SessionConfig
 from alephsmtp.envelope import SmtpEnvelope
-from alephsmtp.events import AuthEventArgs, CommandEventArgs, MessageReceivedEventArgs
+from alephsmtp.errors import SmtpError
+from alephsmtp.events import (
+    AuthCommandEventArgs,
+    AuthEventArgs,
+    CommandEventArgs,
+    MessageReceivedEventArgs,
+)
 from alephsmtp.proxy import ProxyHeader, ProxyProtocolReceiver
 from alephsmtp.replies import Reply
 from alephsmtp.session import SmtpSession
@@ -179,8 +187,8 @@ _MECHANISM_NAME = re.compile(r"[A-Z0-9_-]+\Z")
 
 
 def auth_mechanism(actual_name: str) -> DecoratorType[RT]:
-    """Name the SASL mechanism an ``auth_XXX`` method implements (see :class:`SMTP`: custom
-    mechanisms are not served by this layer yet)."""
+    """Name the SASL mechanism an ``auth_XXX`` method implements (a name with a dash, or
+    in lower case: it is uppercased)."""
     name = actual_name.upper()
     if not _MECHANISM_NAME.match(name):
         raise ValueError(f"Invalid AUTH mechanism name: {name}")
@@ -240,6 +248,7 @@ class _Handler:
 
     __slots__ = (
         "auth_methods",
+        "auth_route",
         "ehlo_old",
         "exception",
         "handler",
@@ -277,6 +286,9 @@ class _Handler:
                     stacklevel=2,
                 )
         self.auth_methods = _auth_methods(handler)
+        # handle_AUTH or mechanisms of the handler's own: AUTH runs in the layer, as in
+        # aiosmtpd (SMTP._on_auth_command); else alephsmtp's session runs LOGIN and PLAIN.
+        self.auth_route = "AUTH" in self.hooks or bool(self.auth_methods)
         # The hooks that are coroutine functions with no await in them: they run to the end on
         # their first step, so they are run inline, like plain functions (no task, and the
         # session need not stop reading while they run).
@@ -330,20 +342,37 @@ def _handler_info(handler: Any) -> _Handler:
     return info
 
 
-def _auth_methods(obj: Any) -> set[str]:
-    """The SASL mechanisms ``auth_XXX`` methods of ``obj`` implement (aiosmtpd's naming: a
-    double underscore stands for a dash, or ``@auth_mechanism`` names it)."""
-    names = set()
+def _auth_methods(obj: Any) -> dict[str, str]:
+    """The SASL mechanisms the ``auth_XXX`` methods of ``obj`` implement: mechanism name ->
+    attribute. aiosmtpd's naming: ``auth_`` removed, a double underscore stands for a dash,
+    or ``@auth_mechanism`` names it; uppercased here (RFC 4954 4: the client may send it in
+    any case). A name no client could send (RFC 4422 3.1: 1-20 of A-Z, 0-9, ``-``, ``_``) is
+    not offered: a helper method that happens to start with ``auth_``, say."""
+    names: dict[str, str] = {}
     for attribute in dir(obj):
-        if attribute.startswith("auth_"):
-            method = getattr(obj, attribute, None)
-            if callable(method):
-                names.add(
-                    getattr(
-                        method, "__auth_mechanism_name__", attribute[5:].replace("__", "-")
-                    ).upper()
-                )
+        if not attribute.startswith("auth_"):
+            continue
+        method = getattr(obj, attribute, None)
+        if not callable(method):
+            continue
+        name = getattr(
+            method, "__auth_mechanism_name__", attribute.replace("auth_", "").replace("__", "-")
+        ).upper()
+        if _SASL_NAME.match(name):
+            names[name] = attribute
+        else:
+            log.warning("%s: %r is not a SASL mechanism name; not offered", attribute, name)
     return names
+
+
+# RFC 4422 3.1: what the session accepts as a mechanism name in AUTH and in its configuration.
+_SASL_NAME = re.compile(r"[A-Z0-9_-]{1,20}\Z")
+# What a subclass may override that changes how the built-in LOGIN and PLAIN run (then they
+# run as aiosmtpd runs them, in the layer, instead of in alephsmtp's session).
+_AUTH_INTERNALS = ("challenge_auth", "_authenticate")
+_LOGIN_CHALLENGES = ("AuthLoginUsernameChallenge", "AuthLoginPasswordChallenge")
+# aiosmtpd's built-in mechanisms, sorted as its EHLO lists them.
+_BUILTIN_MECHANISMS: tuple[str, ...] = ("LOGIN", "PLAIN")
 
 
 # The commands alephsmtp serves itself; a subclass may add others (``smtp_XXX`` methods) but
@@ -376,7 +405,7 @@ _LMTP_SYNTAX = {
 class _Class:
     """What an SMTP (sub)class adds: command methods and their HELP text; found once."""
 
-    __slots__ = ("auth_methods", "commands", "syntax")
+    __slots__ = ("auth_custom", "auth_methods", "commands", "syntax")
 
     def __init__(self, cls: type[SMTP]) -> None:
         self.commands: dict[str, str] = {}
@@ -397,6 +426,18 @@ class _Class:
                 extended = getattr(method, "__smtp_syntax_extended__", None)
                 self.syntax[verb] = (text, extended, getattr(method, "__smtp_syntax_when__", None))
         self.auth_methods = _auth_methods(cls)
+        # The mechanisms whose exchange this class changes: new ones, overridden auth_LOGIN /
+        # auth_PLAIN, or what they use (challenge_auth, _authenticate, LOGIN's prompts).
+        custom = {
+            name
+            for name, attribute in self.auth_methods.items()
+            if getattr(cls, attribute) is not getattr(SMTP, attribute, None)
+        }
+        if any(getattr(cls, name) is not getattr(SMTP, name) for name in _AUTH_INTERNALS):
+            custom.update(self.auth_methods)
+        elif any(getattr(cls, name) != getattr(SMTP, name) for name in _LOGIN_CHALLENGES):
+            custom.add("LOGIN")
+        self.auth_custom = frozenset(custom)
 
 
 _CLASSES: dict[type, _Class] = {}
@@ -420,8 +461,18 @@ _R_STARTTLS_FIRST = verbatim_reply("530 Must issue a STARTTLS command first")
 _R_INSECURE = verbatim_reply("554 Command refused due to lack of security")
 _R_EXPN = verbatim_reply("502 EXPN not implemented")
 _R_STRICT_ASCII = verbatim_reply("500 Error: strict ASCII mode")
-_R_AUTH_OK = verbatim_reply("235 2.7.0 Authentication successful")
 _R_AUTH_INVALID = verbatim_reply("535 5.7.8 Authentication credentials invalid")
+_R_AUTH_TWICE = verbatim_reply("503 Already authenticated")
+_R_AUTH_MECHANISM = verbatim_reply("504 5.5.4 Unrecognized authentication type")
+# What challenge_auth() pushes when the client's answer ends the exchange (RFC 4954 4).
+_AUTH_ABORTED = "501 5.7.0 Auth aborted"
+_AUTH_NOT_BASE64 = "501 5.5.2 Can't decode base64"
+_AUTH_NOT_SPLIT = "501 5.5.2 Can't split auth value"
+_AUTH_SUCCESS = "235 2.7.0 Authentication successful"
+_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# aiosmtpd's auth_required refuses these until session.authenticated is true.
+_AUTH_GATED = frozenset({"MAIL", "RCPT", "DATA"})
 # A fault on the server's side is temporary (RFC 5321 4.2.5: the client keeps the message and
 # retries); the exception's text stays in the log (aiosmtpd sends it with a 500).
 _R_FAULT = verbatim_reply("451 4.3.0 Error: local error in processing")
@@ -430,6 +481,29 @@ _R_FAULT = verbatim_reply("451 4.3.0 Error: local error in processing")
 _ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 Missing = Callable[[], Reply | None] | None
+
+
+def _final(text: str) -> bool:
+    """Whether pushed ``text`` ends with a reply's final line (``"501 ..."``, not
+    ``"250-..."``: RFC 5321 4.2.1)."""
+    return _LINE_BREAK.split(text.rstrip("\r\n"))[-1][3:4] != "-"
+
+
+def _challenge_bytes(text: bytes) -> bytes:
+    """``challenge_auth(..., encode_to_b64=False)``: the bytes whose base64 is ``text``.
+
+    alephsmtp's session writes every challenge in base64 (RFC 4954 4: ``334`` and base64),
+    so text that is base64 already goes out exactly as given. Text that is not (aiosmtpd would
+    send it raw, which no client can decode) is sent base64-encoded.
+    """
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        data = None
+    if data is not None and base64.b64encode(data) == text:
+        return data
+    log.warning("challenge_auth(encode_to_b64=False) with text that is not base64: encoded")
+    return text
 
 
 def _keywords_from(reply: Any, keywords: list[str]) -> Any:
@@ -447,11 +521,16 @@ class SMTP(asyncio.BufferedProtocol):
     adapter (``ident``, ``decode_data``, ``auth_required`` for HELP/VRFY, ``command_call_limit``,
     ``require_starttls`` for the commands alephsmtp does not gate itself).
 
-    Not served (each raises ``NotImplementedError`` when the object is made, so a program never
-    runs with a security decision silently dropped): a ``handle_AUTH`` hook and custom SASL
-    mechanisms (``auth_XXX`` methods), which need a challenge/response exchange driven by the
-    hook; and subclasses that replace a built-in ``smtp_XXX`` command (adding new commands
-    works). See NEEDS.md in the source tree for the session API that would serve them.
+    AUTH: with no AUTH hooks of the program's own, alephsmtp's session runs LOGIN and PLAIN
+    and the ``authenticator`` (or ``auth_callback``) judges the credentials. A ``handle_AUTH``
+    hook, ``auth_XXX`` methods on the handler or on a subclass (or a subclass that changes
+    ``challenge_auth``, ``_authenticate`` or LOGIN's prompts) make the whole AUTH command run
+    as aiosmtpd runs it, in :meth:`_on_auth_command`: the hook, then the mechanism's method
+    (aiosmtpd's own :meth:`auth_LOGIN` and :meth:`auth_PLAIN` included), which talks to the
+    client through :meth:`challenge_auth`.
+
+    Not served (``NotImplementedError`` when the object is made): subclasses that replace a
+    built-in ``smtp_XXX`` command (adding new commands works).
     """
 
     command_size_limit = 512
@@ -523,16 +602,16 @@ class SMTP(asyncio.BufferedProtocol):
         if cls_info is None:
             cls_info = _CLASSES[type(self)] = _Class(type(self))
         self._class = cls_info
-        excluded = {name.upper() for name in auth_exclude_mechanism or ()}
-        custom = (info.auth_methods | cls_info.auth_methods) - excluded
-        if "AUTH" in info.hooks or custom:
-            raise NotImplementedError(
-                "the aiosmtpd layer does not serve handle_AUTH or custom AUTH mechanisms "
-                f"({', '.join(sorted(custom)) or 'handle_AUTH'}); use an authenticator with "
-                "the built-in LOGIN and PLAIN, or exclude them with auth_exclude_mechanism"
-            )
-        # aiosmtpd's built-in mechanisms, listed in its order (sorted).
-        self._mechanisms = tuple(m for m in ("LOGIN", "PLAIN") if m not in excluded)
+        # The mechanisms offered, sorted as aiosmtpd's EHLO lists them; _auth_table (mechanism
+        # -> (on the handler?, attribute)) only when AUTH runs in the layer.
+        self._auth_table: dict[str, tuple[bool, str]] | None = None
+        if auth_exclude_mechanism is None and not info.auth_route and not cls_info.auth_custom:
+            self._mechanisms = _BUILTIN_MECHANISMS
+        else:
+            self._auth_setup(info, cls_info, auth_exclude_mechanism or ())
+        # aiosmtpd's auth_required looks at session.authenticated, which an AUTH hook sets
+        # itself (or not): checked by the layer too, then.
+        self._auth_gate = self._auth_table is not None and auth_required
         self._handle_hooks = info.hooks
         self._info = info
         self._inline = info.inline
@@ -547,6 +626,7 @@ class SMTP(asyncio.BufferedProtocol):
             or tls_context is not None
             or "STARTTLS" in hooks
             or self.require_starttls
+            or self._auth_gate
         )
         # Per-connection state, set by attach().
         self.session: Session | None = None
@@ -559,6 +639,21 @@ class SMTP(asyncio.BufferedProtocol):
         self._tls_seen = False
         self._tls_okay = True
         self._call_limit: MutableMapping[str, int] | None = None
+        self._in_auth = False  # an AUTH command is being answered by the hooks
+        self._auth_over = False  # challenge_auth() ended the exchange with a reply of its own
+
+    def _auth_setup(self, info: _Handler, cls_info: _Class, exclude: Iterable[str]) -> None:
+        # aiosmtpd's table: the SMTP (sub)class's methods, then the handler's, which override
+        # them; then the exclusions.
+        table = {name: (False, attribute) for name, attribute in cls_info.auth_methods.items()}
+        table.update((name, (True, attribute)) for name, attribute in info.auth_methods.items())
+        for name in exclude:
+            table.pop(name.upper(), None)
+        self._mechanisms = tuple(sorted(table))
+        if "AUTH" in info.hooks or any(
+            on_handler or name in cls_info.auth_custom for name, (on_handler, _) in table.items()
+        ):
+            self._auth_table = table
 
     # --- what subclasses of aiosmtpd's SMTP may override ------------------------------------
 
@@ -590,8 +685,107 @@ class SMTP(asyncio.BufferedProtocol):
         encode_to_b64: bool = True,
         log_client_response: bool = False,
     ) -> bytes | _Missing:
-        """Not served: alephsmtp runs the SASL exchanges itself (LOGIN, PLAIN)."""
-        raise NotImplementedError("challenge_auth is not served by the aiosmtpd layer")
+        """Send ``challenge`` as a ``334`` (RFC 4954 4) and return the client's answer,
+        base64-decoded; or ``MISSING`` when the answer ends the exchange: ``*`` (the client
+        cancels) or text that is not base64, each answered as aiosmtpd answers it (``501``,
+        pushed: the AUTH command's reply unless more is pushed before a final line).
+
+        ``challenge``: text (UTF-8) or bytes, base64-encoded here unless ``encode_to_b64`` is
+        false (then it should be base64 already: see docs/aiosmtpd.md). For ``auth_XXX``
+        methods and ``handle_AUTH`` while they answer an AUTH command.
+        """
+        session = self._session
+        aio = self.session
+        if session is None or aio is None or not self._in_auth:
+            raise RuntimeError(
+                "challenge_auth() is for handle_AUTH and auth_XXX methods answering AUTH"
+            )
+        if self._auth_over:
+            # The exchange already got its reply (the client cancelled, or sent what is not
+            # base64): the client reads no more challenges.
+            return MISSING
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        if not encode_to_b64:
+            data = _challenge_bytes(data)
+        log.debug("%r << challenge: %r", aio.peer, data)
+        try:
+            line = await session.sasl_challenge(data)
+        except AuthCancelled:
+            log.warning("%r aborted AUTH with '*'", aio.peer)
+            return self._auth_ends(_AUTH_ABORTED)
+        except SmtpError as error:  # a response line over RFC 4954's 12,288 octets
+            return self._auth_ends(f"{error.code} {error.enhanced} {error.text}")
+        except ConnectionError:
+            # The client is gone: end the hook as aiosmtpd does (its task is cancelled).
+            raise asyncio.CancelledError() from None
+        if log_client_response:
+            warnings.warn("AUTH interaction logging is enabled!", stacklevel=2)
+            warnings.warn("Sensitive information might be leaked!", stacklevel=2)
+            log.debug("%r >> %r", aio.peer, line)
+        try:
+            return base64.b64decode(line.strip(), validate=True)
+        except ValueError:  # binascii.Error, or text that is not ASCII
+            log.debug("%r can't decode base64: %r", aio.peer, line)
+            return self._auth_ends(_AUTH_NOT_BASE64)
+
+    def _auth_ends(self, status: str) -> _Missing:
+        self._pushed.append(status)
+        self._auth_over = True
+        return MISSING
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> Any:
+        """The verdict on credentials a mechanism gathered: the ``authenticator``'s (an
+        :class:`AuthResult`, or an awaitable of one), else the ``auth_callback``'s, as an
+        :class:`AuthResult`."""
+        if self._authenticator is not None:
+            assert self.session is not None and self.envelope is not None
+            return self._authenticator(self, self.session, self.envelope, mechanism, auth_data)
+        assert self._auth_callback is not None
+        login, password = auth_data
+        if self._auth_callback(mechanism, login, password):
+            return AuthResult(success=True, handled=True, auth_data=auth_data)
+        return AuthResult(success=False, handled=False)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> Any:
+        """RFC 4616: ``[authzid] NUL authcid NUL passwd``, in the AUTH command or after an
+        empty challenge; judged by :meth:`_authenticate`."""
+        if len(args) == 1:
+            response = await self.challenge_auth("")
+            if response is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                response = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push(_AUTH_NOT_BASE64)
+                return AuthResult(success=False, handled=True)
+        assert isinstance(response, bytes)
+        parts = response.split(b"\x00")
+        if len(parts) != 3:
+            await self.push(_AUTH_NOT_SPLIT)
+            return AuthResult(success=False, handled=True)
+        _, login, password = parts  # the authorization identity is not used (as aiosmtpd)
+        return self._authenticate("PLAIN", LoginPassword(login, password))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> Any:
+        """draft-murchison-sasl-login: the user name (in the AUTH command, or asked with
+        :attr:`AuthLoginUsernameChallenge`), then the password; judged by
+        :meth:`_authenticate`."""
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push(_AUTH_NOT_BASE64)
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return self._authenticate("LOGIN", LoginPassword(login, password))
 
     # --- the alephsmtp side -----------------------------------------------------------------
 
@@ -700,6 +894,8 @@ class SMTP(asyncio.BufferedProtocol):
         session.unhandled_command += self._on_unknown
         if self._mechanisms:
             session.auth += self._on_auth
+            if self._auth_table is not None:
+                session.auth_command += self._on_auth_command
 
     def _proxy_handshake(self, session: SmtpSession) -> Awaitable[None] | None:
         header = session.proxy
@@ -875,6 +1071,10 @@ class SMTP(asyncio.BufferedProtocol):
                 asyncio.get_running_loop().call_soon(session.close)
                 return Reply(421, "", f"4.7.0 {verb} sent too many times")
             limits[verb] = budget - 1
+        if self._auth_gate and verb in _AUTH_GATED:
+            aio = self.session
+            if aio is not None and not aio.authenticated:
+                return _R_AUTH_REQUIRED
         return None
 
     def _after_tls(self, session: SmtpSession) -> None:
@@ -1183,60 +1383,131 @@ class SMTP(asyncio.BufferedProtocol):
         return self._run(method, (e.command.parameter or None,), None, False)
 
     def _on_auth(self, session: SmtpSession, e: AuthEventArgs) -> Any:
+        """LOGIN or PLAIN, run by alephsmtp's session (RFC 4954 4; credentials decoded as
+        UTF-8): judged by the authenticator or auth_callback."""
         if self._guarded and (refusal := self._guard("AUTH")) is not None:
             return refusal
-        aio = self.session
-        assert aio is not None
-        mechanism = e.mechanism
-        # LOGIN and PLAIN: alephsmtp ran the exchange (RFC 4954 4) and decoded it as UTF-8.
         auth_data = LoginPassword(e.username.encode("utf-8"), (e.password or "").encode("utf-8"))
-        callback = self._auth_callback
         try:
-            if callback is not None:
-                result: Any = callback(mechanism, auth_data.login, auth_data.password)
-            else:
-                assert self._authenticator is not None and self.envelope is not None
-                result = self._authenticator(self, aio, self.envelope, mechanism, auth_data)
+            result = self._authenticate(e.mechanism, auth_data)
         except Exception as error:
             return self._failure(error)
         if inspect.isawaitable(result):
-            return self._auth_later(result, auth_data, callback is not None)
-        return self._auth_reply(result, auth_data, callback is not None)
+            return self._auth_later(result)
+        return self._auth_reply(self._auth_status(result))
 
-    async def _auth_later(
-        self, pending: Awaitable[Any], auth_data: LoginPassword, old: bool
-    ) -> Any:
+    async def _auth_later(self, pending: Awaitable[Any]) -> Any:
         try:
             result = await pending
         except Exception as error:
             failure = self._failure(error)
             return await failure if inspect.isawaitable(failure) else failure
-        return self._auth_reply(result, auth_data, old)
+        return self._auth_reply(self._auth_status(result))
 
-    def _auth_reply(self, result: Any, auth_data: LoginPassword, old: bool) -> Reply:
+    def _on_auth_command(self, session: SmtpSession, e: AuthCommandEventArgs) -> Any:
+        """AUTH as aiosmtpd runs it (``smtp_AUTH``), for programs with AUTH hooks of their
+        own. alephsmtp checked the order, the syntax (501), TLS (538), a second AUTH (503) and
+        the mechanism (504) before this."""
+        if self._guarded and (refusal := self._guard("AUTH")) is not None:
+            return refusal
         aio = self.session
         assert aio is not None
-        if old:  # auth_callback: a bool
-            result = (
-                AuthResult(success=True, auth_data=auth_data)
-                if result
-                else AuthResult(success=False, handled=False)
-            )
+        if aio.authenticated:  # a hook set it without a 2xx reply
+            return _R_AUTH_TWICE
+        return self._auth_exchange(e)
+
+    async def _auth_exchange(self, e: AuthCommandEventArgs) -> Reply:
+        # aiosmtpd's args: the words after AUTH, as the client wrote them.
+        args = e.command.parameter.split()
+        mechanism = e.mechanism
+        self._in_auth = True
+        self._auth_over = False
+        try:
+            status: Any = MISSING
+            hook = self._handle_hooks.get("AUTH")
+            if hook is not None:
+                status = hook(self, self.session, self.envelope, args)
+                if inspect.isawaitable(status):
+                    status = await status
+            if status is MISSING:
+                self._pushed.clear()  # as after any hook that leaves the default to the server
+                assert self._auth_table is not None
+                entry = self._auth_table.get(mechanism)
+                if entry is None:  # pragma: no cover - the session offers the table's names only
+                    return _R_AUTH_MECHANISM
+                on_handler, attribute = entry
+                method = getattr(self.event_handler if on_handler else self, attribute)
+                result = method(self, args)
+                # An awaitable result twice over: a built-in mechanism hands back what an
+                # async authenticator returned, unawaited (aiosmtpd would take the
+                # coroutine itself for a success).
+                while inspect.isawaitable(result):
+                    result = await result
+                status = self._auth_status(result)
+            reply = self._auth_reply(status)
+        except Exception as error:
+            failure = self._failure(error)
+            return await failure if inspect.isawaitable(failure) else failure
+        finally:
+            self._in_auth = self._auth_over = False
+        if reply.code // 100 == 2:
+            # alephsmtp's session needs an identity to accept (session.authenticated_as).
+            e.identity = self._identity(mechanism)
+        return reply
+
+    def _auth_status(self, result: Any) -> Any:
+        """What aiosmtpd's smtp_AUTH makes of a mechanism's result: the status to send
+        (``None``: the mechanism sent its own), with the session's fields set."""
+        aio = self.session
+        assert aio is not None
         if isinstance(result, AuthResult):
             if result.success:
                 aio.authenticated = True
                 aio.auth_data = result.auth_data
                 aio._login_data = getattr(result.auth_data, "login", None)
-                return self._reply(result.message) if result.message else _R_AUTH_OK
-            if result.message and not result.handled:
-                return self._reply(result.message)
-            return _R_AUTH_INVALID
-        # aiosmtpd's older convention: a false value refuses, anything else is the identity.
-        if result is None or result is False or result is MISSING:
-            return _R_AUTH_INVALID
+                return result.message or _AUTH_SUCCESS
+            if result.handled:
+                return None
+            return result.message or _AUTH_INVALID
+        # aiosmtpd's older convention (a tri-state): None, the method answered; MISSING or
+        # False, refused; anything else is who logged in. aiosmtpd leaves
+        # session.authenticated unset then; the layer sets it, as the 235 says.
+        if result is None:
+            return None
+        if result is MISSING or result is False:
+            return _AUTH_INVALID
         aio.authenticated = True
         aio._login_data = result
-        return _R_AUTH_OK
+        return _AUTH_SUCCESS
+
+    def _auth_reply(self, status: Any) -> Reply:
+        """The AUTH command's one reply: what was pushed, then the status."""
+        pushed = self._pushed
+        if status is None:
+            if not pushed:
+                # aiosmtpd sends nothing here and the client waits forever: every command
+                # gets a reply (RFC 5321 4.2).
+                return _R_AUTH_INVALID
+            return self._reply(None)
+        if pushed and _final(pushed[-1]):
+            # What was pushed is a whole reply already (challenge_auth's 501 after "*"):
+            # aiosmtpd would send the status as a second reply, which the client would take
+            # for the answer to its next command.
+            log.warning("AUTH answered %r after %r; not sent", status, pushed[-1])
+            return self._reply(None)
+        return self._reply(status)
+
+    def _identity(self, mechanism: str) -> str:
+        """Who logged in, for alephsmtp's session (``authenticated_as``): the login the
+        hooks kept, else the mechanism's name (never the credentials themselves)."""
+        aio = self.session
+        assert aio is not None
+        for value in (getattr(aio.auth_data, "login", None), aio._login_data):
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            if value is not None and str(value):
+                return str(value)
+        return mechanism
 
 
 def _ok() -> Reply:
