@@ -88,6 +88,9 @@ class MockLoop:
     def create_task(self, coroutine: Any) -> Any:
         return asyncio.get_running_loop().create_task(coroutine)
 
+    def create_future(self) -> Any:
+        return asyncio.get_running_loop().create_future()
+
     def advance(self, seconds: float) -> None:
         """Move the clock, running every timer that falls due, in order."""
         self.now += seconds

@@ -13,7 +13,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from _harness import Harness, settle
+from _harness import Harness, MockLoop, settle
 from alephsmtp import SmtpServer
 from alephsmtp.auth import Credentials, SaslContext, SaslExchange, register_mechanism
 
@@ -250,6 +250,51 @@ async def test_an_auth_command_handler_runs_its_own_exchange() -> None:
     await settle()
     assert h.replies() == ["235 2.7.0 Welcome", "250 2.0.0 OK"]
     assert h.session.authenticated_as == "alice"
+
+
+async def test_the_client_s_turn_in_a_handler_s_exchange_is_timed_as_a_command() -> None:
+    """While sasl_challenge() waits for the client, idle_timeout applies (the client's time),
+    not handler_timeout (the handler's): a slow typist is not a slow handler."""
+
+    async def exchange(sender: Any, e: Any) -> str:
+        answer = await sender.sasl_challenge(b"name?")
+        if base64.b64decode(answer) != b"alice":
+            return "535 5.7.8 No"
+        e.identity = "alice"
+        return "235 2.7.0 Welcome"
+
+    loop = MockLoop()
+    h = Harness(
+        lambda s: s.auth_command.connect(exchange),
+        loop=loop,
+        auth_over_plaintext=True,
+        auth_mechanisms=("X-CHALLENGE",),
+        handler_timeout=5,
+        idle_timeout=60,
+    )
+    h.send(b"EHLO c\r\nAUTH X-CHALLENGE\r\n")
+    await settle()
+    h.output()
+    loop.advance(30)  # past handler_timeout, within idle_timeout
+    await settle()
+    assert h.replies() == []
+    h.send(f"{b64(b'alice')}\r\n".encode())
+    await settle()
+    assert h.replies() == ["235 2.7.0 Welcome"]
+    h.send(b"AUTH X-CHALLENGE\r\n")  # answered already: 503
+    loop.advance(61)
+    await settle()
+    assert h.replies()[-1] == "421 4.4.2 Error: timeout exceeded"
+
+
+async def test_auth_served_only_by_an_auth_command_handler_asks_for_tls_first() -> None:
+    h = Harness(
+        lambda s: s.auth_command.connect(lambda sender, e: "235 2.7.0 ok"),
+        auth_mechanisms=("X-CHALLENGE",),
+        tls_context=ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+    )
+    h.send(b"EHLO c\r\nAUTH X-CHALLENGE\r\n")
+    assert h.replies()[-1].startswith("538 5.7.11 ")
 
 
 async def test_an_auth_command_handler_exchange_cancelled_with_a_star() -> None:

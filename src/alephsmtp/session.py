@@ -1763,7 +1763,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         mechanisms = self._mechanisms()
         if not mechanisms:
-            if self._handlers("auth") and self.tls is None and self._starttls_offered:
+            judged = self._handlers("auth") or self._handlers("auth_command")
+            if judged and self.tls is None and self._starttls_offered:
                 self._write(R.AUTH_ENCRYPTION)
             else:
                 self._write(R.AUTH_NOT_ENABLED)
@@ -1810,8 +1811,11 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._flush()
         waiter: asyncio.Future[str] = self._loop.create_future()
         self._sasl_waiter = waiter
-        # The handler's task waits for the answer: reading goes on until it comes.
+        # The handler's task waits for the answer: reading goes on until it comes, and the
+        # client's turn is timed as any command is (idle_timeout), not the handler's.
         self._busy = False
+        self._handler_deadline = 0.0
+        self._last_activity = self._loop.time()
         self._update_reading()
         self._run()
         return waiter
@@ -1821,7 +1825,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         waiter = self._sasl_waiter
         assert waiter is not None
         self._sasl_waiter = None
-        self._busy = True  # the handler goes on
+        self._busy = True  # the handler goes on, on its clock again
+        self._start_handler_clock(self.config.handler_timeout)
         if waiter.done():
             return
         if isinstance(line, SmtpError):
