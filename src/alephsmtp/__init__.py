@@ -33,6 +33,7 @@ from .commands import (
     VrfyCommand,
 )
 from .config import SessionConfig
+from .controller import Controller
 from .envelope import SmtpEnvelope
 from .errors import SmtpError
 from .events import (
@@ -64,6 +65,7 @@ __all__ = [
     "BdatCommand",
     "CommandEventArgs",
     "ConnectionLostEventArgs",
+    "Controller",
     "Credentials",
     "DataCommand",
     "EhloCommand",
