@@ -321,3 +321,40 @@ def test_a_misuse_is_refused_in_one_line(
     assert "Traceback" not in result.stderr
     assert named.format(dir=handler_dir) in result.stderr
     assert (handler_dir / "file.txt").read_text() == "not a socket"
+
+
+def test_the_example_in_docs_cli_md(tmp_path: Path, handler_dir: Path) -> None:
+    """docs/cli.md's mymail.py and command line, as written there (paths made local)."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    if not page.is_file():
+        pytest.skip("docs/ is not shipped here (an installed wheel's tests)")
+    text = page.read_text(encoding="utf-8")
+    code = text.split("```python\n# mymail.py", 1)[1].split("```", 1)[0]
+    command = text.split("```sh\nalephsmtp --lmtp --unix", 1)[1].split("```", 1)[0]
+    assert "--handler mymail:Recipients --handler-arg allowed=" in command
+    (tmp_path / "mymail.py").write_text("# mymail.py" + code)
+    allowed = tmp_path / "recipients"
+    allowed.write_text("bob@example.net\ncarol@example.net\n")
+    maildir = tmp_path / "Maildir"
+    path = handler_dir / "docs-example.sock"
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), old]))
+    try:
+        process = start_unix(
+            path, "--lmtp", "--maildir", str(maildir),
+            "--handler", "mymail:Recipients", "--handler-arg", f"allowed={allowed}",
+        )  # fmt: skip
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    try:
+        recipients = ["bob@example.net", "mallory@example.net"]
+        replies = lmtp_send(path, "alice@example.org", recipients, b"Subject: doc\r\n\r\nx\r\n")
+    finally:
+        stop(process)
+    assert replies["mallory@example.net"] == (550, b"5.1.1 No such user here")
+    assert replies["bob@example.net"][0] == 250
+    (stored,) = mailbox.Maildir(str(maildir)).values()
+    assert stored["Subject"] == "doc"

@@ -108,13 +108,21 @@ class Mailbox:
         self._arrived = threading.Condition()
 
     def on_session(self, session: Any) -> None:
+        session.rcpt += self.rcpt
         session.message_received += self.received
+
+    def rcpt(self, session: Any, e: Any) -> str | None:
+        if e.command.recipient_address.local_part == "gone":
+            return "550 5.1.1 Gone, refused at RCPT"
+        return None
 
     def received(self, session: Any, e: Any) -> list[str | None]:
         replies: list[str | None] = []
         with self._arrived:
             self.sessions.append((session.peer, session.helo_name))
             for recipient in e.envelope.recipients:
+                if str(recipient).startswith("crash@"):
+                    raise RuntimeError("a bug in the handler")  # the session answers 451
                 reply = self.REPLIES.get(str(recipient).split("@", 1)[0])
                 if reply is None:
                     self.delivered.append(
@@ -247,7 +255,12 @@ def test_a_large_message_arrives_whole(setup: Setup) -> None:
 def test_per_recipient_replies_deliver_bounce_and_defer(setup: Setup) -> None:
     mailbox, postfix = setup.mailbox, setup.postfix
     before = len(mailbox.delivered)
-    recipients = ["carol@example.net", "unknown@example.net", "full@example.net"]
+    recipients = [
+        "carol@example.net",
+        "unknown@example.net",
+        "full@example.net",
+        "gone@example.net",
+    ]
     data = message("per-recipient", b"one message, three fates\r\n")
     # Postfix accepts all three from the client: what happens next is LMTP's.
     assert postfix.send("alice@example.org", recipients, data) == {}
@@ -261,6 +274,7 @@ def test_per_recipient_replies_deliver_bounce_and_defer(setup: Setup) -> None:
     assert bounce_path == ""
     assert b"unknown@example.net" in bounce
     assert b"550 5.1.1 No such user here" in bounce
+    assert b"550 5.1.1 Gone, refused at RCPT" in bounce  # one report for both
     # Postfix's log: each recipient's fate, from our reply to it after the message.
     log = postfix.wait_for_log("sender non-delivery notification")
     said = f"host mta.test[{setup.socket_path}] said:"
@@ -270,6 +284,8 @@ def test_per_recipient_replies_deliver_bounce_and_defer(setup: Setup) -> None:
         "(in reply to end of DATA command))",
         "full@example.net": f"dsn=4.2.2, status=deferred ({said} 452 4.2.2 Mailbox full, try "
         "again later (in reply to end of DATA command))",
+        "gone@example.net": f"dsn=5.1.1, status=bounced ({said} 550 5.1.1 Gone, refused at RCPT "
+        "(in reply to RCPT TO command))",
     }
     for recipient, fate in expected.items():
         lines = [line for line in log.splitlines() if f"to=<{recipient}>" in line]
@@ -286,8 +302,9 @@ def test_per_recipient_replies_deliver_bounce_and_defer(setup: Setup) -> None:
             break
         assert time.monotonic() < deadline, f"not in the queue: {waiting}"
         time.sleep(0.05)
-    assert [(queue, address) for queue, address, _ in waiting] == [("deferred", "full@example.net")]
-    assert "452 4.2.2 Mailbox full, try again later" in waiting[0][2]
+    full = [(queue, reason) for queue, address, reason in waiting if address == "full@example.net"]
+    assert [queue for queue, _ in full] == ["deferred"]
+    assert "452 4.2.2 Mailbox full, try again later" in full[0][1]
     # Nothing for unknown or full reached the mailbox.
     assert {r for _, r, _ in mailbox.delivered} <= {
         "bob@example.net",
@@ -301,3 +318,24 @@ def test_postfix_speaks_lmtp_over_the_socket(setup: Setup) -> None:
     assert setup.mailbox.sessions
     assert all(peer == str(setup.socket_path) for peer, _ in setup.mailbox.sessions)
     assert {helo for _, helo in setup.mailbox.sessions if helo} == {"mta.test"}
+
+
+def test_a_failing_handler_is_deferred_never_bounced(setup: Setup) -> None:
+    """A fault on our side answers 451 4.3.0 (never a 5xx): Postfix keeps the message."""
+    postfix = setup.postfix
+    data = message("crash", b"the handler raises for this one\r\n")
+    assert postfix.send("alice@example.org", ["crash@example.net"], data) == {}
+    log = postfix.wait_for_log("to=<crash@example.net>")
+    (line,) = [line for line in log.splitlines() if "to=<crash@example.net>" in line]
+    assert "dsn=4.3.0, status=deferred" in line
+    assert "451 4.3.0" in line
+    assert "status=bounced" not in line
+    deadline = time.monotonic() + 60
+    while not any(  # bounded: the queue shows it once the attempt is recorded
+        rcpt["address"] == "crash@example.net"
+        for entry in postfix.queue()
+        if entry["queue_name"] == "deferred"
+        for rcpt in entry["recipients"]
+    ):
+        assert time.monotonic() < deadline, postfix.queue()
+        time.sleep(0.05)

@@ -39,7 +39,8 @@ examples:
   alephsmtp --port 587 --tls-cert cert.pem --tls-key key.pem \\
             --auth-file users.txt --auth-require      submission with STARTTLS and AUTH
   alephsmtp --lmtp --port 24 --eml-dir /var/spool/lmtp   an LMTP server
-  alephsmtp --lmtp --unix /run/alephsmtp/lmtp.sock --handler mymail:deliver   LMTP for Postfix
+  alephsmtp --lmtp --unix /run/alephsmtp/lmtp.sock --handler mymail:on_session
+                                              LMTP on a socket, your own handler
   alephsmtp --host 0.0.0.0 --port 25 --workers 4 --proxy-protocol   behind HAProxy
   alephsmtp --milter inet:127.0.0.1:11332 --milter inet:127.0.0.1:8891   rspamd, then OpenDKIM
 """
