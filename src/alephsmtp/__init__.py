@@ -35,6 +35,7 @@ from .commands import (
     XforwardCommand,
 )
 from .config import SessionConfig
+from .controller import Controller
 from .envelope import SmtpEnvelope
 from .errors import SmtpError
 from .events import (
@@ -67,6 +68,7 @@ __all__ = [
     "BdatCommand",
     "CommandEventArgs",
     "ConnectionLostEventArgs",
+    "Controller",
     "Credentials",
     "DataCommand",
     "EhloCommand",

@@ -19,6 +19,7 @@ __all__ = [
     "host_port",
     "hostname",
     "network",
+    "permissions",
     "refuse_what_cannot_work",
     "relay_tls_context",
     "seconds",
@@ -79,6 +80,20 @@ def network(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"wants an IP network such as 192.0.2.0/24, not {text!r} ({error})"
         ) from None
+
+
+def permissions(text: str) -> int:
+    """An argparse type: file permission bits in octal (``660``, ``0660``, ``0o660``)."""
+    digits = text[2:] if text[:2].lower() == "0o" else text
+    try:
+        value = int(digits, 8) if digits and digits.isdigit() else -1
+    except ValueError:  # an 8 or a 9
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(
+            f"wants permissions in octal, from 000 to 777 (such as 660), not {text!r}"
+        )
+    return value
 
 
 # RFC 5321 4.1.2: sub-domain = Let-dig [Ldh-str], at most 63 octets (RFC 1035 2.3.4).
@@ -213,6 +228,8 @@ def refuse_what_cannot_work(args: argparse.Namespace) -> None:
         (args.implicit_tls, args.tls_cert, "--implicit-tls needs --tls-cert"),
         (args.require_tls, args.tls_cert, "--require-tls needs --tls-cert"),
         (args.proxy_trusted, args.proxy_protocol, "--proxy-trusted needs --proxy-protocol"),
+        (args.unix_mode is not None, args.unix, "--unix-mode needs --unix"),
+        (args.handler_arg, args.handler, "--handler-arg needs --handler"),
         *(
             (getattr(args, option[2:].replace("-", "_")), args.relay, f"{option} needs --relay")
             for option in relay_options
@@ -241,3 +258,11 @@ def refuse_what_cannot_work(args: argparse.Namespace) -> None:
     for given, needed, message in dependencies:
         if given and not needed:
             raise CliError(message)
+    if args.unix and (args.host or args.port is not None):
+        raise CliError("--unix replaces --host and --port: give one or the other")
+    if args.unix and args.proxy_trusted:
+        # A Unix-domain socket's clients have no address to trust.
+        raise CliError(
+            "--proxy-trusted does not apply to --unix: the socket file's permissions "
+            "(--unix-mode) decide who may connect"
+        )

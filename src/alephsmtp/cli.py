@@ -8,6 +8,7 @@ discard them. TLS, AUTH, LMTP, limits, workers and the PROXY protocol are all op
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import secrets
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from . import __version__, _mailauth_cli
+from . import __version__, _cli_handler, _mailauth_cli
 from . import _cli_checks as _checks
 from ._cli_checks import CliError
 from .events import AuthEventArgs
@@ -25,9 +26,11 @@ from .server import SmtpServer
 from .session import SmtpSession
 from .workers import WorkersFailed
 
-__all__ = ["build_parser", "check_credentials", "load_credentials", "main"]
+__all__ = ["DEFAULT_PORT", "build_parser", "check_credentials", "load_credentials", "main"]
 
 log = logging.getLogger("alephsmtp.cli")
+
+DEFAULT_PORT = 8025
 
 _EXAMPLES = """\
 examples:
@@ -36,6 +39,8 @@ examples:
   alephsmtp --port 587 --tls-cert cert.pem --tls-key key.pem \\
             --auth-file users.txt --auth-require      submission with STARTTLS and AUTH
   alephsmtp --lmtp --port 24 --eml-dir /var/spool/lmtp   an LMTP server
+  alephsmtp --lmtp --unix /run/alephsmtp/lmtp.sock --handler mymail:on_session
+                                              LMTP on a socket, your own handler
   alephsmtp --host 0.0.0.0 --port 25 --workers 4 --proxy-protocol   behind HAProxy
   alephsmtp --milter inet:127.0.0.1:11332 --milter inet:127.0.0.1:8891   rspamd, then OpenDKIM
 """
@@ -59,8 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--port",
         type=_checks.whole_number(0, 65535),
-        default=8025,
-        help="port to listen on, 0 for one the OS picks (default: %(default)s)",
+        default=None,  # 8025; None tells that it was not given (--unix excludes it)
+        help=f"port to listen on, 0 for one the OS picks (default: {DEFAULT_PORT})",
+    )
+    listen.add_argument(
+        "--unix",
+        metavar="PATH",
+        help="listen on this Unix-domain socket instead of --host/--port",
+    )
+    listen.add_argument(
+        "--unix-mode",
+        type=_checks.permissions,
+        default=None,
+        metavar="MODE",
+        help="with --unix: the socket file's permissions, in octal (default: 660)",
     )
     listen.add_argument(
         "--hostname",
@@ -228,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _mailauth_cli.add_arguments(parser)
+    _cli_handler.add_arguments(parser)
     milters = parser.add_argument_group("milters (Postfix's smtpd_milters: rspamd, OpenDKIM, ...)")
     milters.add_argument(
         "--milter",
@@ -309,7 +327,8 @@ def _message_handlers(args: argparse.Namespace) -> list[Callable[..., Any]]:
         # All or nothing: when the relay fails, what was stored is taken back, so the
         # client's retry does not store the message twice.
         return [Deliver(*handlers)]
-    return handlers or [PrintMessage()]
+    # With a --handler of your own and no output, your handler is the whole behaviour.
+    return handlers or ([] if args.handler else [PrintMessage()])
 
 
 def _relay(args: argparse.Namespace) -> Relay:
@@ -337,6 +356,7 @@ def _build(
     args: argparse.Namespace,
 ) -> tuple[SmtpServer, Callable[[SmtpSession], Awaitable[None] | None]]:
     _checks.refuse_what_cannot_work(args)
+    own = _cli_handler.load(args.handler, args.handler_arg) if args.handler else None
     handlers = _message_handlers(args)
     # Verification first (its header is what stores and the signer see), signing next.
     authenticate, signer = _mailauth_cli.build(args, CliError)
@@ -368,11 +388,17 @@ def _build(
         options["xclient_networks"] = tuple(args.xclient_from)
     if args.xforward_from:
         options["xforward_networks"] = tuple(args.xforward_from)
-    hosts = args.host or ["127.0.0.1"]
+    if args.unix:
+        where: dict[str, Any] = {"path": args.unix}
+        if args.unix_mode is not None:
+            where["path_mode"] = args.unix_mode
+    else:
+        hosts = args.host or ["127.0.0.1"]
+        port = DEFAULT_PORT if args.port is None else args.port
+        where = {"host": hosts[0] if len(hosts) == 1 else hosts, "port": port}
     try:
         server = SmtpServer(
-            hosts[0] if len(hosts) == 1 else hosts,
-            args.port,
+            **where,
             implicit_tls=args.implicit_tls,
             workers=args.workers,
             backlog=args.backlog,
@@ -382,13 +408,27 @@ def _build(
     except ValueError as error:
         raise CliError(str(error)) from None
 
-    def on_session(session: SmtpSession) -> None:
+    def add_outputs(session: SmtpSession) -> None:
+        for handler in handlers:
+            session.message_received += handler
+
+    async def outputs_after(pending: Awaitable[None], session: SmtpSession) -> None:
+        await pending
+        add_outputs(session)
+
+    def on_session(session: SmtpSession) -> Awaitable[None] | None:
         if credentials is not None:
             session.auth += lambda s, e: check_credentials(credentials, e)
         if authenticate is not None:
             authenticate(session)
-        for handler in handlers:
-            session.message_received += handler
+        if own is not None:
+            # --handler: after the checks (its message_received sees the verification's
+            # header), before the outputs (the first reply decides: it may answer instead).
+            result = own(session)
+            if inspect.isawaitable(result):
+                return outputs_after(result, session)
+        add_outputs(session)
+        return None
 
     if args.milter:
         # The milters come first in every session; the greeting waits for their connect stage.
@@ -424,11 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"alephsmtp: {error}", file=sys.stderr)
         return 1
     except OSError as error:
-        where = ", ".join(args.host or ["127.0.0.1"])
-        print(
-            f"alephsmtp: cannot listen on {where} port {args.port}: {error.strerror or error}",
-            file=sys.stderr,
-        )
+        if args.unix:
+            where = f"unix:{args.unix}"
+        else:
+            port = DEFAULT_PORT if args.port is None else args.port
+            where = f"{', '.join(args.host or ['127.0.0.1'])} port {port}"
+        print(f"alephsmtp: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

@@ -24,6 +24,7 @@ import dataclasses
 import enum
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -582,19 +583,25 @@ class _Phase(enum.Enum):
     DONE = "done"
 
 
+def _is_unix(transport: asyncio.BaseTransport) -> bool:
+    """Whether the connection came over a Unix-domain socket."""
+    sock = transport.get_extra_info("socket")
+    return sock is not None and getattr(sock, "family", None) == getattr(socket, "AF_UNIX", -1)
+
+
 class ProxyProtocolReceiver(asyncio.BufferedProtocol):
     """The first protocol of a connection behind a load balancer: reads the PROXY header.
 
-    A peer outside ``trusted_networks`` is closed at once (PP 2: only trusted proxies may
-    speak the protocol, or anyone could claim any address). Then exactly the header is read —
-    never a byte past it — within ``timeout`` seconds (PP 2: "a short timeout"); a malformed
+    A peer outside ``trusted_networks`` is closed at once (PP 2: only trusted proxies may speak
+    the protocol, or anyone could claim any address); a client of a Unix-domain socket, which
+    has no address, was let in by the socket file's permissions. Then exactly the header is read
+    — never a byte past it — within ``timeout`` seconds (PP 2: "a short timeout"); a malformed
     header or none in time closes the connection without a word. With ``tls_context`` the TLS
     handshake (RFC 8314 implicit TLS) follows the header. Finally ``make_protocol(header)``
-    gives the protocol that takes the transport over; it gets ``connection_made`` and reads
-    what follows the header from the socket itself. ``admit()``, asked when the connection
-    arrives, may refuse it (the server is full: closed, as nothing can be said before the
-    header). ``on_close(receiver)`` is called once, when the connection is handed over,
-    refused or gone.
+    gives the protocol that takes the transport over; it gets ``connection_made`` and reads what
+    follows the header from the socket itself. ``admit()``, asked when the connection arrives,
+    may refuse it (the server is full: closed, as nothing can be said before the header).
+    ``on_close(receiver)`` is called once, when the connection is handed over, refused or gone.
     """
 
     def __init__(
@@ -640,7 +647,9 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         self._transport = transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
         host = self.peer[0] if isinstance(self.peer, tuple) else None
-        if host is None or not address_in_networks(host, self._trusted):
+        if host is None and _is_unix(transport):
+            pass  # no address to judge: the socket file's permissions said who may connect
+        elif host is None or not address_in_networks(host, self._trusted):
             log.info("[%s] not a trusted proxy; closed", _where(self.peer))
             self._close()
             return

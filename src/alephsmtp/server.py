@@ -12,6 +12,10 @@ The seed's shape (``SmtpServer(address, port)``, ``listen(on_session)``) on asyn
 At scale: ``run()`` uses uvloop when it is installed, ``workers=N`` runs N processes on one port
 (SO_REUSEPORT), and ``proxy_protocol=True`` reads the PROXY protocol header a load balancer
 sends (:mod:`alephsmtp.proxy`), so sessions see the original client's address.
+
+On one host, ``SmtpServer(path="/run/alephsmtp/lmtp.sock", lmtp=True)`` listens on a Unix-domain
+socket instead (LMTP from Postfix or Dovecot); :meth:`SmtpServer.protocol_factory` gives its
+sessions to an asyncio server of your own.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import errno
 import functools
 import importlib
@@ -27,6 +32,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -51,12 +57,25 @@ log = logging.getLogger("alephsmtp.server")
 
 Host = str | ipaddress.IPv4Address | ipaddress.IPv6Address | Sequence[str] | None
 LoopName = Literal["auto", "asyncio", "uvloop"]
+PathLike = str | os.PathLike[str]
 _Runner = Callable[[Coroutine[Any, Any, None]], None]
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
+class _Default(enum.Enum):
+    """``host`` and ``port`` not given: 127.0.0.1 and 25, or nothing with ``path``."""
+
+    UNSET = enum.auto()
+
+
+_UNSET = _Default.UNSET
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 25
+
+
 class SmtpServer:
-    """An SMTP server on ``host``:``port`` (port 0: the OS picks one; see :attr:`port`).
+    """An SMTP server on ``host``:``port`` (port 0: the OS picks one; see :attr:`port`), by
+    default 127.0.0.1 port 25; or on the Unix-domain socket ``path``.
 
     Keyword options are the :class:`~alephsmtp.session.SessionConfig` fields
     (``hostname``, ``max_message_size``, ``max_recipients``, ``idle_timeout``,
@@ -80,13 +99,30 @@ class SmtpServer:
 
     ``server.metrics`` counts connections, accepted messages and their bytes, and refusals by
     reply code; ``metrics_hook=hook`` sees every change (:mod:`alephsmtp.metrics`).
+
+    ``path`` (instead of ``host`` and ``port``, which it excludes) listens on a Unix-domain
+    socket: for LMTP from an MTA on the same host (``lmtp=True``), or a local submission
+    service. The socket file gets the permissions ``path_mode`` (0o660: owner and group may
+    connect; None: as the umask leaves them) before anyone can connect. A socket file left
+    by a server that is gone is replaced at start; one that a live server answers on is
+    not (``OSError`` EADDRINUSE), nor anything at ``path`` that is not a socket. :meth:`close`
+    removes the file again (unless another server has replaced it since). A path starting
+    with a NUL character is a Linux abstract socket: no file at all. A Unix connection has
+    no IP address: ``session.peer`` is the socket's ``path`` (a ``str``, as a milter is told
+    of such a connection) and the per-IP limit does not apply; who may connect is decided by
+    the file's permissions, so a PROXY protocol header (``proxy_protocol=True``) is read
+    from every client of the socket. With ``workers=N`` the parent listens on the socket and
+    the forked workers share it, each accepting from it (one socket file has one listener:
+    ``SO_REUSEPORT`` does not apply).
     """
 
     def __init__(
         self,
-        host: Host = "127.0.0.1",
-        port: int = 25,
+        host: Host | _Default = _UNSET,
+        port: int | _Default = _UNSET,
         *,
+        path: PathLike | None = None,
+        path_mode: int | None = 0o660,
         on_session: OnSession | None = None,
         backlog: int = 1024,
         reuse_port: bool = False,
@@ -106,14 +142,29 @@ class SmtpServer:
             raise ValueError("workers must be at least 1")
         if proxy_header_timeout <= 0:
             raise ValueError("proxy_header_timeout must be positive")
+        if path is not None:
+            if host is not _UNSET or port is not _UNSET:
+                raise ValueError("path (a Unix-domain socket) excludes host and port: give one")
+            if reuse_port:
+                raise ValueError("reuse_port does not apply to a Unix-domain socket")
+            path = os.fspath(path)
+            if not path:
+                raise ValueError("path must not be empty")
+        if path_mode is not None and not 0 <= path_mode <= 0o777:
+            raise ValueError("path_mode must be permission bits, from 0o000 to 0o777")
         self.config = config if config is not None else SessionConfig(**options)
         if implicit_tls and self.config.tls_context is None:
             raise ValueError("implicit_tls needs a tls_context")
         self.implicit_tls = implicit_tls
+        host = DEFAULT_HOST if host is _UNSET else host
         self.host = (
             str(host) if isinstance(host, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else host
         )
-        self._port = port
+        self._port = DEFAULT_PORT if port is _UNSET else port
+        #: The Unix-domain socket listened on (``None``: TCP on ``host``:``port``).
+        self.path: str | None = path
+        self.path_mode = path_mode
+        self._unix = _UnixListener(path, path_mode) if path is not None else None
         self.on_session = on_session
         self.backlog = backlog
         self.reuse_port = reuse_port
@@ -147,7 +198,9 @@ class SmtpServer:
 
     @property
     def port(self) -> int:
-        """The port listened on (the OS's choice when 0 was asked for)."""
+        """The port listened on (the OS's choice when 0 was asked for); 0 on a Unix socket."""
+        if self._unix is not None:
+            return 0
         if self._server is not None and self._server.sockets:
             return int(self._server.sockets[0].getsockname()[1])
         return self._port
@@ -196,18 +249,11 @@ class SmtpServer:
         # the extra clients get their 421. So asyncio gets a smaller batch, and the kernel's
         # queue its full length (listen() again, below).
         batch = max(1, min(self.backlog, spare // 2))
-        # TLS (implicit, RFC 8314) runs in a protocol of its own before the session, after
-        # the PROXY header if there is one: every connection counts from its accept.
-        self._server = await loop.create_server(
-            self._new_connection,
-            self.host,
-            self._port,
-            backlog=batch,
-            # asyncio's default: on for POSIX (TIME_WAIT); on Windows SO_REUSEADDR would let
-            # a second server bind the same port instead of failing with "address in use".
-            reuse_address=None,
-            reuse_port=self.reuse_port or None,
-        )
+        try:
+            self._server = await self._listen(loop, batch)
+        except BaseException:
+            self._accept_errors.uninstall()  # the loop's handler as it was
+            raise
         if batch < self.backlog:
             for listening in self.sockets:
                 # listen() again sets the kernel's queue; on a duplicate descriptor, as the
@@ -216,11 +262,59 @@ class SmtpServer:
                     sock.listen(self.backlog)
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
 
-    def _new_connection(self) -> asyncio.BaseProtocol:
+    async def _listen(self, loop: asyncio.AbstractEventLoop, batch: int) -> asyncio.Server:
+        # TLS (implicit, RFC 8314) runs in a protocol of its own before the session, after
+        # the PROXY header if there is one: every connection counts from its accept.
+        if self._unix is None:
+            return await loop.create_server(
+                self._new_connection,
+                self.host,
+                self._port,
+                backlog=batch,
+                # asyncio's default: on for POSIX (TIME_WAIT); on Windows SO_REUSEADDR would
+                # let a second server bind the same port instead of failing "address in use".
+                reuse_address=None,
+                reuse_port=self.reuse_port or None,
+            )
+        # Bound here, not by asyncio, which would delete whatever socket file is at the path,
+        # a live server's too; under workers, the one socket the parent listens on.
+        sock = self._unix.socket()
+        try:
+            return await loop.create_unix_server(self._new_connection, sock=sock, backlog=batch)
+        except BaseException:
+            sock.close()
+            self._unix.remove()
+            raise
+
+    def protocol_factory(
+        self, on_session: OnSession | None = None
+    ) -> Callable[[], asyncio.BaseProtocol]:
+        """What makes this server's connections, for an asyncio server of your own::
+
+            server = SmtpServer(lmtp=True, hostname="mx.example.org")
+            listener = await loop.create_unix_server(server.protocol_factory(), path)
+
+        Each call of the factory is one connection as :meth:`start` would serve it: this
+        server's configuration, buffer pools, metrics, connection limits, PROXY protocol
+        receiver and implicit TLS, counted in :attr:`sessions` and ended by :meth:`close` and
+        :meth:`stop` (your listener you close yourself). ``on_session`` replaces the server's
+        for these connections. A TCP server's sessions see the socket's peer; a Unix-domain
+        listener's see its peer name (usually ``""``) unless this server has a ``path``.
+        """
+        if on_session is None:
+            return self._new_connection
+        return functools.partial(self._new_connection, on_session)
+
+    def _new_connection(self, on_session: OnSession | None = None) -> asyncio.BaseProtocol:
         receiver: ProxyProtocolReceiver | TlsAcceptor
+        make_session = (
+            self._new_session
+            if on_session is None
+            else functools.partial(self._new_session, on_session=on_session)
+        )
         if self.proxy_protocol:
             receiver = ProxyProtocolReceiver(
-                self._new_session,
+                make_session,
                 trusted_networks=self.proxy_trusted_networks,
                 timeout=self.proxy_header_timeout,
                 tls_context=self.config.tls_context if self.implicit_tls else None,
@@ -231,14 +325,14 @@ class SmtpServer:
         elif self.implicit_tls:
             assert self.config.tls_context is not None
             receiver = TlsAcceptor(
-                self._new_session,
+                make_session,
                 self.config.tls_context,
                 handshake_timeout=self.config.tls_handshake_timeout,
                 on_close=self._receivers.discard,
                 admit=self._has_room,
             )
         else:
-            return self._new_session()
+            return make_session()
         self._receivers.add(receiver)
         return receiver
 
@@ -249,15 +343,21 @@ class SmtpServer:
         self.metrics.connections_refused["capacity"] += 1
         return False
 
-    def _new_session(self, proxy: ProxyHeader | None = None) -> SmtpSession:
+    def _new_session(
+        self, proxy: ProxyHeader | None = None, *, on_session: OnSession | None = None
+    ) -> SmtpSession:
+        # The client a PROXY header names; None keeps the socket's peer (LOCAL, UNKNOWN),
+        # or on a Unix socket, whose clients have no address, names the socket.
+        peer = proxy.source if proxy is not None else None
+        if peer is None:
+            peer = self.path
         return SmtpSession(
             self.config,
-            self.on_session,
+            self.on_session if on_session is None else on_session,
             pools=self._pools,
             on_close=self._session_closed,
             admit=self._admit,
-            # The client a PROXY header names; None keeps the socket's peer (LOCAL, UNKNOWN).
-            peer=proxy.source if proxy is not None else None,
+            peer=peer,
             proxy=proxy,
         )
 
@@ -316,6 +416,8 @@ class SmtpServer:
         """
         if self._server is not None:
             self._server.close()
+        if self._unix is not None:
+            self._unix.remove()  # new clients get ENOENT, not a socket nobody accepts on
         for receiver in list(self._receivers):
             receiver.abort()  # no session yet: nothing to say
         for session in list(self.sessions):
@@ -391,6 +493,11 @@ class SmtpServer:
             if _workers_supported():
                 supervisor = supervisor if supervisor is not None else WorkerSupervisor()
                 serve = functools.partial(self._serve_worker, on_session, runner)
+                if self._unix is not None:
+                    # One listening socket, opened here and inherited by every worker.
+                    with self._unix.shared():
+                        supervisor.run(serve, self.workers, unix_path=self.path)
+                    return
                 supervisor.run(serve, self.workers, host=self.host, port=self._port)
                 return
             log.warning("workers need SO_REUSEPORT and fork; serving from one process")
@@ -437,6 +544,101 @@ class SmtpServer:
         self.reuse_port = True
         self.workers = 1
         runner(self._run(on_session, worker=True))
+
+
+class _UnixListener:
+    """The socket file of a server on a Unix-domain socket: made at start with its mode,
+    replacing a stale one, and removed at the end by the process that made it."""
+
+    def __init__(self, path: str, mode: int | None) -> None:
+        self.path = path
+        self.mode = mode
+        self._abstract = path.startswith("\0")  # Linux: a name, no file
+        self._shared: socket.socket | None = None  # listened on by the parent of workers
+        self._made: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we made
+        self._maker = 0  # the pid that made it: forked workers never remove it
+
+    def socket(self) -> socket.socket:
+        """A socket bound to the path (not listening yet), or the one the workers share."""
+        if self._shared is not None:
+            return self._shared
+        if not self._abstract:
+            self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                sock.bind(self.path)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                # Made since the check: another server's.
+                raise OSError(errno.EADDRINUSE, f"{self.path}: address in use") from None
+            if not self._abstract:
+                made = os.stat(self.path)
+                self._made, self._maker = (made.st_dev, made.st_ino), os.getpid()
+                # Before listen(): until then a client's connect() is refused, so nobody gets
+                # in under the umask's permissions.
+                if self.mode is not None:
+                    os.chmod(self.path, self.mode)
+        except BaseException:
+            sock.close()
+            self.remove()
+            raise
+        return sock
+
+    @contextlib.contextmanager
+    def shared(self) -> Any:
+        """Listen in this process (the workers' parent) for the forked workers to share."""
+        sock = self.socket()
+        try:
+            sock.listen()
+            self._shared = sock
+            yield
+        finally:
+            self._shared = None
+            sock.close()
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove the socket file, if this process made it and it is still the one it made
+        (another server may have replaced it since: that one is left alone)."""
+        made, self._made = self._made, None
+        if made is None or self._maker != os.getpid():
+            return
+        with contextlib.suppress(OSError):
+            now = os.lstat(self.path)
+            if (now.st_dev, now.st_ino) == made:
+                os.unlink(self.path)
+
+    def _remove_stale(self) -> None:
+        """A socket file nobody listens on (a server that died) goes; a live server's stays
+        and so does anything that is not a socket (OSError either way)."""
+        try:
+            found = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(found.st_mode):
+            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.path)
+            except ConnectionRefusedError:
+                log.info("replacing the stale socket file %s (nobody listens on it)", self.path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as error:
+                # No permission to connect, a full backlog (EAGAIN), a timeout: someone may
+                # be serving; it is not ours to delete.
+                raise OSError(
+                    errno.EADDRINUSE,
+                    f"{self.path}: address in use (cannot tell whether a server listens: "
+                    f"{error.strerror or error})",
+                ) from None
+        raise OSError(errno.EADDRINUSE, f"{self.path}: address in use (a server answers on it)")
 
 
 # Descriptors kept free for what is not a connection: listening sockets, logs, stores, the
@@ -563,6 +765,9 @@ def _peer_ip(peer: Any) -> str | None:
 
 
 def _format(address: Any) -> str:
+    if isinstance(address, (str, bytes)):  # a Unix-domain socket
+        text = address.decode(errors="replace") if isinstance(address, bytes) else address
+        return "unix:" + (text.replace("\0", "@", 1) if text.startswith("\0") else text)
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 

@@ -23,7 +23,8 @@ And as a pytest plugin (``-p alephsmtp.testing``, or the installed entry point):
             ...
 
 The server runs the library's own :class:`~alephsmtp.server.SmtpServer` on an event loop of its
-own, so the code under test may be synchronous, or ``async`` on another loop.
+own (an :class:`alephsmtp.Controller`, which adds the capture), so the code under test may be
+synchronous, or ``async`` on another loop.
 
 PYTEST_DONT_REWRITE: the plugin asserts nothing, and a test module may import this module before
 it names it in ``pytest_plugins``; this marker keeps pytest from warning that it cannot rewrite.
@@ -31,8 +32,6 @@ it names it in ``pytest_plugins``; this marker keeps pytest from warning that it
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import email
 import email.policy
 import functools
@@ -45,6 +44,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import replies as R
+from .controller import _LOOPBACK, Controller
 from .envelope import SmtpEnvelope
 from .events import AuthEventArgs, MessageReceivedEventArgs, Pending, run_chain
 from .replies import coerce_reply
@@ -55,9 +55,6 @@ if TYPE_CHECKING:
     import trustme
 
 __all__ = ["CapturedMessage", "SmtpTestServer"]
-
-# Names a wildcard address is reached by from this host.
-_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 class CapturedMessage:
@@ -152,7 +149,6 @@ class SmtpTestServer:
         if tls and tls_context is not None:
             raise ValueError("give tls=True or a tls_context, not both")
         self.host = host
-        self._requested_port = port
         self.on_session = on_session
         self.credentials: dict[str, str] = dict(credentials or {})
         #: An SSL context that trusts the server's certificate (``tls=True`` only).
@@ -183,35 +179,39 @@ class SmtpTestServer:
         options.setdefault("auth_failure_delay", 0.0)
         options.setdefault("max_auth_failures", 0)
         options.update({name: value for name, value in given.items() if value is not None})
-        self._options = options
         #: Every message accepted since the start (or the last :meth:`clear`), in order. The
         #: server thread appends; list operations are atomic, so reading it is safe.
         self.messages: list[CapturedMessage] = []
         self._arrived = threading.Condition()
-        # Built now so that a wrong option fails here, in the caller's thread.
-        self._server = self._make_server()
-        self._server_used = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_requested: asyncio.Event | None = None
-        self._start_error: BaseException | None = None
-
-    def _make_server(self) -> SmtpServer:
-        return SmtpServer(
-            self.host, self._requested_port, on_session=self._on_session, **self._options
+        # The server is made now, so that a wrong option fails here, in the caller's thread.
+        # asyncio's own loop, as tests expect of a loop they did not choose; daemon, so that
+        # a test run that forgot stop() still exits.
+        self._controller = Controller(
+            self._on_session,
+            host,
+            port,
+            name="alephsmtp-test-server",
+            daemon=True,
+            loop="asyncio",
+            **options,
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     @property
+    def controller(self) -> Controller:
+        """The :class:`~alephsmtp.Controller` that runs the server."""
+        return self._controller
+
+    @property
     def server(self) -> SmtpServer:
         """The running (or last) ``SmtpServer``: its ``config``, ``sessions``, buffer pools."""
-        return self._server
+        return self._controller.server
 
     @property
     def port(self) -> int:
         """The port listened on (the OS's choice when 0 was asked for); a new one per start."""
-        return self._server.port
+        return self._controller.port
 
     @property
     def connect_host(self) -> str:
@@ -226,62 +226,24 @@ class SmtpTestServer:
     @property
     def is_running(self) -> bool:
         """Between :meth:`start` and :meth:`stop`."""
-        return self._thread is not None
+        return self._controller.is_running
 
     def start(self) -> SmtpTestServer:
-        """Start listening in a new thread; returns (itself) once it accepts connections."""
-        if self._thread is not None:
-            raise RuntimeError("the test server is already running")
-        if self._server_used:
-            # An SmtpServer starts once; each start gets a fresh one (and a fresh port).
-            self._server = self._make_server()
-        self._server_used = True
-        self._start_error = None
-        listening = threading.Event()
-        thread = threading.Thread(
-            target=asyncio.run,
-            args=(self._serve(self._server, listening),),
-            name="alephsmtp-test-server",
-            daemon=True,  # never keeps the interpreter alive after a test run forgot stop()
-        )
-        self._thread = thread
-        thread.start()
-        listening.wait()
-        if self._start_error is not None:
-            thread.join()
-            self._thread = None
-            error, self._start_error = self._start_error, None
-            raise error
-        return self
+        """Start listening in a new thread; returns (itself) once it accepts connections.
 
-    async def _serve(self, server: SmtpServer, listening: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop_requested = stop_requested = asyncio.Event()
-        try:
-            await server.start()
-        except BaseException as error:  # handed to start(), raised in the caller's thread
-            self._start_error = error
-            return
-        finally:
-            listening.set()
-        await stop_requested.wait()
-        await server.stop()
+        Each start makes a fresh ``SmtpServer`` (and, for port 0, a fresh port).
+        """
+        if self._controller.is_running:
+            raise RuntimeError("the test server is already running")
+        self._controller.start()
+        return self
 
     def stop(self) -> None:
         """Stop gracefully (idle clients get ``421 4.3.2``) and join the thread.
 
         Safe to call when not running. Captured messages stay until :meth:`clear`.
         """
-        thread, loop, stop_requested = self._thread, self._loop, self._stop_requested
-        if thread is None:
-            return
-        if thread is threading.current_thread():
-            raise RuntimeError("stop() from the server's own thread (a handler) would deadlock")
-        if loop is not None and stop_requested is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is already gone
-                loop.call_soon_threadsafe(stop_requested.set)
-        thread.join()
-        self._thread = self._loop = self._stop_requested = None
+        self._controller.stop()
 
     def __enter__(self) -> SmtpTestServer:
         return self.start()

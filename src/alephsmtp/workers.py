@@ -8,8 +8,10 @@ which can also run any other serving function::
 Every worker opens its own listening socket on the same address with ``SO_REUSEPORT`` and the
 kernel spreads connections over them. The supervisor binds the address first, without
 listening, so that port 0 becomes one concrete port for every worker and an address in use
-fails in the caller (``OSError``). Workers are forked, not spawned: nothing is pickled, and the
-caller should have no other threads running.
+fails in the caller (``OSError``). Workers of a Unix-domain socket (``unix_path``) share the
+one listening socket the caller opened before: each inherits it and accepts from it. Workers
+are forked, not spawned: nothing is pickled, and the caller should have no other threads
+running.
 
 SIGINT or SIGTERM to the supervisor stops the workers (each gets SIGTERM and stops as
 ``SmtpServer.stop()`` does) and :meth:`WorkerSupervisor.run` returns once all have exited.
@@ -110,6 +112,7 @@ class WorkerSupervisor:
         self._context = multiprocessing.get_context("fork") if supported() else None
         self._serve: Callable[[int], object] = _nothing
         self._port = 0
+        self._where = ""  # "port 25" or "unix:/path", for the log
 
     def backoff(self, failures: int) -> float | None:
         """The delay before a restart after ``failures`` failures in a row; None: give up."""
@@ -122,13 +125,16 @@ class WorkerSupervisor:
         serve: Callable[[int], object],
         workers: int,
         *,
-        host: str | Sequence[str] | None,
-        port: int,
+        host: str | Sequence[str] | None = None,
+        port: int = 0,
+        unix_path: str | None = None,
     ) -> None:
         """Serve from ``workers`` processes, each calling ``serve(port)``, until SIGINT/SIGTERM.
 
-        ``port`` may be 0: the port the OS picks is passed to every worker. ``serve`` runs in
-        the forked worker with SIGINT and SIGTERM blocked: it must unblock them
+        ``port`` may be 0: the port the OS picks is passed to every worker. With
+        ``unix_path`` nothing is bound here: the workers serve a Unix-domain socket the caller
+        listens on already (and that each forked worker inherits); ``serve(0)`` is called.
+        ``serve`` runs in the forked worker with SIGINT and SIGTERM blocked: it must unblock them
         (``signal.pthread_sigmask``) once it handles them, so that a stop signal arriving
         early waits for the worker to be ready to stop gracefully (``SmtpServer`` unblocks
         them once its event loop handles them). An ``OSError`` from ``serve`` is logged in one
@@ -141,8 +147,12 @@ class WorkerSupervisor:
             raise ValueError("workers must be at least 1")
         if self._context is None:
             raise RuntimeError("workers need SO_REUSEPORT and fork")
-        self._reservation = _reserve_port(host, port)
-        self._port = int(self._reservation.getsockname()[1])
+        if unix_path is None:
+            self._reservation = _reserve_port(host, port)
+            self._port = int(self._reservation.getsockname()[1])
+            self._where = f"port {self._port}"
+        else:
+            self._reservation, self._port, self._where = None, 0, f"unix:{unix_path}"
         self._serve = serve
         self._slots = [_Slot(number) for number in range(1, workers + 1)]
         self._signals = 0
@@ -156,12 +166,13 @@ class WorkerSupervisor:
                 self._start(slot)
             if not self._signals:
                 started = sum(1 for slot in self._slots if slot.process is not None)
-                log.info("started %d workers on port %d", started, self._port)
+                log.info("started %d workers on %s", started, self._where)
             failed = self._supervise()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self._reservation.close()
+            if self._reservation is not None:
+                self._reservation.close()
             for fd in self._wake:
                 os.close(fd)
             self._wake = None
@@ -248,7 +259,7 @@ class WorkerSupervisor:
             slot.process = process
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        log.info("worker %d started (pid %s) on port %d", slot.number, process.pid, self._port)
+        log.info("worker %d started (pid %s) on %s", slot.number, process.pid, self._where)
 
     def _stop_all(self) -> None:
         for slot in self._slots:

@@ -4,8 +4,8 @@
 own (``start()`` returns once it listens, ``stop()`` stops it gracefully: idle sessions are
 told ``421`` and closed, a transaction in progress gets :attr:`BaseController.stop_grace`
 seconds); :class:`UnthreadedController` leaves the loop to you (``begin()`` / ``end()``).
-The Unix-socket variants serve the same handlers on a socket file. Every controller is also a
-context manager (``with Controller(handler) as controller: ...``).
+The Unix-socket variants serve the same handlers on a socket file (``SmtpServer(path=...)``).
+Every controller is also a context manager (``with Controller(handler) as controller: ...``).
 
 Each connection gets a fresh :class:`~alephsmtp.compat.aiosmtpd.smtp.SMTP` from
 :meth:`BaseController.factory`, as in aiosmtpd, so a subclass that overrides ``factory`` (an
@@ -15,15 +15,12 @@ LMTP server, an ``SMTP`` subclass with commands of its own) works unchanged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
 import socket
 import ssl
 import threading
-import time
-import weakref
 from abc import ABCMeta, abstractmethod
 from pathlib import Path
 from types import TracebackType
@@ -137,9 +134,38 @@ class BaseController(metaclass=ABCMeta):
     async def _create_server(self) -> Any:
         """Start listening (on the running loop); returns the server."""
 
-    @abstractmethod
+    async def _start_server(self, **where: Any) -> SmtpServer:
+        """An alephsmtp server at ``where`` (host and port, or path) for this controller's
+        ``SMTP`` objects: one per connection, from :meth:`factory`."""
+        template = self._factory_invoker()  # a factory that fails, fails here
+        proxy_timeout = template._proxy_timeout
+        server = SmtpServer(
+            **where,
+            config=template.session_config(self.ssl_context),
+            implicit_tls=self.ssl_context is not None,
+            proxy_protocol=proxy_timeout is not None,
+            proxy_header_timeout=proxy_timeout or 10.0,
+            proxy_trusted_networks=_ANY_NETWORK,
+            on_session=self._on_session,
+        )
+        await server.start()
+        return server
+
+    def _on_session(self, session: SmtpSession) -> Any:
+        try:
+            smtp = self.factory()
+        except Exception:
+            log.exception("factory() failed")
+            session.start_transaction(_R_UNAVAILABLE)  # not 220: sent, then closed
+            return None
+        self.smtpd = smtp
+        return smtp.attach(session)
+
     async def _close_server(self) -> None:
         """Stop listening and end the sessions (gracefully, within :attr:`stop_grace`)."""
+        server = self.server
+        if isinstance(server, SmtpServer):
+            await server.stop(self.stop_grace)
 
     def _trigger_server(self) -> None:
         """aiosmtpd connects once to make its server build the first SMTP object; here the
@@ -327,38 +353,11 @@ class InetMixin(BaseController, metaclass=ABCMeta):
         self.port = port
 
     async def _create_server(self) -> SmtpServer:
-        template = self._factory_invoker()
-        proxy_timeout = template._proxy_timeout
-        server = SmtpServer(
-            # "" is every interface to asyncio's create_server (None to alephsmtp).
-            self.hostname or None,
-            self.port,
-            config=template.session_config(self.ssl_context),
-            implicit_tls=self.ssl_context is not None,
-            proxy_protocol=proxy_timeout is not None,
-            proxy_header_timeout=proxy_timeout or 10.0,
-            proxy_trusted_networks=_ANY_NETWORK,
-            on_session=self._on_session,
-        )
-        await server.start()
+        # "" is every interface to asyncio's create_server (None to alephsmtp).
+        server = await self._start_server(host=self.hostname or None, port=self.port)
         if self.port == 0:
             self.port = server.port
         return server
-
-    def _on_session(self, session: SmtpSession) -> Any:
-        try:
-            smtp = self.factory()
-        except Exception:
-            log.exception("factory() failed")
-            session.start_transaction(_R_UNAVAILABLE)  # not 220: sent, then closed
-            return None
-        self.smtpd = smtp
-        return smtp.attach(session)
-
-    async def _close_server(self) -> None:
-        server = self.server
-        if isinstance(server, SmtpServer):
-            await server.stop(self.stop_grace)
 
 
 class UnixSocketMixin(BaseController, metaclass=ABCMeta):
@@ -373,37 +372,11 @@ class UnixSocketMixin(BaseController, metaclass=ABCMeta):
     ) -> None:
         super().__init__(handler, loop, **kwargs)
         self.unix_socket = str(unix_socket)
-        self._served: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
-    async def _create_server(self) -> asyncio.AbstractServer:
-        self._factory_invoker()  # as the TCP listener does: a factory that fails, fails here
-        # Each connection's SMTP object is its protocol and hands the transport to an
-        # alephsmtp session (SmtpServer listens on TCP only; see NEEDS.md).
-        return await asyncio.get_running_loop().create_unix_server(
-            self._serve_connection, path=self.unix_socket, ssl=self.ssl_context
-        )
-
-    def _serve_connection(self) -> SMTP:
-        smtp = self._factory_invoker()
-        self._served.add(smtp)
-        return smtp
-
-    async def _close_server(self) -> None:
-        server = self.server
-        if server is None:
-            return
-        server.close()
-        sessions = [s._session for s in list(self._served) if s._session is not None]
-        for session in sessions:
-            session.shutdown()  # idle: 421 and closed; in a transaction: after it
-        deadline = time.monotonic() + self.stop_grace
-        while any(s.transport is not None for s in sessions) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for session in sessions:
-            if session.transport is not None:
-                session.abort()
-        with contextlib.suppress(OSError):
-            os.unlink(self.unix_socket)
+    async def _create_server(self) -> SmtpServer:
+        # The socket file's mode as the umask makes it, as aiosmtpd leaves it; it is removed
+        # when the controller stops. A stale file is replaced; a live server's is not.
+        return await self._start_server(path=self.unix_socket, path_mode=None)
 
 
 class Controller(InetMixin, BaseThreadedController):

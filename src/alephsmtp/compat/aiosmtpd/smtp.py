@@ -7,7 +7,10 @@ aiosmtpd ``Session`` and ``Envelope`` and connects the session's events to the h
 ``handle_XXX`` hooks, turning the strings they return into replies. alephsmtp reads and checks
 the bytes, keeps the command order, the limits and the timeouts; the hooks decide what aiosmtpd
 lets them decide. An ``SMTP`` object is also an asyncio protocol factory's product, as in
-aiosmtpd: ``loop.create_server(lambda: SMTP(handler), host, port)`` serves the same way.
+aiosmtpd: ``loop.create_server(lambda: SMTP(handler), host, port)`` serves the same way, each
+connection handed to a session of an alephsmtp server kept per event loop and configuration
+(:meth:`SmtpServer.protocol_factory <alephsmtp.SmtpServer.protocol_factory>`), so that such
+connections share its buffer pools, replies as written, metrics and connection limits.
 
 Events the handler has no hook for are not even connected (a session with no handler for an
 event costs nothing for it); the envelope a hook sees is filled from alephsmtp's own envelope
@@ -24,12 +27,12 @@ import email._header_value_parser as _header_parser
 import enum
 import functools
 import inspect
-import ipaddress
 import logging
 import re
 import socket
 import ssl
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
@@ -46,8 +49,8 @@ from alephsmtp.events import (
     CommandEventArgs,
     MessageReceivedEventArgs,
 )
-from alephsmtp.proxy import ProxyHeader, ProxyProtocolReceiver
 from alephsmtp.replies import Reply
+from alephsmtp.server import SmtpServer
 from alephsmtp.session import SmtpSession
 
 from ._support import ssl_details, verbatim_reply, word_options
@@ -478,7 +481,7 @@ _AUTH_GATED = frozenset({"MAIL", "RCPT", "DATA"})
 _R_FAULT = verbatim_reply("451 4.3.0 Error: local error in processing")
 
 # PROXY protocol: aiosmtpd takes a header from any peer and lets handle_PROXY judge it.
-_ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+_ANY_NETWORK = ("0.0.0.0/0", "::/0")
 
 Missing = Callable[[], Reply | None] | None
 
@@ -843,12 +846,9 @@ class SMTP(asyncio.BufferedProtocol):
         transport = session.transport
         self.transport = transport
         self.session = aio = self._create_session()
-        peer = session.peer
-        if session.proxy is not None and transport is not None:
-            # aiosmtpd's session.peer is the socket's peer (the proxy); the client the header
-            # names is in session.proxy_data.
-            peer = transport.get_extra_info("peername")
-        aio.peer = peer
+        # aiosmtpd's session.peer is the socket's peer: behind a proxy the proxy's (the client
+        # the header names is in session.proxy_data), on a Unix socket its peer name ("").
+        aio.peer = transport.get_extra_info("peername") if transport is not None else session.peer
         self._set_rset_state()
         self._tls_seen = session.tls is not None
         self._tls_okay = True
@@ -938,22 +938,13 @@ class SMTP(asyncio.BufferedProtocol):
     # --- as an asyncio protocol (loop.create_server(lambda: SMTP(handler), ...)) -------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        protocol: asyncio.BufferedProtocol
-        if self._proxy_timeout is not None:
-            protocol = ProxyProtocolReceiver(
-                self._session_behind_proxy,
-                trusted_networks=_ANY_NETWORK,
-                timeout=self._proxy_timeout,
-            )
-        else:
-            protocol = SmtpSession(self.session_config(), self.attach)
+        server = _bare_server(self.session_config(), self._proxy_timeout)
+        # A session of that server (or first its PROXY receiver) takes the transport over:
+        # the transport calls it directly from now on.
+        protocol = server.protocol_factory(self.attach)()
         self._protocol = protocol
-        # The session takes the transport over: the transport calls it directly from now on.
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-
-    def _session_behind_proxy(self, header: ProxyHeader) -> SmtpSession:
-        return SmtpSession(self.session_config(), self.attach, peer=header.source, proxy=header)
 
     def get_buffer(self, sizehint: int) -> memoryview:  # pragma: no cover - after set_protocol
         assert isinstance(self._protocol, asyncio.BufferedProtocol)
@@ -1516,6 +1507,35 @@ def _ok() -> Reply:
 
 _CONFIGS: dict[tuple[Any, ...], SessionConfig] = {}
 _CONFIGS_MAX = 32
+
+# The servers of the bare asyncio path, never started: per event loop (a server's pools and
+# sets are one loop's) and per configuration and PROXY timeout; the config is held with its
+# server, so that its id is not reused while the entry lives.
+_BareKey = tuple[int, float | None]
+_BARE_SERVERS: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[_BareKey, tuple[SessionConfig, SmtpServer]]
+] = weakref.WeakKeyDictionary()
+
+
+def _bare_server(config: SessionConfig, proxy_timeout: float | None) -> SmtpServer:
+    """The server whose sessions serve ``loop.create_server(lambda: SMTP(handler))``."""
+    loop = asyncio.get_running_loop()
+    servers = _BARE_SERVERS.get(loop)
+    if servers is None:
+        servers = _BARE_SERVERS[loop] = {}
+    key = (id(config), proxy_timeout)
+    entry = servers.get(key)
+    if entry is None:
+        if len(servers) >= _CONFIGS_MAX:
+            servers.clear()  # their sessions keep their server; new ones get a new one
+        server = SmtpServer(
+            config=config,
+            proxy_protocol=proxy_timeout is not None,
+            proxy_header_timeout=proxy_timeout or 10.0,
+            proxy_trusted_networks=_ANY_NETWORK,
+        )
+        entry = servers[key] = (config, server)
+    return entry[1]
 
 
 def _address(argument: str) -> str | None:
