@@ -348,8 +348,8 @@ async def test_protocol_factory_for_listeners_of_your_own(sock_dir: Path) -> Non
     # on_session given to protocol_factory replaces the server's for that listener.
     assert len(kept.sessions) == 1
     assert len(other.sessions) == 1
-    # Sessions of a listener of your own see its socket's peer: a Unix client's name ("").
-    assert kept.messages == [("", "", MESSAGE)]
+    # A Unix client has no name: the session names it by the socket it came in on.
+    assert kept.messages == [(str(path), str(path), MESSAGE)]
     assert other.sessions[0].peer[0] == "127.0.0.1"
     assert [pool.in_use for pool in server.buffer_pools] == [0, 0]
 

@@ -346,11 +346,9 @@ class SmtpServer:
     def _new_session(
         self, proxy: ProxyHeader | None = None, *, on_session: OnSession | None = None
     ) -> SmtpSession:
-        # The client a PROXY header names; None keeps the socket's peer (LOCAL, UNKNOWN),
-        # or on a Unix socket, whose clients have no address, names the socket.
+        # The client a PROXY header names; None keeps the socket's peer (LOCAL, UNKNOWN; on
+        # a Unix socket, whose clients have no name, the socket's path).
         peer = proxy.source if proxy is not None else None
-        if peer is None:
-            peer = self.path
         return SmtpSession(
             self.config,
             self.on_session if on_session is None else on_session,

@@ -649,7 +649,10 @@ class SmtpSession(asyncio.BufferedProtocol):
             loop = self._loop = asyncio.get_running_loop()
         self._timer = LazyTimer(loop, self._on_timer)
         if not self._peer_override:
-            self.peer = self._origin = transport.get_extra_info("peername")
+            # A Unix-domain client has no name (""): the socket it came in on names it.
+            self.peer = self._origin = transport.get_extra_info(
+                "peername"
+            ) or transport.get_extra_info("sockname")
         if transport.get_extra_info("ssl_object") is not None:
             self.tls = TlsInfo.of(transport)  # implicit TLS (RFC 8314)
             self._pools.metrics.tls_sessions[self.tls.version or "unknown"] += 1
