@@ -24,6 +24,7 @@ __all__ = [
     "decode_xtext",
     "parse_parameters",
     "parse_path",
+    "simple_address",
 ]
 
 # RFC 5321 4.5.3.1.1-3: the size limits of a path's parts, in octets.
@@ -222,6 +223,15 @@ def _valid_u_labels(domain: str) -> bool:
     )
 
 
+def simple_address(local_part: str, domain: str) -> Address:
+    """The address of a Dot-string local part and a domain already checked (no quoting needed:
+    the ``str`` is the parts joined)."""
+    mailbox = str.__new__(Address, f"{local_part}@{domain}")
+    mailbox._local_part = local_part
+    mailbox._domain = domain
+    return mailbox
+
+
 def parse_path(
     text: str,
     *,
@@ -246,11 +256,7 @@ def parse_path(
         local_part, domain = simple.group(1, 2)
         # RFC 5321 4.5.3.1: the local part, and the whole path with "<", "@" and ">".
         if len(local_part) <= MAX_LOCAL_PART and len(local_part) + len(domain) + 3 <= MAX_PATH:
-            # A dot-atom needs no quoting: the str is the parts joined.
-            mailbox = str.__new__(Address, f"{local_part}@{domain}")
-            mailbox._local_part = local_part
-            mailbox._domain = domain
-            return mailbox, text[simple.end() :]
+            return simple_address(local_part, domain), text[simple.end() :]
     return _parse_path_general(
         text, allow_null=allow_null, allow_utf8=allow_utf8, allow_postmaster=allow_postmaster
     )

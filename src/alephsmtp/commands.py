@@ -440,42 +440,43 @@ def _parse_rcpt(argument: str, smtputf8: bool) -> SmtpCommand:
 def parse_mail(argument: bytes) -> MailCommand:
     """MAIL's argument, as :func:`~alephsmtp.parser.split_command` gives it; the errors of
     :func:`parse_command`."""
-    scanned = scan_path(argument, b"FROM:")
-    if scanned is not None:
-        local_part, domain, rest = scanned
-        return_path = str.__new__(Address, f"{local_part}@{domain}")
-        return_path._local_part = local_part
-        return_path._domain = domain
+    fast = _scanned(argument, b"FROM:")
+    if fast is not None:
+        return_path, rest, text = fast
         if not rest:
-            return MailCommand(return_path, _NO_PARAMETERS, parameter=argument.decode("ascii"))
-        try:
-            text = argument.decode("utf-8")
-        except UnicodeDecodeError:
-            pass  # parse_argument says so
-        else:
-            return _mail_with_parameters(return_path, rest.decode("utf-8"), text)
+            return MailCommand(return_path, _NO_PARAMETERS, parameter=text)
+        return _mail_with_parameters(return_path, rest, text)
     return parse_argument(b"MAIL", argument)  # type: ignore[return-value]
 
 
 def parse_rcpt(argument: bytes, smtputf8: bool) -> RcptCommand:
     """RCPT's argument, as :func:`~alephsmtp.parser.split_command` gives it, in a transaction
     begun with SMTPUTF8 or not; the errors of :func:`parse_command`."""
-    scanned = scan_path(argument, b"TO:")
-    if scanned is not None:
-        local_part, domain, rest = scanned
-        recipient = str.__new__(Address, f"{local_part}@{domain}")
-        recipient._local_part = local_part
-        recipient._domain = domain
-        if not rest:
-            return RcptCommand(recipient, _NO_PARAMETERS, parameter=argument.decode("ascii"))
-        try:
-            text = argument.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-        else:
-            parameters = _frozen(parse_parameters(rest.decode("utf-8")))
-            return RcptCommand(recipient, parameters, parameter=text)
+    fast = _scanned(argument, b"TO:")
+    if fast is not None:
+        recipient, rest, text = fast
+        parameters = _frozen(parse_parameters(rest)) if rest else _NO_PARAMETERS
+        return RcptCommand(recipient, parameters, parameter=text)
     return parse_argument(b"RCPT", argument, smtputf8=smtputf8)  # type: ignore[return-value]
+
+
+def _scanned(argument: bytes, keyword: bytes) -> tuple[Address, str, str] | None:
+    """The path, the parameters' text and the whole argument's, when the core's scan_path
+    takes the argument and it is UTF-8; else None (parse_argument reads it, and says why)."""
+    scanned = scan_path(argument, keyword)
+    if scanned is None:
+        return None
+    local_part, domain, rest = scanned
+    # simple_address(), inline: this is every MAIL's and RCPT's way in.
+    address = str.__new__(Address, f"{local_part}@{domain}")
+    address._local_part = local_part
+    address._domain = domain
+    if not rest:
+        return address, "", argument.decode("ascii")  # all ASCII: the core checked
+    try:
+        return address, rest.decode("utf-8"), argument.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _frozen(parameters: dict[str, str | None]) -> Parameters:

@@ -1953,36 +1953,34 @@ class SmtpSession(asyncio.BufferedProtocol):
             and address_in_networks(str(origin[0]), networks)
         )
 
-    def _proxy_command(self, rule: Rule, argument: bytes, networks: list[Any]) -> Any:
-        """XCLIENT or XFORWARD, parsed, or ``None`` when it got its refusal; a server that
+    def _proxy_command(self, rule: Rule, argument: bytes) -> None:
+        """XCLIENT or XFORWARD, from a client of the networks that may send it; a server that
         serves neither treats them as any verb it does not know."""
+        xclient = rule.verb == "XCLIENT"
+        networks = self._pools.xclient if xclient else self._pools.xforward
         if not networks:
             self._unknown(rule.key, argument)
-            return None
+            return
         refusal = rule.order[self.state]
         if refusal is None and not self._trusted(networks):
             refusal = R.NOT_AUTHORIZED
         if refusal is not None:
             self._write(refusal)
-            return None
+            return
         try:
-            return parse_argument(rule.key, argument)
+            command = parse_argument(rule.key, argument)
         except CommandSyntaxError as error:
             self._write(_error_reply(error))
-            return None
-
-    def _xclient(self, rule: Rule, argument: bytes) -> None:
-        command = self._proxy_command(rule, argument, self._pools.xclient)
-        if command is None:
             return
+        done: Done = self._xclient_done if xclient else self._xforward_done
         event = self._events.get(rule.event)
         reply = None
         if event is not None and event.handlers:
             args = CommandEventArgs(command)
-            reply = self._decide(rule, event.handlers, args, self._xclient_done, command)
+            reply = self._decide(rule, event.handlers, args, done, command)
             if reply is _WAIT:
                 return
-        self._xclient_done(command, reply)
+        done(command, reply)
 
     def _xclient_done(self, command: XclientCommand, reply: Reply | None) -> None:
         """The session starts over as the client the proxy named: its address, HELO name and
@@ -2025,19 +2023,6 @@ class SmtpSession(asyncio.BufferedProtocol):
         else:
             number = int(old[1]) if old and addr is None else 0
         return (host, number)
-
-    def _xforward_command(self, rule: Rule, argument: bytes) -> None:
-        command = self._proxy_command(rule, argument, self._pools.xforward)
-        if command is None:
-            return
-        event = self._events.get(rule.event)
-        reply = None
-        if event is not None and event.handlers:
-            args = CommandEventArgs(command)
-            reply = self._decide(rule, event.handlers, args, self._xforward_done, command)
-            if reply is _WAIT:
-                return
-        self._xforward_done(command, reply)
 
     def _xforward_done(self, command: XforwardCommand, reply: Reply | None) -> None:
         # The attributes add up until the next MAIL takes them (RSET and HELO drop them).
@@ -2434,8 +2419,8 @@ _DISPATCH: dict[bytes, tuple[Rule, Callable[[SmtpSession, Rule, bytes], None]]] 
         ("QUIT", SmtpSession._quit),
         ("STARTTLS", SmtpSession._starttls),
         ("AUTH", SmtpSession._auth),
-        ("XCLIENT", SmtpSession._xclient),
-        ("XFORWARD", SmtpSession._xforward_command),
+        ("XCLIENT", SmtpSession._proxy_command),
+        ("XFORWARD", SmtpSession._proxy_command),
     )
 }
 # Refusals logged at INFO (with the command line): who was turned away, and why.
