@@ -17,12 +17,8 @@ is bounced (the bounce comes back through LMTP, from the null sender, naming our
 from __future__ import annotations
 
 import grp
-import json
 import shutil
-import smtplib
 import stat
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,56 +27,10 @@ from typing import Any
 
 import pytest
 
-from _milterpeers import Daemon, free_port, program
+from _postfix import Postfix, needs_postfix, postfix_home
 from alephsmtp import Controller
 
-POSTFIX = program("postfix")
-pytestmark = pytest.mark.skipif(
-    POSTFIX is None, reason="postfix is not installed (scripts/install-peers installs it)"
-)
-
-MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {home}/queue
-data_directory = {home}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mta.test
-mydomain = test
-myorigin = mta.test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-default_transport = lmtp:unix:{socket}
-local_header_rewrite_clients =
-smtputf8_enable = no
-alias_maps =
-alias_database =
-maillog_file = /dev/stdout
-delay_warning_time = 0
-notify_classes =
-message_size_limit = 20000000
-"""
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-lmtp      unix  - - n - - lmtp
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"""
+pytestmark = needs_postfix
 
 
 def message(subject: str, body: bytes) -> bytes:
@@ -139,54 +89,6 @@ class Mailbox:
             return list(self.delivered)
 
 
-class Postfix:
-    def __init__(self, home: Path, socket_path: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        (home / "queue").mkdir()
-        (home / "data").mkdir()
-        subprocess.run(["chown", "postfix", str(home / "data")], check=True)
-        (home / "main.cf").write_text(MAIN_CF.format(home=home, socket=socket_path))
-        (home / "master.cf").write_text(MASTER_CF.format(port=self.port))
-        assert POSTFIX is not None
-        self.daemon = Daemon([POSTFIX, "-c", str(home), "start-fg"], home / "postfix.log")
-        try:
-            self.daemon.wait_for_port(self.port, "postfix smtpd")
-        except BaseException:
-            self.stop()
-            raise
-
-    def send(self, sender: str, recipients: list[str], data: bytes) -> dict[str, Any]:
-        with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as client:
-            return client.sendmail(sender, recipients, data)
-
-    def queue(self) -> list[dict[str, Any]]:
-        out = subprocess.run(
-            [program("postqueue") or "postqueue", "-c", str(self.home), "-j"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-    def log(self) -> str:
-        return (self.home / "postfix.log").read_text(errors="replace")
-
-    def wait_for_log(self, pattern: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while pattern not in self.log():
-            assert time.monotonic() < deadline, f"{pattern!r} not logged:\n{self.log()[-3000:]}"
-            time.sleep(0.05)
-        return self.log()
-
-    def stop(self) -> None:
-        subprocess.run([POSTFIX or "postfix", "-c", str(self.home), "stop"], check=False)
-        try:
-            self.daemon.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.daemon.stop()
-
-
 class Setup:
     def __init__(self, postfix: Postfix, mailbox: Mailbox, socket_path: Path) -> None:
         self.postfix = postfix
@@ -196,30 +98,31 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup() -> Iterator[Setup]:
-    # Not pytest's tmp dir: its parents are private to root, and Postfix's daemons run as the
-    # postfix user, who must reach the queue and the socket.
-    home = Path(tempfile.mkdtemp(prefix="alephsmtp-lmtp-"))
-    home.chmod(0o755)
-    # The socket's directory, as docs/deployment.md has it: setgid and of Postfix's group,
-    # so the socket file is Postfix's group's, and mode 0660 lets its delivery agent in.
-    run_dir = home / "run"
-    run_dir.mkdir()
-    shutil.chown(run_dir, group="postfix")
-    run_dir.chmod(0o2750)
-    socket_path = run_dir / "lmtp.sock"
-    mailbox = Mailbox()
-    try:
+    with postfix_home() as home:
+        # The socket's directory, as docs/deployment.md has it: setgid and of Postfix's
+        # group, so the socket file is Postfix's group's, and mode 0660 lets its delivery
+        # agent in.
+        run_dir = home / "run"
+        run_dir.mkdir()
+        shutil.chown(run_dir, group="postfix")
+        run_dir.chmod(0o2750)
+        socket_path = run_dir / "lmtp.sock"
+        mailbox = Mailbox()
         with Controller(
             mailbox.on_session, path=socket_path, lmtp=True, hostname="lmtp.test"
         ) as controller:
             assert controller.address == str(socket_path)
-            postfix = Postfix(home, socket_path)
+            postfix = Postfix(
+                home,
+                f"default_transport = lmtp:unix:{socket_path}",
+                {"smtpd": ""},
+                main_cf="message_size_limit = 20000000\n",
+                hostname="mta.test",
+            )
             try:
                 yield Setup(postfix, mailbox, socket_path)
             finally:
                 postfix.stop()
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_the_socket_is_postfixs_groups_and_nobody_elses(setup: Setup) -> None:

@@ -30,7 +30,7 @@ from _milterpeers import (
     opendkim_fixture,  # noqa: F401
     rspamd_fixture,  # noqa: F401
 )
-from _postfix import Postfix, needs_postfix, private_postfix
+from _postfix import Postfix, needs_postfix, private_postfix, relay_to
 from alephsmtp.milter import Milters
 from alephsmtp.milter import protocol as p
 from alephsmtp.testing import SmtpTestServer
@@ -60,7 +60,7 @@ def setup(
             except pytest.skip.Exception:
                 continue
             endpoints[name] = value if isinstance(value, str) else value[0]
-        with private_postfix(sink.port, endpoints) as postfix:
+        with private_postfix(relay_to(sink.port), endpoints) as postfix:
             # Waiting for smtpd to listen made one session, and so one milter conversation.
             deadline = time.monotonic() + 10
             while not (fake.conversations and fake.conversations[0].closed_by_mta):

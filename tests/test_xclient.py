@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from _milterpeers import program
-from _postfix import POSTFIX, private_postfix
+from _postfix import POSTFIX, private_postfix, relay_to
 from alephsmtp.testing import SmtpTestServer
 
 SWAKS = program("swaks")
@@ -288,7 +288,7 @@ def test_postfix_forwards_its_client_with_xforward(seen: Seen) -> None:
     with SmtpTestServer(
         xforward_networks=LOOPBACK, on_session=seen.on_session, hostname="sink.test"
     ) as sink, private_postfix(
-        sink.port, {"smtpd": ""}, main_cf="smtp_send_xforward_command = yes\n"
+        relay_to(sink.port), {"smtpd": ""}, main_cf="smtp_send_xforward_command = yes\n"
     ) as postfix:  # fmt: skip
         with smtplib.SMTP("127.0.0.1", postfix.ports["smtpd"], timeout=30) as client:
             client.ehlo("client.example")
