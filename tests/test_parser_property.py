@@ -24,7 +24,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from alephsmtp import addresses
 from alephsmtp.addresses import AddressError, parse_path
 from alephsmtp.commands import MailCommand, RcptCommand, parse_command
 from alephsmtp.errors import (
@@ -35,6 +34,7 @@ from alephsmtp.errors import (
     MessageTooLarge,
     SmtpError,
 )
+from fuzz import fuzz_parser
 
 PY = importlib.import_module("alephsmtp._parser_py")
 C: ModuleType | None = None
@@ -527,34 +527,9 @@ def path_arguments(draw: st.DrawFn) -> tuple[bytes, bytes]:
     return bytes(argument), keyword
 
 
-def after_keyword(argument: bytes, keyword: bytes) -> str | None:
-    """The text :func:`alephsmtp.addresses.parse_path` gets: the argument (a command line is
-    decoded first, ``surrogateescape`` standing in for that refusal here) after the keyword,
-    matched as ``commands._after_keyword`` does (ASCII, any case), and the spaces after it."""
-    text = argument.decode("utf-8", "surrogateescape")
-    word = keyword.decode("ascii")
-    head = text[: len(word)]
-    if not (head.isascii() and head.upper() == word):
-        return None
-    return text[len(word) :].lstrip(" ")
-
-
-def python_fast_path(argument: bytes, keyword: bytes) -> tuple[str, str, str] | None:
-    """What :func:`alephsmtp.addresses.parse_path` takes without its general parser: its
-    pattern for the simple path and the RFC 5321 4.5.3.1 limits it checks there."""
-    text = after_keyword(argument, keyword)
-    if text is None:
-        return None
-    match = addresses._SIMPLE_PATH_RE.match(text)
-    if match is None:
-        return None
-    local_part, domain = match.group(1, 2)
-    if (
-        len(local_part) > addresses.MAX_LOCAL_PART
-        or len(local_part) + len(domain) + 3 > addresses.MAX_PATH
-    ):
-        return None
-    return local_part, domain, text[match.end() :]
+# The references the long fuzzer checks scan_path against, shared with it.
+after_keyword = fuzz_parser.after_keyword
+python_fast_path = fuzz_parser.ref_scan_path
 
 
 @SETTINGS
