@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import errno
 import functools
 import importlib
@@ -29,7 +30,7 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import replies as R
 from .metrics import Metrics, MetricsHook
@@ -39,6 +40,12 @@ from .session import OnSession, SessionConfig, SmtpSession, _Pools
 from .tls import TlsAcceptor
 from .workers import WorkerSupervisor
 from .workers import supported as _workers_supported
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
+    from .prometheus import PrometheusExporter
+    from .tracing import SessionTracer
 
 __all__ = ["LoopName", "SmtpServer", "connection_capacity"]
 
@@ -75,6 +82,10 @@ class SmtpServer:
 
     ``server.metrics`` counts connections, accepted messages and their bytes, and refusals by
     reply code; ``metrics_hook=hook`` sees every change (:mod:`alephsmtp.metrics`).
+    ``metrics="HOST:PORT"`` (or a :class:`~alephsmtp.prometheus.PrometheusExporter`) serves
+    them to Prometheus on ``/metrics``, for every worker at once with ``workers=N``, and turns
+    ``measure_latency`` on; ``tracing=True`` (or a ``TracerProvider``) makes an OpenTelemetry
+    span per session and per transaction (:mod:`alephsmtp.tracing`).
     """
 
     def __init__(
@@ -92,6 +103,8 @@ class SmtpServer:
         proxy_header_timeout: float = 10.0,
         workers: int = 1,
         metrics_hook: MetricsHook | None = None,
+        metrics: str | tuple[str | None, int] | PrometheusExporter | None = None,
+        tracing: bool | TracerProvider | SessionTracer | None = None,
         config: SessionConfig | None = None,
         **options: Any,
     ) -> None:
@@ -102,6 +115,13 @@ class SmtpServer:
         if proxy_header_timeout <= 0:
             raise ValueError("proxy_header_timeout must be positive")
         self.config = config if config is not None else SessionConfig(**options)
+        self.exporter: PrometheusExporter | None = None
+        if metrics is not None:  # Prometheus (alephsmtp.prometheus, the "metrics" extra)
+            from .prometheus import exporter_for
+
+            self.exporter = exporter_for(metrics)
+            if self.exporter.latency and not self.config.measure_latency:
+                self.config = dataclasses.replace(self.config, measure_latency=True)
         if implicit_tls and self.config.tls_context is None:
             raise ValueError("implicit_tls needs a tls_context")
         self.implicit_tls = implicit_tls
@@ -129,8 +149,12 @@ class SmtpServer:
         self._accept_errors = _AcceptErrors()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._exempt = [ipaddress.ip_network(net) for net in self.config.connection_limit_exempt]
-        self.metrics = Metrics(hook=metrics_hook)  # see alephsmtp.metrics
+        self.metrics: Metrics = Metrics(hook=metrics_hook)  # see alephsmtp.metrics
         self._pools = _Pools(self.config, self.metrics)
+        if tracing is not None and tracing is not False:  # OpenTelemetry (alephsmtp.tracing)
+            from .tracing import tracer_for
+
+            self._pools.tracer = tracer_for(tracing)
         self._server: asyncio.Server | None = None
         self._stopped: asyncio.Event | None = None
         self._no_sessions = asyncio.Event()
@@ -208,6 +232,12 @@ class SmtpServer:
                 with socket.socket(fileno=os.dup(listening.fileno())) as sock:
                     sock.listen(self.backlog)
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
+        if self.exporter is not None:
+            try:
+                await self.exporter.start(self)
+            except BaseException:
+                self.close()
+                raise
 
     def _new_connection(self) -> asyncio.BaseProtocol:
         receiver: ProxyProtocolReceiver | TlsAcceptor
@@ -220,6 +250,7 @@ class SmtpServer:
                 tls_handshake_timeout=self.config.tls_handshake_timeout,
                 on_close=self._receivers.discard,
                 admit=self._has_room,
+                metrics=self.metrics,
             )
         elif self.implicit_tls:
             assert self.config.tls_context is not None
@@ -229,6 +260,7 @@ class SmtpServer:
                 handshake_timeout=self.config.tls_handshake_timeout,
                 on_close=self._receivers.discard,
                 admit=self._has_room,
+                metrics=self.metrics,
             )
         else:
             return self._new_session()
@@ -331,6 +363,8 @@ class SmtpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         self._accept_errors.uninstall()
+        if self.exporter is not None:
+            await self.exporter.stop()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: stop accepting, let transactions finish, then close."""
@@ -385,6 +419,12 @@ class SmtpServer:
             if _workers_supported():
                 supervisor = supervisor if supervisor is not None else WorkerSupervisor()
                 serve = functools.partial(self._serve_worker, on_session, runner)
+                if self.exporter is not None:  # one /metrics for every worker
+                    with self.exporter.serving_workers() as on_exit:
+                        supervisor.run(
+                            serve, self.workers, host=self.host, port=self._port, on_exit=on_exit
+                        )
+                    return
                 supervisor.run(serve, self.workers, host=self.host, port=self._port)
                 return
             log.warning("workers need SO_REUSEPORT and fork; serving from one process")

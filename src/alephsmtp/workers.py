@@ -110,6 +110,7 @@ class WorkerSupervisor:
         self._context = multiprocessing.get_context("fork") if supported() else None
         self._serve: Callable[[int], object] = _nothing
         self._port = 0
+        self._on_exit: Callable[[int], object] | None = None
 
     def backoff(self, failures: int) -> float | None:
         """The delay before a restart after ``failures`` failures in a row; None: give up."""
@@ -124,6 +125,7 @@ class WorkerSupervisor:
         *,
         host: str | Sequence[str] | None,
         port: int,
+        on_exit: Callable[[int], object] | None = None,
     ) -> None:
         """Serve from ``workers`` processes, each calling ``serve(port)``, until SIGINT/SIGTERM.
 
@@ -133,6 +135,8 @@ class WorkerSupervisor:
         early waits for the worker to be ready to stop gracefully (``SmtpServer`` unblocks
         them once its event loop handles them). An ``OSError`` from ``serve`` is logged in one
         line, any other exception with its traceback; either is the worker's failure.
+        ``on_exit(pid)``, in the supervisor, hears of every worker that has exited, for
+        whatever reason (the Prometheus exporter drops its live gauges there).
 
         Raises ``OSError`` when the address cannot be bound, :class:`WorkersFailed` when every
         worker has been given up on.
@@ -144,6 +148,7 @@ class WorkerSupervisor:
         self._reservation = _reserve_port(host, port)
         self._port = int(self._reservation.getsockname()[1])
         self._serve = serve
+        self._on_exit = on_exit
         self._slots = [_Slot(number) for number in range(1, workers + 1)]
         self._signals = 0
         self._wake = os.pipe()
@@ -265,6 +270,11 @@ class WorkerSupervisor:
         slot.process = None
         pid, exitcode = process.pid, process.exitcode
         process.close()  # its sentinel now, not whenever the object is collected
+        if self._on_exit is not None and pid is not None:
+            try:
+                self._on_exit(pid)
+            except Exception:  # the supervisor goes on whatever a hook does
+                log.exception("on_exit hook failed for pid %s", pid)
         ended = _describe_exit(exitcode)
         if stopping:
             if exitcode == 0:
