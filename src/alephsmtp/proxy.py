@@ -633,6 +633,7 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Drop the connection (a server shutting down); nothing is sent."""
+        self._metrics = None  # what fails now is the shutdown's doing, not the client's
         if self._transport is not None:
             self._transport.abort()
         self._finish()
@@ -716,7 +717,7 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         except HANDSHAKE_ERRORS as error:
             reason = str(error) or type(error).__name__
             log.info("[%s] TLS handshake failed: %s", _where(header.source or self.peer), reason)
-            if self._metrics is not None and self._phase is _Phase.TLS:  # not a shutdown's
+            if self._metrics is not None:
                 self._metrics.tls_failures += 1
                 if isinstance(error, asyncio.TimeoutError):
                     self._metrics.timeouts["tls"] += 1

@@ -212,6 +212,7 @@ class TlsAcceptor(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection (a server shutting down); nothing is sent."""
+        self._metrics = None  # what fails now is the shutdown's doing, not the client's
         if self._transport is not None:
             self._transport.abort()
         self._finish()
@@ -303,7 +304,7 @@ class TlsAcceptor(asyncio.Protocol):
 
     def _failed(self, *, timeout: bool) -> None:
         metrics = self._metrics
-        if metrics is not None and not self._done:
+        if metrics is not None:
             metrics.tls_failures += 1
             if timeout:
                 metrics.timeouts["tls"] += 1
