@@ -333,6 +333,10 @@ async def test_the_endpoint_speaks_http_as_prometheus_expects() -> None:
             except urllib.error.HTTPError as error:
                 return int(error.code)
 
+        picked = await asyncio.to_thread(
+            scrape, exporter.url + "?name[]=alephsmtp_messages_accepted_total"
+        )
+        assert set(parse(picked)) == {("alephsmtp_messages_accepted_total", frozenset())}
         assert await asyncio.to_thread(status, "/") == 404
         assert await asyncio.to_thread(status, "/metrics", "POST") == 405
         # A request that never ends its head: closed without an answer, the server unharmed.
@@ -362,6 +366,20 @@ def test_the_command_line_serves_metrics() -> None:
         assert value(samples, "alephsmtp_message_reply_duration_seconds_count") == 1
     finally:
         stop_cli(process)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.skipif(not DOCS.is_dir(), reason="docs/ not shipped here")
+def test_the_docs_and_the_dashboard_name_the_metrics_there_are() -> None:
+    exposed = {f"{f.name}_total" if f.kind == "counter" else f.name for f in FAMILIES}
+    table = re.findall(r"^\| `(alephsmtp_\w+)` \|", (DOCS / "observability.md").read_text(), re.M)
+    assert sorted(table) == sorted(exposed)
+    dashboard = (DOCS / "grafana-dashboard.json").read_text()
+    used = set(re.findall(r"alephsmtp_\w+", dashboard)) - {"alephsmtp"}
+    assert used, "no metric in the dashboard"
+    assert {re.sub(r"_bucket$", "", name) for name in used} <= exposed
 
 
 def test_addresses_and_options_are_checked() -> None:

@@ -277,10 +277,18 @@ class MetricsCollector:
     def __init__(self, server: SmtpServer) -> None:
         self.server = server
 
+    def describe(self) -> Iterator[Metric]:
+        """The families without their samples: what a registry checks names with (a clash
+        with metrics of yours, ``name[]=`` filters) without reading the server."""
+        return self._families(describe=True)
+
     def collect(self) -> Iterator[Metric]:
+        return self._families(describe=False)
+
+    def _families(self, *, describe: bool) -> Iterator[Metric]:
         server = self.server
         for family in FAMILIES:
-            samples = family.read(server)
+            samples = () if describe else family.read(server)
             metric: CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
             if family.kind == "counter":
                 metric = CounterMetricFamily(family.name, family.help, labels=family.labels)
