@@ -14,7 +14,8 @@ measures it. Variants, run in turn within each round (the median over the rounds
 - ``latency``: ``measure_latency`` (what ``metrics=`` turns on for the duration histograms);
 - ``tracing``: spans per session and per transaction with the OpenTelemetry SDK, no span
   processor (what making spans costs); ``tracing+batch``: with a ``BatchSpanProcessor`` and
-  an exporter that drops what it gets (its thread's CPU counts: it is the process's).
+  an exporter that drops what it gets (its thread's CPU counts: it is the process's);
+  ``tracing+batch 1%``: the same with a sampler that keeps one trace in a hundred.
 
 Then what a scrape costs (the collector over a server's metrics, encoded as Prometheus text;
 and in multiprocess mode a worker's flush and the merge of two workers' files), and what that
@@ -47,8 +48,9 @@ BODY = b"Subject: bench\r\n\r\n" + b"y" * 1000 + b"\r\n.\r\n"
 ENVELOPE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
 
 
-def tracer_provider(batch: bool) -> Any:
+def tracer_provider(batch: bool, ratio: float = 1.0) -> Any:
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         SpanExporter,
@@ -59,7 +61,7 @@ def tracer_provider(batch: bool) -> Any:
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
     if batch:
         provider.add_span_processor(BatchSpanProcessor(Drop()))
     return provider
@@ -104,6 +106,7 @@ def session_costs(messages: int, rounds: int) -> tuple[list[list[object]], dict[
         variants += [
             Variant("tracing", tracing=tracer_provider(batch=False)),
             Variant("tracing+batch", tracing=tracer_provider(batch=True)),
+            Variant("tracing+batch 1%", tracing=tracer_provider(batch=True, ratio=0.01)),
         ]
     except ImportError:
         print("note: opentelemetry-sdk is not installed: the tracing rows are skipped")

@@ -382,6 +382,16 @@ def test_the_docs_and_the_dashboard_name_the_metrics_there_are() -> None:
     assert {re.sub(r"_bucket$", "", name) for name in used} <= exposed
 
 
+async def test_a_metrics_port_in_use_stops_the_start() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = SmtpServer("127.0.0.1", 0, metrics=("127.0.0.1", taken.getsockname()[1]))
+        with pytest.raises(OSError, match="in use"):
+            await server.start()
+    assert not server.is_serving  # the SMTP side closed again
+
+
 def test_addresses_and_options_are_checked() -> None:
     assert parse_address("127.0.0.1:9025") == ("127.0.0.1", 9025)
     assert parse_address("[::1]:0") == ("::1", 0)
@@ -722,3 +732,28 @@ def test_an_untraced_session_has_no_context() -> None:
         _pools = server._pools
 
     assert context_of(Session()) is None  # type: ignore[arg-type]
+
+
+async def test_a_session_left_out_by_the_sampler_makes_no_spans() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    contexts: list[Any] = []
+
+    def on_session(session: Any) -> None:
+        session.message_received += lambda s, e: contexts.append(context_of(s))
+
+    async with SmtpServer(
+        "127.0.0.1", 0, hostname="mx.test", tracing=provider, on_session=on_session
+    ) as server:
+        await asyncio.to_thread(send, server.port)
+        await wait_until(lambda: server.metrics.connections == 0, "the session ended")
+        tracer = server._pools.tracer
+        assert tracer is not None
+        assert not tracer._open  # nothing kept once the session ended
+    assert exporter.get_finished_spans() == ()
+    (context,) = contexts  # still a context (the unsampled session's), for propagation
+    assert context is not None
+    assert not trace.get_current_span(context).is_recording()

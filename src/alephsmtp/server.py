@@ -235,8 +235,9 @@ class SmtpServer:
         if self.exporter is not None:
             try:
                 await self.exporter.start(self)
-            except BaseException:
+            except BaseException:  # its port in use, say: not serving half
                 self.close()
+                await self.wait_closed(0)
                 raise
 
     def _new_connection(self) -> asyncio.BaseProtocol:

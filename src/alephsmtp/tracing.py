@@ -105,15 +105,28 @@ class SessionTracer:
             return
         if spans.transaction is not None:
             self._end_transaction(spans, "closed", None)
-        span = spans.session
-        _set_tls(span, session)
-        span.set_attribute("smtp.authenticated", session.authenticated_as is not None)
-        span.set_attribute("smtp.transactions", spans.transactions)
-        span.end()
+        # One call: each attribute set on an SDK span takes its lock and checks its value.
+        attributes: dict[str, Any] = {
+            "smtp.authenticated": session.authenticated_as is not None,
+            "smtp.transactions": spans.transactions,
+        }
+        tls = session.tls
+        if tls is not None and tls.version:
+            # Semantic conventions: tls.protocol.name "tls", tls.protocol.version "1.3".
+            name, _, version = tls.version.partition("v")
+            attributes["tls.protocol.name"] = name.lower()
+            attributes["tls.protocol.version"] = version or tls.version
+        spans.session.set_attributes(attributes)
+        spans.session.end()
 
     def transaction_started(self, session: SmtpSession, envelope: SmtpEnvelope) -> None:
         spans = self._open.get(session)
         if spans is None:
+            return
+        spans.transactions += 1
+        if not spans.session.is_recording():
+            # A session the sampler left out: its transactions would be left out too (the
+            # SDKs' default, parent-based sampling), so no span is made for them at all.
             return
         if spans.transaction is not None:  # not ended by the session: end it here
             self._end_transaction(spans, "abandoned", None)
@@ -124,7 +137,6 @@ class SessionTracer:
         }
         if envelope.body_type:
             attributes["smtp.body_type"] = envelope.body_type
-        spans.transactions += 1
         spans.envelope = envelope
         spans.transaction = self.tracer.start_span(
             TRANSACTION_SPAN,
@@ -143,18 +155,18 @@ class SessionTracer:
         spans = self._open.get(session)
         if spans is None or spans.transaction is None:
             return
-        span = spans.transaction
+        attributes: dict[str, Any] = {}
         if message is not None:
-            span.set_attribute("smtp.message.size", message.size)
+            attributes["smtp.message.size"] = message.size
         if reply is None:
             codes = [250]
         elif isinstance(reply, list):
             codes = [each.code for each in reply]
-            span.set_attribute("smtp.reply.codes", codes)
+            attributes["smtp.reply.codes"] = codes
         else:
             codes = [reply.code]
         accepted = any(code // 100 == 2 for code in codes)
-        self._end_transaction(spans, "accepted" if accepted else "refused", codes[0])
+        self._end_transaction(spans, "accepted" if accepted else "refused", codes[0], attributes)
 
     def transaction_abandoned(self, session: SmtpSession) -> None:
         """RSET, a new EHLO or STARTTLS ended the transaction before its message's reply."""
@@ -171,28 +183,26 @@ class SessionTracer:
         span = spans.transaction if spans.transaction is not None else spans.session
         return trace.set_span_in_context(span)
 
-    def _end_transaction(self, spans: _Spans, outcome: str, code: int | None) -> None:
+    def _end_transaction(
+        self,
+        spans: _Spans,
+        outcome: str,
+        code: int | None,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
         span = spans.transaction
         assert span is not None
+        attributes = attributes if attributes is not None else {}
+        attributes["smtp.transaction.outcome"] = outcome
         envelope = spans.envelope
         if envelope is not None:
-            span.set_attribute("smtp.recipients", len(envelope.recipients))
+            attributes["smtp.recipients"] = len(envelope.recipients)
         if code is not None:
-            span.set_attribute("smtp.reply.code", code)
-        span.set_attribute("smtp.transaction.outcome", outcome)
+            attributes["smtp.reply.code"] = code
+        span.set_attributes(attributes)
         span.end()
         spans.transaction = None
         spans.envelope = None
-
-
-def _set_tls(span: trace.Span, session: SmtpSession) -> None:
-    tls = session.tls
-    if tls is None or not tls.version:
-        return
-    # Semantic conventions: tls.protocol.name "tls", tls.protocol.version "1.3".
-    name, _, version = tls.version.partition("v")
-    span.set_attribute("tls.protocol.name", name.lower())
-    span.set_attribute("tls.protocol.version", version or tls.version)
 
 
 def tracer_for(tracing: bool | trace.TracerProvider | SessionTracer) -> SessionTracer:
