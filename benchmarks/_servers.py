@@ -7,6 +7,12 @@ Started by ``server.py`` and ``memory.py``, one process per server, but usable b
     python benchmarks/_servers.py aiosmtpd --loop asyncio --port 2526
     python benchmarks/_servers.py aiosmtpd-compat --port 2528   # the same code on alephsmtp
     python benchmarks/_servers.py floor --loop asyncio --port 2527
+    python benchmarks/_servers.py alephsmtp-metrics --port 2529   # + Prometheus, scraped 1/s
+
+``alephsmtp-metrics`` is ``alephsmtp`` with its Prometheus endpoint on (``metrics=``, which
+also times every handler and reply for the latency histograms), scraped once a second by a
+child process of its own (its CPU is not the server's): what metrics cost, asked for 15 to 60
+times more often than a usual Prometheus ``scrape_interval``.
 
 ``floor`` is not an SMTP server: a few lines of ``asyncio.BufferedProtocol`` with canned
 replies and ``bytes.find`` for the end of data, no parsing, no checks, no events. It measures
@@ -22,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -33,7 +41,9 @@ MAX_MESSAGE_SIZE = 64 << 20  # room for the 10 MiB scenario
 BACKLOG = 4096  # many connections at once (memory.py) must not overflow the accept queue
 
 
-async def serve_alephsmtp(port: int, ready: Callable[[int, str], None]) -> None:
+async def serve_alephsmtp(
+    port: int, ready: Callable[[int, str], None], *, metrics: bool = False
+) -> None:
     from alephsmtp import IMPLEMENTATION, SmtpServer
     from alephsmtp.handlers import sink
 
@@ -47,12 +57,50 @@ async def serve_alephsmtp(port: int, ready: Callable[[int, str], None]) -> None:
         max_message_size=MAX_MESSAGE_SIZE,
         backlog=BACKLOG,
         on_session=on_session,
+        metrics="127.0.0.1:0" if metrics else None,
     )
     await server.start()
+    scraper = None
+    if server.exporter is not None:
+        scraper = subprocess.Popen(
+            [sys.executable, "-c", SCRAPER, server.exporter.url, str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
     ready(server.port, IMPLEMENTATION)
-    await _until_signalled()
+    try:
+        await _until_signalled()
+    finally:
+        if scraper is not None:
+            scraper.terminate()
+            scraper.wait(5)
     server.close()
     await server.wait_closed(1.0)
+
+
+async def serve_alephsmtp_metrics(port: int, ready: Callable[[int, str], None]) -> None:
+    await serve_alephsmtp(port, ready, metrics=True)
+
+
+# A Prometheus stand-in: GET /metrics once a second; stops when the server is gone (its
+# parent changed, or three scrapes in a row failed) or after 10 hours, whichever comes first.
+SCRAPER = """
+import os, sys, time, urllib.request
+url, parent = sys.argv[1], int(sys.argv[2])
+failures = 0
+for _ in range(36000):
+    time.sleep(1.0)
+    if os.getppid() != parent:
+        break
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+        failures = 0
+    except OSError:
+        failures += 1
+        if failures >= 3:
+            break
+"""
 
 
 class AiosmtpdSink:
@@ -170,7 +218,9 @@ def _ready(port: int, implementation: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("server", choices=["alephsmtp", "aiosmtpd", "aiosmtpd-compat", "floor"])
+    parser.add_argument(
+        "server", choices=["alephsmtp", "alephsmtp-metrics", "aiosmtpd", "aiosmtpd-compat", "floor"]
+    )
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--port", type=int, default=0, help="0: the OS chooses")
     args = parser.parse_args()
@@ -181,6 +231,7 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     serve = {
         "alephsmtp": serve_alephsmtp,
+        "alephsmtp-metrics": serve_alephsmtp_metrics,
         "aiosmtpd": serve_aiosmtpd,
         "aiosmtpd-compat": serve_aiosmtpd_compat,
         "floor": serve_floor,

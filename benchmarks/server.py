@@ -9,7 +9,10 @@ Run from the repository root (after ``pip install -e ".[bench]"``)::
 
 Every server runs as its own process on 127.0.0.1, on a free port below the ephemeral range,
 with a sink handler (accept and discard): alephsmtp with the compiled core on asyncio and on
-uvloop, alephsmtp with the pure-Python twin (``ALEPHSMTP_NO_EXTENSIONS=1``), aiosmtpd on
+uvloop, alephsmtp with the pure-Python twin (``ALEPHSMTP_NO_EXTENSIONS=1``), each of them again
+with metrics on (``alephsmtp-metrics-...``: the Prometheus endpoint and latency histograms,
+scraped once a second; ``--servers alephsmtp-cython-asyncio,alephsmtp-metrics-cython-asyncio``
+runs one pair), aiosmtpd on
 asyncio and on uvloop (``benchmarks/_servers.py``), the same aiosmtpd program on alephsmtp's
 aiosmtpd layer (``aiosmtpd-compat``: only its import line differs), and Postfix's ``smtp-sink``
 when it is installed (Debian package ``postfix``; skipped with a note otherwise).
@@ -35,6 +38,7 @@ import argparse
 import json
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +70,18 @@ from _common import (
 )
 
 BASELINE = "alephsmtp-cython-asyncio"
+
+
+def with_metrics(specs: list[ServerSpec]) -> list[ServerSpec]:
+    """Each alephsmtp server followed by the same with its Prometheus endpoint on (latency
+    histograms included) and scraped once a second (``_servers.py alephsmtp-metrics``)."""
+    out: list[ServerSpec] = []
+    for spec in specs:
+        out.append(spec)
+        if spec.kind == "alephsmtp":
+            name = spec.name.replace("alephsmtp-", "alephsmtp-metrics-")
+            out.append(ServerSpec(name, "alephsmtp-metrics", spec.loop, spec.pure))
+    return out
 
 
 def with_compat(specs: list[ServerSpec]) -> list[ServerSpec]:
@@ -270,7 +286,12 @@ def best_of(runs: list[Run]) -> Run:
     return merged
 
 
-def report(scenarios: list[Scenario], runs: dict[tuple[str, str], Run], names: list[str]) -> str:
+def report(
+    scenarios: list[Scenario],
+    runs: dict[tuple[str, str], Run],
+    names: list[str],
+    rounds: dict[tuple[str, str], list[Run]] | None = None,
+) -> str:
     out: list[str] = []
     for scenario in scenarios:
         base = runs.get((BASELINE, scenario.key))
@@ -309,6 +330,13 @@ def report(scenarios: list[Scenario], runs: dict[tuple[str, str], Run], names: l
         ("aiosmtpd / its program on compat, uvloop", "aiosmtpd-uvloop", "aiosmtpd-compat-uvloop"),
         ("compat / alephsmtp, asyncio", "aiosmtpd-compat-asyncio", "alephsmtp-cython-asyncio"),
         ("asyncio / uvloop, alephsmtp", "alephsmtp-cython-asyncio", "alephsmtp-cython-uvloop"),
+        (
+            "metrics on / off, asyncio",
+            "alephsmtp-metrics-cython-asyncio",
+            "alephsmtp-cython-asyncio",
+        ),
+        ("metrics on / off, uvloop", "alephsmtp-metrics-cython-uvloop", "alephsmtp-cython-uvloop"),
+        ("metrics on / off, pure", "alephsmtp-metrics-pure-asyncio", "alephsmtp-pure-asyncio"),
         ("alephsmtp asyncio / smtp-sink", "alephsmtp-cython-asyncio", "postfix-smtp-sink"),
         ("alephsmtp uvloop / smtp-sink", "alephsmtp-cython-uvloop", "postfix-smtp-sink"),
         ("alephsmtp asyncio / floor", "alephsmtp-cython-asyncio", "floor-asyncio"),
@@ -323,6 +351,50 @@ def report(scenarios: list[Scenario], runs: dict[tuple[str, str], Run], names: l
         rows.append(row)
     out.append("\nServer CPU per message, paired ratios (above 1: the first uses more CPU)")
     out.append(format_table(["pair", *(s.key for s in scenarios)], rows))
+    rows = []
+    for name in names:
+        if "-metrics-" not in name:
+            continue
+        off = name.replace("alephsmtp-metrics-", "alephsmtp-")
+        for scenario in scenarios:
+            on_run, off_run = runs.get((name, scenario.key)), runs.get((off, scenario.key))
+            if not (on_run and off_run and on_run.cpu_us_per_msg and off_run.cpu_us_per_msg):
+                continue
+            added = on_run.cpu_us_per_msg / off_run.cpu_us_per_msg - 1
+            # Each round runs off, then on, back to back: the ratio of a pair sees the same
+            # neighbours on a shared machine; its median over the rounds is the steady figure.
+            pairs = zip(
+                (rounds or {}).get((off, scenario.key), []),
+                (rounds or {}).get((name, scenario.key), []),
+                strict=False,
+            )
+            ratios = sorted(
+                b.cpu_us_per_msg / a.cpu_us_per_msg - 1
+                for a, b in pairs
+                if a.cpu_us_per_msg and b.cpu_us_per_msg
+            )
+            paired = "-"
+            if ratios:
+                median = statistics.median(ratios)
+                paired = (
+                    f"{100 * median:+.1f}% ({100 * ratios[0]:+.0f}%..{100 * ratios[-1]:+.0f}%"
+                    f", {len(ratios)})"
+                )
+            rows.append(
+                [
+                    off,
+                    scenario.key,
+                    f"{off_run.cpu_us_per_msg:,.1f}",
+                    f"{on_run.cpu_us_per_msg:,.1f}",
+                    f"{100 * added:+.1f}%",
+                    paired,
+                ]
+            )
+    if rows:
+        out.append("\nMetrics on / off: server CPU per message (endpoint scraped once a second)")
+        headers = ["server", "scenario", "off us/msg", "on us/msg", "added (best)"]
+        headers.append("added, paired rounds: median (min..max, rounds)")
+        out.append(format_table(headers, rows))
     return "\n".join(out)
 
 
@@ -344,7 +416,7 @@ def main() -> int:
     elif loadgen == "smtp-source" and not have_source:
         parser.error("smtp-source is not installed (Debian package postfix)")
     specs, notes = all_servers()
-    specs = select_servers(with_compat(specs), args.servers)
+    specs = select_servers(with_metrics(with_compat(specs)), args.servers)
     scenarios = list(SCENARIOS)
     if args.scenarios:
         keys = {k.strip() for k in args.scenarios.split(",")}
@@ -380,7 +452,7 @@ def main() -> int:
 
     best = {key: best_of(runs) for key, runs in all_runs.items()}
     names = [s.name for s in specs]
-    print(report(scenarios, best, names))
+    print(report(scenarios, best, names, all_runs))
     problems = [r for r in best.values() if r.errors or r.server_stderr]
     if problems:
         print("\nErrors and server stderr output:")

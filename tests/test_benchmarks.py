@@ -114,3 +114,42 @@ def test_stream_benchmark(tmp_path: Path) -> None:
     result = load(out)["stream"]
     assert result["received_bytes"] == 8 << 20
     assert result["digest_equal"] is True
+
+
+def test_server_benchmark_metrics_rows(tmp_path: Path) -> None:
+    # The metrics-on server (endpoint scraped by its own child process) beside the same
+    # server without: both serve every message, and the side-by-side table is printed.
+    out = tmp_path / "server.json"
+    stdout = run_script(
+        "server.py",
+        "--quick",
+        "--loadgen",
+        "python",
+        "--servers",
+        "alephsmtp-cython-asyncio,alephsmtp-metrics-cython-asyncio",
+        "--scenarios",
+        "1k-persistent",
+        "--repeat",
+        "2",
+        "--json",
+        str(out),
+    )
+    assert "Metrics on / off" in stdout
+    runs = load(out)["runs"]
+    assert {r["server"] for r in runs} == {
+        "alephsmtp-cython-asyncio",
+        "alephsmtp-metrics-cython-asyncio",
+    }
+    for run in runs:
+        assert run["messages"] > 0, run
+        assert not run["errors"], run
+        assert not run["server_stderr"], run
+
+
+def test_metrics_benchmark(tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    stdout = run_script("metrics.py", "--messages", "200", "--rounds", "1", "--json", str(out))
+    assert "scrape, one process" in stdout
+    result = load(out)
+    assert set(result["session_us_per_message"]) >= {"off", "latency"}
+    assert result["exporter"]["scrape_bytes"] > 0

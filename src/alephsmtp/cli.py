@@ -262,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics, for every worker "
+        "(needs the metrics extra)",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         default="INFO",
@@ -274,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
         version=f"alephsmtp {__version__} ({IMPLEMENTATION} parser)",
     )
     return parser
+
+
+def _metrics_address(text: str) -> tuple[str | None, int]:
+    """``--metrics``: HOST:PORT, checked now (and that prometheus-client is installed)."""
+    try:
+        from .prometheus import parse_address
+    except ImportError:
+        raise argparse.ArgumentTypeError(
+            "needs prometheus-client: pip install 'alephsmtp[metrics]'"
+        ) from None
+    try:
+        return parse_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def load_credentials(path: str) -> dict[str, str]:
@@ -403,6 +425,7 @@ def _build(
             workers=args.workers,
             backlog=args.backlog,
             proxy_protocol=args.proxy_protocol,
+            metrics=args.metrics,
             **options,
         )
     except ValueError as error:

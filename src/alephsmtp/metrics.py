@@ -65,15 +65,19 @@ class Metrics:
     """The counters of one server (one worker process).
 
     Connections: ``connections_opened``, ``connections_closed`` (and ``connections``, open
-    now), ``connections_refused`` by reason (``capacity``, ``per-ip``, ``proxy``); sessions
+    now), ``connections_refused`` by reason (``capacity``, ``per-ip``); sessions
     whose TLS came up, by version (``tls_sessions``), ``tls_failures``. Commands by verb and
     reply class (``commands[("MAIL", "2xx")]``). Messages: ``messages`` accepted and their
     ``message_bytes``, ``messages_refused`` by reply class, ``messages_discarded`` (abandoned
     by the client, or streamed and refused), ``message_sizes`` and ``recipients``
     histograms. Replies refused by code (``rejections``). ``timeouts`` by kind (``idle``,
     ``data``, ``rate``, ``handler``, ``write``, ``tls``); ``closed_for_errors`` (sessions ended
-    at ``max_bad_commands``); ``auth`` by (mechanism, ``success``/``failure``). Latency:
-    ``handler_seconds`` per event, ``reply_seconds`` from a message's end to its reply.
+    at ``max_bad_commands``); ``auth`` by (mechanism, ``success``/``failure``/``error``).
+    Connections behind a load balancer that never got a session: ``proxy_failures`` by reason
+    (``untrusted``: a peer outside the trusted networks; ``malformed``: a bad header;
+    ``timeout``: no whole header in time; ``closed``: the peer closed before it); their TLS
+    handshake failures count in ``tls_failures`` (and a silent client in ``timeouts["tls"]``).
+    Latency: ``handler_seconds`` per event, ``reply_seconds`` from a message's end to its reply.
     """
 
     connections_opened: int = 0
@@ -92,6 +96,7 @@ class Metrics:
     timeouts: Counter[str] = field(default_factory=Counter)
     closed_for_errors: int = 0
     auth: Counter[tuple[str, str]] = field(default_factory=Counter)
+    proxy_failures: Counter[str] = field(default_factory=Counter)
     handler_seconds: dict[str, Histogram] = field(default_factory=dict)
     reply_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     hook: MetricsHook | None = None
@@ -137,7 +142,9 @@ class Metrics:
         histogram = self.handler_seconds.get(event)
         if histogram is None:
             histogram = self.handler_seconds[event] = Histogram(LATENCY_BUCKETS)
-        histogram.observe(seconds)
+        # Histogram.observe, inline: once per event with handlers, with measure_latency.
+        histogram.counts[bisect.bisect_left(histogram.bounds, seconds)] += 1
+        histogram.total += seconds
 
     def _tell(self, name: str, amount: int, code: int | None) -> None:
         if self.hook is None:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from .metrics import Metrics
 from .tls import HANDSHAKE_ERRORS, upgrade
 
 __all__ = [
@@ -598,10 +599,12 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
     — never a byte past it — within ``timeout`` seconds (PP 2: "a short timeout"); a malformed
     header or none in time closes the connection without a word. With ``tls_context`` the TLS
     handshake (RFC 8314 implicit TLS) follows the header. Finally ``make_protocol(header)``
-    gives the protocol that takes the transport over; it gets ``connection_made`` and reads what
-    follows the header from the socket itself. ``admit()``, asked when the connection arrives,
-    may refuse it (the server is full: closed, as nothing can be said before the header).
-    ``on_close(receiver)`` is called once, when the connection is handed over, refused or gone.
+    gives the protocol that takes the transport over; it gets ``connection_made`` and reads
+    what follows the header from the socket itself. ``admit()``, asked when the connection
+    arrives, may refuse it (the server is full: closed, as nothing can be said before the
+    header). ``on_close(receiver)`` is called once, when the connection is handed over,
+    refused or gone. ``metrics`` (the server's :class:`~alephsmtp.metrics.Metrics`) counts
+    what went wrong: ``proxy_failures`` by reason, failed TLS handshakes, timeouts.
     """
 
     def __init__(
@@ -615,8 +618,10 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         on_close: Callable[[ProxyProtocolReceiver], None] | None = None,
         max_length: int = DEFAULT_MAX_LENGTH,
         admit: Callable[[], bool] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._make_protocol = make_protocol
+        self._metrics = metrics
         self._trusted = tuple(trusted_networks)
         self._timeout = timeout
         self._tls_context = tls_context
@@ -636,6 +641,7 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Drop the connection (a server shutting down); nothing is sent."""
+        self._metrics = None  # what fails now is the shutdown's doing, not the client's
         if self._transport is not None:
             self._transport.abort()
         self._finish()
@@ -651,6 +657,7 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
             pass  # no address to judge: the socket file's permissions said who may connect
         elif host is None or not address_in_networks(host, self._trusted):
             log.info("[%s] not a trusted proxy; closed", _where(self.peer))
+            self._failed("untrusted")
             self._close()
             return
         if self._admit is not None and not self._admit():
@@ -674,6 +681,7 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
             header = self._reader.feed(self._view[:nbytes])
         except ProxyProtocolError as error:
             log.info("[%s] bad PROXY protocol header (%s); closed", _where(self.peer), error)
+            self._failed("malformed")
             self._close()
             return
         if header is None:
@@ -703,6 +711,8 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._phase is _Phase.HEADER:  # gone before a whole header (not closed by us)
+            self._failed("closed")
         self._finish()
 
     # --- internals --------------------------------------------------------------------------
@@ -717,6 +727,10 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         except HANDSHAKE_ERRORS as error:
             reason = str(error) or type(error).__name__
             log.info("[%s] TLS handshake failed: %s", _where(header.source or self.peer), reason)
+            if self._metrics is not None:
+                self._metrics.tls_failures += 1
+                if isinstance(error, asyncio.TimeoutError):
+                    self._metrics.timeouts["tls"] += 1
             self._finish()
             return
         finally:
@@ -738,6 +752,9 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
     def _on_timeout(self) -> None:
         self._timer = None
         log.info("[%s] no PROXY header within %g s; closed", _where(self.peer), self._timeout)
+        self._failed("timeout")
+        if self._metrics is not None:
+            self._metrics.timeouts["proxy"] += 1
         self._close()
 
     def _close(self) -> None:
@@ -749,6 +766,11 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _failed(self, reason: str) -> None:
+        """A connection that gets no session, counted by why (before ``_finish``)."""
+        if self._metrics is not None and self._phase is _Phase.HEADER:
+            self._metrics.proxy_failures[reason] += 1
 
     def _finish(self) -> None:
         """The receiver's part is over (handed over, refused, or gone): once."""

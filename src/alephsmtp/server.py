@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import errno
 import functools
@@ -47,9 +48,12 @@ from .workers import WorkerSupervisor
 from .workers import supported as _workers_supported
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
     from typing_extensions import Unpack
 
     from .config import SessionOptions
+    from .prometheus import PrometheusExporter
+    from .tracing import SessionTracer
 
 __all__ = ["LoopName", "SmtpServer", "connection_capacity"]
 
@@ -114,6 +118,11 @@ class SmtpServer:
     from every client of the socket. With ``workers=N`` the parent listens on the socket and
     the forked workers share it, each accepting from it (one socket file has one listener:
     ``SO_REUSEPORT`` does not apply).
+
+    ``metrics="HOST:PORT"`` (or a :class:`~alephsmtp.prometheus.PrometheusExporter`) serves
+    them to Prometheus on ``/metrics``, for every worker at once with ``workers=N``, and turns
+    ``measure_latency`` on; ``tracing=True`` (or a ``TracerProvider``) makes an OpenTelemetry
+    span per session and per transaction (:mod:`alephsmtp.tracing`).
     """
 
     def __init__(
@@ -133,6 +142,8 @@ class SmtpServer:
         proxy_header_timeout: float = 10.0,
         workers: int = 1,
         metrics_hook: MetricsHook | None = None,
+        metrics: str | tuple[str | None, int] | PrometheusExporter | None = None,
+        tracing: bool | TracerProvider | SessionTracer | None = None,
         config: SessionConfig | None = None,
         **options: Unpack[SessionOptions],
     ) -> None:
@@ -153,6 +164,13 @@ class SmtpServer:
         if path_mode is not None and not 0 <= path_mode <= 0o777:
             raise ValueError("path_mode must be permission bits, from 0o000 to 0o777")
         self.config = config if config is not None else SessionConfig(**options)
+        self.exporter: PrometheusExporter | None = None
+        if metrics is not None:  # Prometheus (alephsmtp.prometheus, the "metrics" extra)
+            from .prometheus import exporter_for
+
+            self.exporter = exporter_for(metrics)
+            if self.exporter.latency and not self.config.measure_latency:
+                self.config = dataclasses.replace(self.config, measure_latency=True)
         if implicit_tls and self.config.tls_context is None:
             raise ValueError("implicit_tls needs a tls_context")
         self.implicit_tls = implicit_tls
@@ -187,8 +205,12 @@ class SmtpServer:
         self._accept_errors = _AcceptErrors()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._exempt = [ipaddress.ip_network(net) for net in self.config.connection_limit_exempt]
-        self.metrics = Metrics(hook=metrics_hook)  # see alephsmtp.metrics
+        self.metrics: Metrics = Metrics(hook=metrics_hook)  # see alephsmtp.metrics
         self._pools = _Pools(self.config, self.metrics)
+        if tracing is not None and tracing is not False:  # OpenTelemetry (alephsmtp.tracing)
+            from .tracing import tracer_for
+
+            self._pools.tracer = tracer_for(tracing)
         self._server: asyncio.Server | None = None
         self._stopped: asyncio.Event | None = None
         self._no_sessions = asyncio.Event()
@@ -261,6 +283,13 @@ class SmtpServer:
                 with socket.socket(fileno=os.dup(listening.fileno())) as sock:
                     sock.listen(self.backlog)
         log.info("listening on %s", ", ".join(_format(s.getsockname()) for s in self.sockets))
+        if self.exporter is not None:
+            try:
+                await self.exporter.start(self)
+            except BaseException:  # its port in use, say: not serving half
+                self.close()
+                await self.wait_closed(0)
+                raise
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, batch: int) -> asyncio.Server:
         # TLS (implicit, RFC 8314) runs in a protocol of its own before the session, after
@@ -321,6 +350,7 @@ class SmtpServer:
                 tls_handshake_timeout=self.config.tls_handshake_timeout,
                 on_close=self._receivers.discard,
                 admit=self._has_room,
+                metrics=self.metrics,
             )
         elif self.implicit_tls:
             assert self.config.tls_context is not None
@@ -330,6 +360,7 @@ class SmtpServer:
                 handshake_timeout=self.config.tls_handshake_timeout,
                 on_close=self._receivers.discard,
                 admit=self._has_room,
+                metrics=self.metrics,
             )
         else:
             return make_session()
@@ -437,6 +468,8 @@ class SmtpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         self._accept_errors.uninstall()
+        if self.exporter is not None:
+            await self.exporter.stop()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: stop accepting, let transactions finish, then close."""
@@ -493,14 +526,24 @@ class SmtpServer:
                 serve = functools.partial(self._serve_worker, on_session, runner)
                 if self._unix is not None:
                     # One listening socket, opened here and inherited by every worker.
-                    with self._unix.shared():
-                        supervisor.run(serve, self.workers, unix_path=self.path)
+                    with self._unix.shared(), self._metrics_for_workers() as on_exit:
+                        supervisor.run(serve, self.workers, unix_path=self.path, on_exit=on_exit)
                     return
-                supervisor.run(serve, self.workers, host=self.host, port=self._port)
+                with self._metrics_for_workers() as on_exit:
+                    supervisor.run(
+                        serve, self.workers, host=self.host, port=self._port, on_exit=on_exit
+                    )
                 return
             log.warning("workers need SO_REUSEPORT and fork; serving from one process")
             self.workers = 1
         runner(self._run(on_session))
+
+    def _metrics_for_workers(self) -> contextlib.AbstractContextManager[Any]:
+        """The exporter's one /metrics for every worker (its ``on_exit`` for the supervisor),
+        or nothing to do (``None``)."""
+        if self.exporter is not None:
+            return self.exporter.serving_workers()
+        return contextlib.nullcontext()
 
     def listen(self, on_session: OnSession) -> None:
         """The seed's ``Listen``: accept clients and hand each new session to ``on_session``.

@@ -27,7 +27,7 @@ import itertools
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Generic, TypeVar, cast, final, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final, overload
 
 from . import _protocol as P
 from . import replies as R
@@ -103,6 +103,9 @@ from .replies import Reply, WireReplies, coerce_reply, default_enhanced_code
 from .spool import MessageSpool
 from .tls import HANDSHAKE_ERRORS, TlsInfo, describe, looks_like_tls, upgrade
 from .transaction import Transaction
+
+if TYPE_CHECKING:
+    from .tracing import SessionTracer
 
 __all__ = [
     "OnSession",
@@ -233,7 +236,8 @@ class SessionKey(Generic[T]):
 
 class _Pools:
     """What a server's sessions share: the buffer pools (small for commands, large for a
-    message), the fixed replies as written, the handlers' answers as written, the metrics."""
+    message), the fixed replies as written, the handlers' answers as written, the metrics,
+    the OpenTelemetry tracer (:mod:`alephsmtp.tracing`; None: no tracing)."""
 
     __slots__ = (
         "answers",
@@ -243,6 +247,7 @@ class _Pools:
         "hello",
         "keywords",
         "metrics",
+        "tracer",
         "wire",
         "xclient",
         "xforward",
@@ -261,6 +266,7 @@ class _Pools:
         # The clients that may send XCLIENT / XFORWARD (none: the commands are unknown).
         self.xclient = [ipaddress.ip_network(n, strict=False) for n in config.xclient_networks]
         self.xforward = [ipaddress.ip_network(n, strict=False) for n in config.xforward_networks]
+        self.tracer: SessionTracer | None = None
 
 
 def _message_error_reply(error: SmtpError) -> Reply:
@@ -666,6 +672,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if log.isEnabledFor(logging.DEBUG):  # the session's logger is made on first use
             self.log.debug("connected")
         self._pools.metrics.connection_opened()
+        if self._pools.tracer is not None:  # a span per session (alephsmtp.tracing)
+            self._pools.tracer.session_started(self)
         refusal = self._admit(self) if self._admit is not None else None
         if refusal is not None:
             # Over a connection limit: say so before the greeting and close (RFC 5321 3.1).
@@ -781,6 +789,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._ended = True
         self._release_buffer()
         self._pools.metrics.connection_closed()
+        if self._pools.tracer is not None:  # ends its spans (the transaction's, if open)
+            self._pools.tracer.session_ended(self)
         if self._timer is not None:
             self._timer.cancel()
         self._stop_write_clock()
@@ -1148,6 +1158,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if reply is None:
             self._transactions += 1
             self._tx = Transaction(envelope)
+            if self._pools.tracer is not None:  # a span per transaction (alephsmtp.tracing)
+                self._pools.tracer.transaction_started(self, envelope)
             self.state = _AFTER_MAIL
             self._out.append(self._wire.MAIL_OK)
             self._pools.metrics.commands["MAIL", "2xx"] += 1
@@ -1155,6 +1167,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if reply.code // 100 == 2:
             self._transactions += 1
             self._tx = Transaction(envelope)
+            if self._pools.tracer is not None:
+                self._pools.tracer.transaction_started(self, envelope)
             self.state = _AFTER_MAIL
         self._write(reply)
 
@@ -1528,6 +1542,8 @@ class SmtpSession(asyncio.BufferedProtocol):
                 size = args.size if args is not None else 0
             self._pools.metrics.message_accepted(size, recipients)
             self._junk_commands = 0
+        if self._pools.tracer is not None:
+            self._pools.tracer.transaction_ended(self, reply, args)
 
     def _log_outcome(
         self, tx: Transaction | None, reply: Reply | list[Reply] | None, size: int
@@ -2038,6 +2054,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self._tx = None
         tx.discard()
+        if self._pools.tracer is not None:
+            self._pools.tracer.transaction_abandoned(self)
         if tx.streamed and self._handlers("message_chunk"):
             self._pools.metrics.messages_discarded += 1
             self._notify("message_discarded", MessageDiscardedEventArgs(tx.envelope, None))

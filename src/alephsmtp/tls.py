@@ -15,7 +15,10 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 __all__ = [
     "HANDSHAKE_ERRORS",
@@ -170,7 +173,9 @@ class TlsAcceptor(asyncio.Protocol):
     ``admit()``, asked when the connection arrives, may refuse it (the server is full: closed
     at once, as nothing can be said before TLS). ``on_close(acceptor)`` is called exactly
     once: when the connection is handed over, refused or gone. So a server counts a
-    connection from its accept to its end, handshake included.
+    connection from its accept to its end, handshake included. ``metrics`` (the server's
+    :class:`~alephsmtp.metrics.Metrics`) counts failed handshakes (``tls_failures``), those
+    that did not end in time also as ``timeouts["tls"]``.
 
     (The handshake starts from the first bytes, not from ``connection_made``: uvloop starts
     reading a new connection only after ``connection_made`` returns, so a handshake started
@@ -185,8 +190,10 @@ class TlsAcceptor(asyncio.Protocol):
         handshake_timeout: float | None,
         on_close: Callable[[TlsAcceptor], None] | None = None,
         admit: Callable[[], bool] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._make_protocol = make_protocol
+        self._metrics = metrics
         self._context = context
         self._handshake_timeout = handshake_timeout
         self._on_close = on_close
@@ -205,6 +212,7 @@ class TlsAcceptor(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection (a server shutting down); nothing is sent."""
+        self._metrics = None  # what fails now is the shutdown's doing, not the client's
         if self._transport is not None:
             self._transport.abort()
         self._finish()
@@ -261,6 +269,7 @@ class TlsAcceptor(asyncio.Protocol):
         log.info(
             "[%s] no TLS handshake within %g s; closed", _where(self.peer), self._handshake_timeout
         )
+        self._failed(timeout=True)
         if self._transport is not None:
             self._transport.abort()
         self._finish()
@@ -274,6 +283,7 @@ class TlsAcceptor(asyncio.Protocol):
             )
         except HANDSHAKE_ERRORS as error:
             log.info("[%s] TLS handshake failed: %s", _where(self.peer), describe(error))
+            self._failed(timeout=isinstance(error, asyncio.TimeoutError))
             self._finish()
             return
         if self._done:  # dropped (a shutdown, or too much data) as the handshake ended
@@ -291,6 +301,13 @@ class TlsAcceptor(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _failed(self, *, timeout: bool) -> None:
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.tls_failures += 1
+            if timeout:
+                metrics.timeouts["tls"] += 1
 
     def _finish(self) -> None:
         if self._done:

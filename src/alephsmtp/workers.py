@@ -113,6 +113,7 @@ class WorkerSupervisor:
         self._serve: Callable[[int], object] = _nothing
         self._port = 0
         self._where = ""  # "port 25" or "unix:/path", for the log
+        self._on_exit: Callable[[int], object] | None = None
 
     def backoff(self, failures: int) -> float | None:
         """The delay before a restart after ``failures`` failures in a row; None: give up."""
@@ -128,6 +129,7 @@ class WorkerSupervisor:
         host: str | Sequence[str] | None = None,
         port: int = 0,
         unix_path: str | None = None,
+        on_exit: Callable[[int], object] | None = None,
     ) -> None:
         """Serve from ``workers`` processes, each calling ``serve(port)``, until SIGINT/SIGTERM.
 
@@ -139,6 +141,8 @@ class WorkerSupervisor:
         early waits for the worker to be ready to stop gracefully (``SmtpServer`` unblocks
         them once its event loop handles them). An ``OSError`` from ``serve`` is logged in one
         line, any other exception with its traceback; either is the worker's failure.
+        ``on_exit(pid)``, in the supervisor, hears of every worker that has exited, for
+        whatever reason (the Prometheus exporter drops its live gauges there).
 
         Raises ``OSError`` when the address cannot be bound, :class:`WorkersFailed` when every
         worker has been given up on.
@@ -154,6 +158,7 @@ class WorkerSupervisor:
         else:
             self._reservation, self._port, self._where = None, 0, f"unix:{unix_path}"
         self._serve = serve
+        self._on_exit = on_exit
         self._slots = [_Slot(number) for number in range(1, workers + 1)]
         self._signals = 0
         self._wake = os.pipe()
@@ -276,6 +281,11 @@ class WorkerSupervisor:
         slot.process = None
         pid, exitcode = process.pid, process.exitcode
         process.close()  # its sentinel now, not whenever the object is collected
+        if self._on_exit is not None and pid is not None:
+            try:
+                self._on_exit(pid)
+            except Exception:  # the supervisor goes on whatever a hook does
+                log.exception("on_exit hook failed for pid %s", pid)
         ended = _describe_exit(exitcode)
         if stopping:
             if exitcode == 0:
