@@ -41,6 +41,20 @@ async def test_data_timeout() -> None:
     assert messages == []
 
 
+async def test_data_timeout_runs_from_the_354() -> None:
+    """A client silent after DATA's 354 is cut after data_timeout (RFC 5321 4.5.3.2.5), not
+    after the longer idle_timeout."""
+    loop = MockLoop()
+    h = Harness(loop=loop, idle_timeout=300, data_timeout=30, min_data_rate=0)
+    h.send(TRANSACTION)
+    assert h.replies()[-1].startswith("354")
+    loop.advance(29)
+    assert not h.transport.closed
+    loop.advance(1)
+    assert h.replies() == ["421 4.4.2 Error: timeout exceeded"]
+    assert h.transport.closed
+
+
 async def test_slowloris_is_cut_by_the_minimum_data_rate() -> None:
     loop = MockLoop()
     h = Harness(loop=loop, data_timeout=180, min_data_rate=500, data_rate_grace=30)

@@ -22,13 +22,15 @@ class LazyTimer:
     """Calls ``callback()`` at the earliest time asked for with :meth:`wake_by` (once; ask
     again from the callback for the next)."""
 
-    __slots__ = ("_at", "_callback", "_handle", "_loop")
+    __slots__ = ("_callback", "_handle", "_loop", "at")
 
     def __init__(self, loop: Any, callback: Callable[[], None]) -> None:
         self._loop: asyncio.AbstractEventLoop = loop
         self._callback = callback
         self._handle: asyncio.TimerHandle | None = None
-        self._at = 0.0
+        #: When the pending wake-up is (loop time); infinity when none is. A hot path may
+        #: compare with it before calling :meth:`wake_by` (which then has nothing to do).
+        self.at = _NEVER
 
     @property
     def armed(self) -> bool:
@@ -39,10 +41,10 @@ class LazyTimer:
         """Make sure the callback runs no later than ``when`` (loop time)."""
         handle = self._handle
         if handle is not None:
-            if when >= self._at:
+            if when >= self.at:
                 return  # armed earlier already: it will ask again then
             handle.cancel()
-        self._at = when
+        self.at = when
         self._handle = self._loop.call_at(when, self._fire)
 
     def cancel(self) -> None:
@@ -50,7 +52,12 @@ class LazyTimer:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+            self.at = _NEVER
 
     def _fire(self) -> None:
         self._handle = None
+        self.at = _NEVER
         self._callback()
+
+
+_NEVER = float("inf")

@@ -1155,22 +1155,17 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _mail_done(self, envelope: SmtpEnvelope, reply: Reply | None) -> None:
         if self._xforward and (reply is None or reply.code // 100 == 2):
             self._xforward = {}  # the envelope has them: XFORWARD is for one transaction
-        if reply is None:
+        if reply is None or reply.code // 100 == 2:
             self._transactions += 1
             self._tx = Transaction(envelope)
             if self._pools.tracer is not None:  # a span per transaction (alephsmtp.tracing)
                 self._pools.tracer.transaction_started(self, envelope)
             self.state = _AFTER_MAIL
+        if reply is None:
             self._out.append(self._wire.MAIL_OK)
             self._pools.metrics.commands["MAIL", "2xx"] += 1
-            return
-        if reply.code // 100 == 2:
-            self._transactions += 1
-            self._tx = Transaction(envelope)
-            if self._pools.tracer is not None:
-                self._pools.tracer.transaction_started(self, envelope)
-            self.state = _AFTER_MAIL
-        self._write(reply)
+        else:
+            self._write(reply)
 
     # RCPT (RFC 5321 4.1.1.3)
 
@@ -1264,6 +1259,13 @@ class SmtpSession(asyncio.BufferedProtocol):
             config.max_message_size, config.max_text_line_length, config.bare_newline
         )
         self._input = reader
+        timer = self._timer
+        if timer is not None and config.data_timeout > 0:
+            # RFC 5321 4.5.3.2.5: the data timeout runs from the 354 on, before any read (the
+            # timer is re-armed only when that is sooner than its wake-up: rarely).
+            deadline = self._loop.time() + config.data_timeout
+            if deadline < timer.at:
+                timer.wake_by(deadline)
         pending = self._reader.take_pending()
         if pending:
             tx.bytes_read += len(pending)
