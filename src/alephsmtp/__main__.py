@@ -1,4 +1,4 @@
-"""``python -m alephsmtp``: see :mod:`alephsmtp.cli`."""
+"""``python -m alephsmtp``: see [`alephsmtp.cli`][alephsmtp.cli]."""
 
 import sys
 

@@ -1,5 +1,6 @@
 """The command line's mail-authentication options (``--verify``, ``--dmarc-policy``,
-``--dkim-sign``, ``--arc-seal``, ``--dns-server``), kept apart from :mod:`alephsmtp.cli`.
+``--dkim-sign``, ``--arc-seal``, ``--dns-server``), kept apart from
+[`alephsmtp.cli`][alephsmtp.cli].
 
 Nothing of the ``mailauth`` extra is imported until one of these options is used, so the
 command line works without it.

@@ -6,10 +6,10 @@ Byte-likes: every ``feed``/``split_command`` argument may be ``bytes``, ``bytear
 ``memoryview`` of one (the session passes a memoryview slice of a pooled buffer that it reuses
 right after the call, so nothing may keep a reference to the argument: copy what you keep).
 
-Errors are reported as values, instances of :mod:`alephsmtp.errors` classes created with no
-arguments (``LineTooLong()``, ``BareLineFeed()``, ``BareCarriageReturn()``,
-``MessageTooLarge()``); they compare equal by value. Programming errors (bad policy name,
-negative sizes) raise ``ValueError``.
+Errors are reported as values, instances of [`alephsmtp.errors`][alephsmtp.errors] classes created
+with no arguments (``LineTooLong()``, ``BareLineFeed()``, ``BareCarriageReturn()``,
+``MessageTooLarge()``); they compare equal by value. Programming errors (bad policy name, negative
+sizes) raise ``ValueError``.
 
 Policies: ``bare_newline`` is ``"reject"`` (default) or ``"normalize"``.
   * reject: a bare LF (LF not preceded by CR) or a bare CR (CR not followed by LF) breaks the rule.
@@ -97,9 +97,10 @@ split_command(line) -> tuple[bytes, bytes]
 
 scan_path(argument, keyword) -> tuple[str, str, bytes] | None
   The common MAIL/RCPT argument in one call (RFC 5321 4.1.1.2, 4.1.1.3); ``None`` for anything
-  else, which the caller hands to the general parser (:func:`alephsmtp.addresses.parse_path`
-  via :mod:`alephsmtp.commands`), the one that decides what it is. ``argument`` is the command
-  argument as ``split_command`` returns it; ``keyword`` (``bytes``) is ``b"FROM:"`` or
+  else, which the caller hands to the general parser
+  ([`parse_path()`][alephsmtp.addresses.parse_path] via [`commands`][alephsmtp.commands]), the
+  one that decides what it is. ``argument`` is the command argument as ``split_command``
+  returns it; ``keyword`` (``bytes``) is ``b"FROM:"`` or
   ``b"TO:"``, matched ASCII-case-insensitively (RFC 5321 2.4) at the start. Then, exactly:
   zero or more spaces, ``<`` Dot-string ``@`` Domain ``>``, then the end of the argument or one
   or more spaces and the rest. Dot-string (RFC 5321 4.1.2) is atoms of ASCII atext
@@ -114,8 +115,8 @@ scan_path(argument, keyword) -> tuple[str, str, bytes] | None
   a source route, a quoted local part, an address literal, non-ASCII, no angle brackets, any
   other syntax error, a limit broken. It never raises for content; ``TypeError`` when
   ``argument`` has no buffer protocol or ``keyword`` is not ``bytes``.
-  It is :func:`alephsmtp.addresses.parse_path`'s fast path in bytes: it returns a tuple
-  exactly when that path's pattern and limits take the text after the keyword and its spaces,
+  It is [`parse_path()`][alephsmtp.addresses.parse_path]'s fast path in bytes: it returns a
+  tuple exactly when that path's pattern and limits take the text after the keyword and its spaces,
   and then ``parse_path`` gives the same local part, domain and (decoded) rest.
 
 CLARIFICATIONS (decided while implementing; both implementations follow them, tests pin them):

@@ -1,13 +1,13 @@
 """The protocol table, without I/O: the only place that knows which command may come when,
 which event it raises, what it gets by default, and where the session goes next.
 
-RFC 5321 4.1.4 and 3.3: a mail transaction is MAIL, one or more RCPT, then DATA; HELO/EHLO
-first; RSET, NOOP, HELP, VRFY, EXPN and QUIT at any time. The session looks a command's
-:class:`Rule` up once (:data:`RULES`, by verb), asks it whether the command may come now
-(``rule.order[state]``: ``None``, or the 503 it gets there) before any handler sees the
-command, and moves with :func:`advance` once it was answered. Every state change of a session
-goes through :func:`advance`, including those no command makes (the greeting, the end of a
-message, a TLS handshake, the close).
+RFC 5321 4.1.4 and 3.3: a mail transaction is MAIL, one or more RCPT, then DATA; HELO/EHLO first;
+RSET, NOOP, HELP, VRFY, EXPN and QUIT at any time. The session looks a command's
+[`Rule`][alephsmtp._protocol.Rule] up once ([`RULES`][alephsmtp._protocol.RULES], by verb), asks it
+whether the command may come now (``rule.order[state]``: ``None``, or the 503 it gets there) before
+any handler sees the command, and moves with [`advance()`][alephsmtp._protocol.advance] once it was
+answered. Every state change of a session goes through [`advance()`][alephsmtp._protocol.advance],
+including those no command makes (the greeting, the end of a message, a TLS handshake, the close).
 
 States are ints (an ``IntEnum``): the order row of a rule is a tuple indexed by state.
 """
@@ -58,7 +58,7 @@ class Rule:
     failure: Reply = R.HANDLER_FAILED
     #: The verb as bytes, as the parsing core's ``split_command`` gives it.
     key: bytes = field(init=False, repr=False, compare=False)
-    #: The name of ``default`` in :mod:`.replies` (its wire form is read by that name).
+    #: The name of ``default`` in ``alephsmtp.replies`` (its wire form is read by that name).
     default_name: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

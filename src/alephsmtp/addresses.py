@@ -1,10 +1,13 @@
 """Paths and mailboxes of the MAIL and RCPT commands (RFC 5321 4.1.2, RFC 6531 3.3).
 
-:func:`parse_path` is the one parser of paths: it reads ``<[A-d-l:]Mailbox>`` (or ``<>``) at the
-start of a command argument and returns an :class:`Address`, a ``str`` that also knows its
-``local_part`` and ``domain``. :func:`parse_parameters` reads the ESMTP parameters that follow.
-Both raise errors that carry their reply (:class:`AddressError`, :class:`ParameterError`); the
-command layer (:mod:`alephsmtp.commands`) picks the wording per command.
+[`parse_path()`][alephsmtp.addresses.parse_path] is the one parser of paths: it reads
+``<[A-d-l:]Mailbox>`` (or ``<>``) at the start of a command argument and returns an
+[`Address`][alephsmtp.addresses.Address], a ``str`` that also knows its ``local_part`` and
+``domain``. [`parse_parameters()`][alephsmtp.addresses.parse_parameters] reads the ESMTP parameters
+that follow. Both raise errors that carry their reply
+([`AddressError`][alephsmtp.addresses.AddressError],
+[`ParameterError`][alephsmtp.addresses.ParameterError]); the command layer
+([`alephsmtp.commands`][alephsmtp.commands]) picks the wording per command.
 """
 
 from __future__ import annotations
@@ -138,9 +141,9 @@ class Address(str):
     ``Address("John Doe", "example.org")`` is ``'"John Doe"@example.org'``: the local part is
     quoted only when it cannot be written as a Dot-string. ``local_part`` is kept unquoted and
     ``domain`` as given (an address literal keeps its brackets: ``[192.0.2.1]``). The
-    constructor does not validate: :func:`parse_path` does.
+    constructor does not validate: [`parse_path()`][alephsmtp.addresses.parse_path] does.
 
-    Two special forms have an empty domain: :attr:`NULL` (the null reverse-path ``<>``, equal to
+    Two special forms have an empty domain: `NULL` (the null reverse-path ``<>``, equal to
     ``""`` and false) and ``Address("Postmaster", "")`` (RFC 5321 4.1.1.3: ``RCPT
     TO:<Postmaster>``, a string ``"Postmaster"``).
     """
@@ -244,12 +247,13 @@ def parse_path(
     ``text`` is what follows ``FROM:`` or ``TO:`` and the spaces after it. Returns the address
     and the rest of ``text`` after the path, leading spaces stripped (the ESMTP parameters).
 
-    Accepted: ``<mailbox>``; ``<@a.example,@b.example:mailbox>`` (the source route is ignored,
-    RFC 5321 Appendix C); ``<>`` when ``allow_null``; ``<Postmaster>`` in any case when
-    ``allow_postmaster`` (RFC 5321 4.1.1.3); and, like Postfix, a mailbox without angle
-    brackets that ends at a space or at the end of ``text``. Non-ASCII in the mailbox only
-    when ``allow_utf8`` (RFC 6531 3.3), else :class:`NonAsciiAddressError`. Any other fault,
-    including the size limits of RFC 5321 4.5.3.1, raises :class:`AddressError`.
+    Accepted: ``<mailbox>``; ``<@a.example,@b.example:mailbox>`` (the source route is ignored, RFC
+    5321 Appendix C); ``<>`` when ``allow_null``; ``<Postmaster>`` in any case when
+    ``allow_postmaster`` (RFC 5321 4.1.1.3); and, like Postfix, a mailbox without angle brackets
+    that ends at a space or at the end of ``text``. Non-ASCII in the mailbox only when
+    ``allow_utf8`` (RFC 6531 3.3), else
+    [`NonAsciiAddressError`][alephsmtp.addresses.NonAsciiAddressError]. Any other fault, including
+    the size limits of RFC 5321 4.5.3.1, raises [`AddressError`][alephsmtp.addresses.AddressError].
     """
     simple = _SIMPLE_PATH_RE.match(text)
     if simple is not None:
@@ -265,7 +269,8 @@ def parse_path(
 def _parse_path_general(
     text: str, *, allow_null: bool, allow_utf8: bool, allow_postmaster: bool
 ) -> tuple[Address, str]:
-    """Every form of path; :func:`parse_path` tries the common one first."""
+    """Every form of path; [`parse_path()`][alephsmtp.addresses.parse_path] tries the common one
+    first."""
     bracketed = text.startswith("<")
     pos = 1 if bracketed else 0
     if bracketed and text.startswith(">", 1):
@@ -358,7 +363,7 @@ def parse_parameters(text: str) -> dict[str, str | None]:
 
     Keywords are uppercased and kept in order; a keyword without ``=`` maps to ``None``. A bad
     keyword or value, an empty value after ``=``, or a keyword given twice raises
-    :class:`ParameterError` (``501 5.5.4``).
+    [`ParameterError`][alephsmtp.addresses.ParameterError] (``501 5.5.4``).
     """
     parameters: dict[str, str | None] = {}
     for word in text.split(" "):
@@ -383,7 +388,8 @@ _XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 def decode_xtext(value: str) -> str:
     """Decode RFC 3461 4 xtext (``ENVID``, ``ORCPT``, ``AUTH=``): ``+XX`` is a hex octet.
 
-    Raises :class:`ParameterError` (501 5.5.4) for text that is not xtext.
+    Raises [`ParameterError`][alephsmtp.addresses.ParameterError] (501 5.5.4) for text that is not
+    xtext.
     """
     if not _XTEXT_RE.match(value):
         raise ParameterError("Bad xtext value")

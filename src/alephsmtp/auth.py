@@ -1,15 +1,15 @@
 """SASL for SMTP AUTH (RFC 4954), without I/O.
 
-A mechanism is a small step object: given the client's response (decoded from base64;
-``None`` when the AUTH command had no initial response) it returns either the next challenge
-(bytes, sent as ``334 <base64>``) or the finished :class:`Credentials`, which the session
-hands to the ``auth`` event. :class:`SaslExchange` drives one exchange: it decodes the
-client's lines (``*`` cancels, RFC 4954 4) and calls the mechanism.
+A mechanism is a small step object: given the client's response (decoded from base64; ``None`` when
+the AUTH command had no initial response) it returns either the next challenge (bytes, sent as
+``334 <base64>``) or the finished [`Credentials`][alephsmtp.auth.Credentials], which the session
+hands to the ``auth`` event. [`SaslExchange`][alephsmtp.auth.SaslExchange] drives one exchange: it
+decodes the client's lines (``*`` cancels, RFC 4954 4) and calls the mechanism.
 
-Built in: PLAIN (RFC 4616), LOGIN (draft-murchison-sasl-login), CRAM-MD5 (RFC 2195),
-XOAUTH2 (Google's), OAUTHBEARER (RFC 7628) and EXTERNAL (RFC 4422 appendix A, the TLS client
-certificate). A mechanism of your own: :func:`register_mechanism` (aiosmtpd's ``auth_XXX``),
-then name it in ``auth_mechanisms``. Credentials never appear in logs or reprs.
+Built in: PLAIN (RFC 4616), LOGIN (draft-murchison-sasl-login), CRAM-MD5 (RFC 2195), XOAUTH2
+(Google's), OAUTHBEARER (RFC 7628) and EXTERNAL (RFC 4422 appendix A, the TLS client certificate). A
+mechanism of your own: [`register_mechanism()`][alephsmtp.auth.register_mechanism] (aiosmtpd's
+``auth_XXX``), then name it in ``auth_mechanisms``. Credentials never appear in logs or reprs.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ class Mechanism(Protocol):
     def step(self, response: bytes | None) -> bytes | Credentials:
         """The next challenge, or the credentials once the exchange is complete.
 
-        ``response`` is the client's answer, base64-decoded (``None``: the AUTH command
-        had no initial response). Raise :class:`AuthSyntaxError` for a response that breaks
-        the mechanism's rules.
+        ``response`` is the client's answer, base64-decoded (``None``: the AUTH command had no
+        initial response). Raise [`AuthSyntaxError`][alephsmtp.auth.AuthSyntaxError] for a response
+        that breaks the mechanism's rules.
         """
 
     def failure(self) -> bytes | None:
@@ -299,8 +299,8 @@ _REGISTRY: dict[str, MechanismFactory] = dict(KNOWN_MECHANISMS)
 def register_mechanism(name: str, factory: MechanismFactory) -> None:
     """Make a SASL mechanism of your own available (then list it in ``auth_mechanisms``).
 
-    ``factory(context)`` makes one exchange: an object with ``step(response)`` and
-    ``failure()`` (see :class:`Mechanism`). ``name`` is a SASL mechanism name (RFC 4422 3.1:
+    ``factory(context)`` makes one exchange: an object with ``step(response)`` and ``failure()``
+    (see [`Mechanism`][alephsmtp.auth.Mechanism]). ``name`` is a SASL mechanism name (RFC 4422 3.1:
     up to 20 of A-Z, 0-9, ``-``, ``_``).
     """
     upper = name.upper()
@@ -326,12 +326,13 @@ def _decode(text: str) -> bytes:
 
 
 class SaslExchange:
-    """One AUTH exchange. ``step(response)`` returns a challenge (bytes) or :class:`Credentials`.
+    """One AUTH exchange. ``step(response)`` returns a challenge (bytes) or
+    [`Credentials`][alephsmtp.auth.Credentials].
 
     The first call is ``step(initial_response)`` (``None`` when the AUTH command had none; the
-    base64 text as sent, ``""`` for ``=``); every later call passes the client's response line
-    as text. Raises :class:`AuthSyntaxError` or :class:`AuthCancelled`, whose reply the client
-    gets.
+    base64 text as sent, ``""`` for ``=``); every later call passes the client's response line as
+    text. Raises [`AuthSyntaxError`][alephsmtp.auth.AuthSyntaxError] or
+    [`AuthCancelled`][alephsmtp.auth.AuthCancelled], whose reply the client gets.
     """
 
     __slots__ = ("_mechanism", "mechanism")

@@ -1,11 +1,12 @@
-"""One typed class per SMTP verb, built from a command line by :func:`parse_command`.
+"""One typed class per SMTP verb, built from a command line by
+[`parse_command()`][alephsmtp.commands.parse_command].
 
-Every command is a frozen dataclass with ``verb`` (uppercased) and ``parameter`` (the raw
-argument text); each verb's class adds what its argument means (``MailCommand.return_path``,
+Every command is a frozen dataclass with ``verb`` (uppercased) and ``parameter`` (the raw argument
+text); each verb's class adds what its argument means (``MailCommand.return_path``,
 ``RcptCommand.recipient_address``, ...). A verb this module does not know comes back as a plain
-:class:`SmtpCommand`. An argument that breaks its command's syntax raises
-:class:`~alephsmtp.errors.CommandSyntaxError` (or a subclass) carrying the reply, before any
-handler sees the command.
+[`SmtpCommand`][alephsmtp.commands.SmtpCommand]. An argument that breaks its command's syntax raises
+[`CommandSyntaxError`][alephsmtp.errors.CommandSyntaxError] (or a subclass) carrying the reply,
+before any handler sees the command.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class LhloCommand(SmtpCommand):
 class MailCommand(SmtpCommand):
     """``MAIL FROM:<reverse-path> [parameters]`` (RFC 5321 4.1.1.2).
 
-    ``return_path`` is :attr:`Address.NULL <alephsmtp.addresses.Address.NULL>` for ``<>``;
+    ``return_path`` is `Address.NULL <alephsmtp.addresses.Address.NULL>` for ``<>``;
     ``parameters`` maps each uppercased ESMTP keyword to its value (``None`` without ``=``).
     The parameters the library serves are decoded once, when the command is made, into the
     typed fields below; a value that does not decode leaves its field ``None`` and its
@@ -438,8 +439,8 @@ def _parse_rcpt(argument: str, smtputf8: bool) -> SmtpCommand:
 
 
 def parse_mail(argument: bytes) -> MailCommand:
-    """MAIL's argument, as :func:`~alephsmtp.parser.split_command` gives it; the errors of
-    :func:`parse_command`."""
+    """MAIL's argument, as `split_command()` gives it; the errors of
+    [`parse_command()`][alephsmtp.commands.parse_command]."""
     fast = _scanned(argument, b"FROM:")
     if fast is not None:
         return_path, rest, text = fast
@@ -450,8 +451,8 @@ def parse_mail(argument: bytes) -> MailCommand:
 
 
 def parse_rcpt(argument: bytes, smtputf8: bool) -> RcptCommand:
-    """RCPT's argument, as :func:`~alephsmtp.parser.split_command` gives it, in a transaction
-    begun with SMTPUTF8 or not; the errors of :func:`parse_command`."""
+    """RCPT's argument, as `split_command()` gives it, in a transaction begun with SMTPUTF8 or
+    not; the errors of [`parse_command()`][alephsmtp.commands.parse_command]."""
     fast = _scanned(argument, b"TO:")
     if fast is not None:
         recipient, rest, text = fast
@@ -617,9 +618,9 @@ def parse_command(line: bytes, *, smtputf8: bool = False) -> SmtpCommand:
     the transaction was begun with ``MAIL FROM:... SMTPUTF8`` (RFC 6531), which lets RCPT name
     non-ASCII addresses.
 
-    Raises :class:`~alephsmtp.errors.CommandSyntaxError` (or a subclass) with the reply: ``500
-    5.5.2`` for an empty line, a line that starts with a space, or a known verb whose line is
-    not UTF-8; ``501`` for a bad argument; ``553 5.6.7`` for a non-ASCII address outside
+    Raises [`CommandSyntaxError`][alephsmtp.errors.CommandSyntaxError] (or a subclass) with the
+    reply: ``500 5.5.2`` for an empty line, a line that starts with a space, or a known verb whose
+    line is not UTF-8; ``501`` for a bad argument; ``553 5.6.7`` for a non-ASCII address outside
     SMTPUTF8.
     """
     # RFC 5321 4.1.1: a command line starts with its verb. One that starts with a space is a
@@ -633,7 +634,8 @@ def parse_command(line: bytes, *, smtputf8: bool = False) -> SmtpCommand:
 
 def parse_argument(verb: bytes, argument: bytes, *, smtputf8: bool = False) -> SmtpCommand:
     """The command of ``verb`` (uppercased, as ``split_command`` gives it) with ``argument``
-    (spaces around it removed); the errors of :func:`parse_command`."""
+    (spaces around it removed); the errors of
+    [`parse_command()`][alephsmtp.commands.parse_command]."""
     parse = _PARSERS.get(verb)
     if parse is None:
         return SmtpCommand(

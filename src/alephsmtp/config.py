@@ -39,8 +39,8 @@ _AUTH_EXTRA = 500
 class SessionConfig:
     """What every session of one server shares: names, limits, timeouts, policies, and which
     extensions are served. Its fields are the keyword arguments of ``SmtpServer`` (typed as
-    :class:`SessionOptions`); a size or count limit of ``0`` means no limit unless its
-    description says otherwise."""
+    [`SessionOptions`][alephsmtp.config.SessionOptions]); a size or count limit of ``0`` means no
+    limit unless its description says otherwise."""
 
     hostname: str = field(default_factory=socket.getfqdn)
     """The server's name, in the greeting and the EHLO reply (default: this host's FQDN)."""
@@ -147,7 +147,7 @@ class SessionConfig:
     """Time handlers (per event) and the wait from a message's end to its reply, for the
     metrics' latency histograms (a clock read or two; off unless an exporter wants them)."""
     esmtp_extensions: tuple[Extension, ...] = ()
-    """ESMTP extensions of your own (:class:`~alephsmtp.extensions.Extension`): EHLO keywords
+    """ESMTP extensions of your own ([`Extension`][alephsmtp.extensions.Extension]): EHLO keywords
     and the MAIL/RCPT parameters they allow, typed by their converters."""
     xclient_networks: tuple[str, ...] = ()
     """Networks whose clients may send XCLIENT, naming the client they speak for (a proxy:
@@ -239,8 +239,9 @@ def _check_extensions(extensions: tuple[Extension, ...]) -> None:
 
 
 class SessionOptions(TypedDict, total=False):
-    """:class:`SessionConfig`'s fields as keyword arguments (``SmtpServer(**options)``), so that
-    a type checker catches a misspelt or mistyped option. Kept equal to the dataclass by a test.
+    """[`SessionConfig`][alephsmtp.config.SessionConfig]'s fields as keyword arguments
+    (``SmtpServer(**options)``), so that a type checker catches a misspelt or mistyped option. Kept
+    equal to the dataclass by a test.
     """
 
     hostname: str

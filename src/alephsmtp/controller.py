@@ -1,5 +1,5 @@
-"""Controller: an :class:`~alephsmtp.server.SmtpServer` in a background thread, for synchronous
-programs (a web application, a desktop program, a script, a test suite)::
+"""Controller: an [`SmtpServer`][alephsmtp.server.SmtpServer] in a background thread, for
+synchronous programs (a web application, a desktop program, a script, a test suite)::
 
     from alephsmtp import Controller
 
@@ -11,13 +11,14 @@ programs (a web application, a desktop program, a script, a test suite)::
     with Controller(on_session, path="/run/alephsmtp/lmtp.sock", lmtp=True) as controller:
         ...
 
-The thread runs its own event loop (uvloop when installed, as :meth:`SmtpServer.run
-<alephsmtp.server.SmtpServer.run>` does) with the library's own ``SmtpServer`` on it: every
-option, limit and behaviour is the server's, and nothing is kept of the messages (that is
-:class:`alephsmtp.testing.SmtpTestServer`, which is built on this class). ``on_session`` and
-every handler run in that thread: what they share with the rest of the program needs the
-usual care (a lock, a queue, ``loop.call_soon_threadsafe`` the other way). A stopped controller
-can be started again: each start makes a new ``SmtpServer`` (and, for port 0, a new port).
+The thread runs its own event loop (uvloop when installed, as
+:meth:`SmtpServer.run <alephsmtp.server.SmtpServer.run>` does) with the library's own ``SmtpServer``
+on it: every option, limit and behaviour is the server's, and nothing is kept of the messages (that
+is [`alephsmtp.testing.SmtpTestServer`][alephsmtp.testing.SmtpTestServer], which is built on this
+class). ``on_session`` and every handler run in that thread: what they share with the rest of the
+program needs the usual care (a lock, a queue, ``loop.call_soon_threadsafe`` the other way). A
+stopped controller can be started again: each start makes a new ``SmtpServer`` (and, for port 0, a
+new port).
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ _LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 class Controller:
-    """Runs an :class:`~alephsmtp.server.SmtpServer` in a thread of its own.
+    """Runs an [`SmtpServer`][alephsmtp.server.SmtpServer] in a thread of its own.
 
-    ``host``, ``port``, ``path`` and every other keyword are :class:`SmtpServer`'s (the
-    server is made here, so a wrong option fails in the caller). ``name`` is the thread's
-    name; ``daemon=True`` (the default) lets the interpreter exit while the server still runs
-    (its connections then die with the process: call :meth:`stop` first to end them
-    gracefully); ``loop`` chooses the event loop as ``SmtpServer.run`` does (``"auto"``:
-    uvloop when installed). ``workers`` is refused: worker processes are for
-    :meth:`SmtpServer.run` in the main thread.
+    ``host``, ``port``, ``path`` and every other keyword are
+    [`SmtpServer`][alephsmtp.server.SmtpServer]'s (the server is made here, so a wrong option fails
+    in the caller). ``name`` is the thread's name; ``daemon=True`` (the default) lets the
+    interpreter exit while the server still runs (its connections then die with the process: call
+    [`stop()`][alephsmtp.controller.Controller.stop] first to end them gracefully); ``loop`` chooses
+    the event loop as ``SmtpServer.run`` does (``"auto"``: uvloop when installed). ``workers`` is
+    refused: worker processes are for [`SmtpServer.run()`][alephsmtp.server.SmtpServer.run] in the
+    main thread.
     """
 
     def __init__(
@@ -138,7 +140,8 @@ class Controller:
 
     @property
     def is_running(self) -> bool:
-        """Between :meth:`start` and :meth:`stop`."""
+        """Between [`start()`][alephsmtp.controller.Controller.start] and
+        [`stop()`][alephsmtp.controller.Controller.stop]."""
         return self._thread is not None
 
     # --- lifecycle ---------------------------------------------------------------------------

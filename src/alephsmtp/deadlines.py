@@ -1,12 +1,12 @@
 """A session's timeouts without a timer per command.
 
-A session keeps one :class:`LazyTimer`. What is due and when (the idle deadline of the command
-line it waits for, the data timeout and rate checks while a message streams in, a handler's
-timeout) is the session's to compute from a few floats it stamps as it goes; the timer is only
-asked to wake the session *no later than* some time. Asking for a later time than the one armed
-does nothing: the timer fires early, the session sees nothing is due and asks again. So a
-command costs an assignment, not a ``call_later`` and a ``cancel``; a timer is re-armed once
-per deadline, or when a deadline moves earlier (a message starts, a handler starts).
+A session keeps one [`LazyTimer`][alephsmtp.deadlines.LazyTimer]. What is due and when (the idle
+deadline of the command line it waits for, the data timeout and rate checks while a message streams
+in, a handler's timeout) is the session's to compute from a few floats it stamps as it goes; the
+timer is only asked to wake the session *no later than* some time. Asking for a later time than the
+one armed does nothing: the timer fires early, the session sees nothing is due and asks again. So a
+command costs an assignment, not a ``call_later`` and a ``cancel``; a timer is re-armed once per
+deadline, or when a deadline moves earlier (a message starts, a handler starts).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ __all__ = ["LazyTimer"]
 
 
 class LazyTimer:
-    """Calls ``callback()`` at the earliest time asked for with :meth:`wake_by` (once; ask
-    again from the callback for the next)."""
+    """Calls ``callback()`` at the earliest time asked for with
+    [`wake_by()`][alephsmtp.deadlines.LazyTimer.wake_by] (once; ask again from the callback for the
+    next)."""
 
     __slots__ = ("_callback", "_handle", "_loop", "at")
 
@@ -29,7 +30,7 @@ class LazyTimer:
         self._callback = callback
         self._handle: asyncio.TimerHandle | None = None
         #: When the pending wake-up is (loop time); infinity when none is. A hot path may
-        #: compare with it before calling :meth:`wake_by` (which then has nothing to do).
+        #: compare with it before calling ``wake_by()`` (which then has nothing to do).
         self.at = _NEVER
 
     @property

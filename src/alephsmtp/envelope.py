@@ -21,10 +21,10 @@ class SmtpEnvelope:
     """Filled in by the session as MAIL and RCPT are accepted; handed to ``message_received``.
 
     ``recipients`` holds only the recipients that got a 2xx reply, in order, and
-    ``rcpt_parameters``, ``dsn_notify`` and ``dsn_orcpt`` their ESMTP parameters at the same
-    index. ``message`` is the message once it has been received whole (the seed's
-    ``MessageBody``): read on first use, from memory or from the temporary file a large
-    message was spooled to; :meth:`open_message` reads it as a file instead.
+    ``rcpt_parameters``, ``dsn_notify`` and ``dsn_orcpt`` their ESMTP parameters at the same index.
+    ``message`` is the message once it has been received whole (the seed's ``MessageBody``): read on
+    first use, from memory or from the temporary file a large message was spooled to;
+    [`open_message()`][alephsmtp.envelope.SmtpEnvelope.open_message] reads it as a file instead.
     """
 
     return_path: Address | None = None

@@ -1,17 +1,18 @@
 """Events in the seed's shape: ``session.helo += handler``, ``-=``, or ``@session.helo.connect``.
 
 A handler is called as ``handler(sender, e)`` — ``sender`` is the session, ``e`` the event
-arguments — and may return a reply (``str`` or :class:`~alephsmtp.replies.Reply`), ``None`` to
+arguments — and may return a reply (``str`` or [`Reply`][alephsmtp.replies.Reply]), ``None`` to
 pass, or an awaitable of either. Handlers run in the order they were added; the first one that
 returns a reply decides it and the rest are not called (a filter chain, so a handler that
 rejects can never be overridden by one that accepts). With no handler, or when all pass, the
 session sends its default reply.
 
-:func:`run_chain` (the first reply decides) and :func:`run_all` (every handler, results
-ignored) are the one place handlers are run, for every caller: commands, message chunks,
-notifications, the test server. Synchronous handlers run inline; at the first awaitable the
-rest becomes a :class:`Pending` coroutine, which the caller runs as a task (the session times
-it out and turns its result into a reply).
+[`run_chain()`][alephsmtp.events.run_chain] (the first reply decides) and
+[`run_all()`][alephsmtp.events.run_all] (every handler, results ignored) are the one place handlers
+are run, for every caller: commands, message chunks, notifications, the test server. Synchronous
+handlers run inline; at the first awaitable the rest becomes a [`Pending`][alephsmtp.events.Pending]
+coroutine, which the caller runs as a task (the session times it out and turns its result into a
+reply).
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ Handler = Callable[[Any, ArgsT], HandlerResult]
 class Event(Generic[ArgsT]):
     """A multicast event: an ordered list of handlers.
 
-    ``+=`` adds a handler, ``-=`` removes its last registration, :meth:`connect` adds one as a
-    decorator, and :meth:`prepend` puts one before all the others. ``bool(event)`` is true when
-    it has handlers.
+    ``+=`` adds a handler, ``-=`` removes its last registration,
+    [`connect()`][alephsmtp.events.Event.connect] adds one as a decorator, and
+    [`prepend()`][alephsmtp.events.Event.prepend] puts one before all the others. ``bool(event)`` is
+    true when it has handlers.
     """
 
     __slots__ = ("handlers", "name")
@@ -115,8 +117,9 @@ class Event(Generic[ArgsT]):
 
 class Pending:
     """The rest of a handler chain, from its first awaitable on: ``coroutine`` gives the
-    chain's result when awaited. Returned by :func:`run_chain` / :func:`run_all` so that the
-    caller can tell it from a reply with one identity check."""
+    chain's result when awaited. Returned by [`run_chain()`][alephsmtp.events.run_chain] /
+    [`run_all()`][alephsmtp.events.run_all] so that the caller can tell it from a reply with one
+    identity check."""
 
     __slots__ = ("coroutine",)
 
@@ -126,7 +129,8 @@ class Pending:
 
 def run_chain(handlers: Sequence[Callable[[Any, Any], Any]], sender: Any, args: Any) -> Any:
     """Run ``handlers`` in order until one answers (not ``None``); its answer, ``None`` when
-    all pass, or a :class:`Pending` for the rest once a handler returned an awaitable.
+    all pass, or a [`Pending`][alephsmtp.events.Pending] for the rest once a handler returned an
+    awaitable.
 
     A handler's exception propagates (the caller decides what it means).
     """
@@ -153,8 +157,9 @@ async def _chain_rest(
 
 
 def run_all(handlers: Sequence[Callable[[Any, Any], Any]], sender: Any, args: Any) -> Any:
-    """Run every handler in order, whatever they return; ``None``, or a :class:`Pending` for
-    the rest once a handler returned an awaitable (each awaited before the next runs)."""
+    """Run every handler in order, whatever they return; ``None``, or a
+    [`Pending`][alephsmtp.events.Pending] for the rest once a handler returned an awaitable (each
+    awaited before the next runs)."""
     for index, handler in enumerate(handlers):
         result = handler(sender, args)
         if result is not None and inspect.isawaitable(result):

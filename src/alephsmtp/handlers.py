@@ -107,9 +107,9 @@ class Store:
     directory), and can take a stored message back.
 
     ``store(e)`` stores the message and returns a receipt; ``remove(receipt)`` takes it back
-    (:class:`Deliver` does, when a later output fails, so that the client's retry does not
-    store the message twice). Called as a handler, a store answers ``None`` (the next handler
-    runs) or a temporary failure: ``452 4.3.1`` for a full disk, ``451 4.2.0`` for a busy
+    ([`Deliver`][alephsmtp.handlers.Deliver] does, when a later output fails, so that the client's
+    retry does not store the message twice). Called as a handler, a store answers ``None`` (the next
+    handler runs) or a temporary failure: ``452 4.3.1`` for a full disk, ``451 4.2.0`` for a busy
     mailbox, ``451 4.3.0`` for any other storage error. Every store behaves alike.
     """
 
@@ -128,8 +128,8 @@ class Store:
         return None
 
     def store(self, e: MessageReceivedEventArgs) -> object:
-        """Store the message; a receipt for :meth:`remove`. Raises ``OSError`` or
-        :class:`StoreBusy`."""
+        """Store the message; a receipt for [`remove()`][alephsmtp.handlers.Store.remove]. Raises
+        ``OSError`` or [`StoreBusy`][alephsmtp.handlers.StoreBusy]."""
         raise NotImplementedError
 
     def remove(self, receipt: object) -> bool:
@@ -188,7 +188,7 @@ def _storage_failure(what: str, error: OSError, logger: _Logger = log) -> Reply:
 class MboxStore(Store):
     """Append each message to an mbox file (created if missing), locked while writing.
 
-    The file is written by the standard library's :class:`mailbox.mbox`: a ``From `` line with
+    The file is written by the standard library's `mailbox.mbox`: a ``From `` line with
     the envelope sender (``MAILER-DAEMON`` for the null sender) and the time, the message with
     LF line endings and body lines that start with ``From `` written as ``>From `` (the mbox
     convention, so they cannot start a message), and a blank line. With ``trace_headers``
@@ -396,7 +396,7 @@ class Relay:
     message on, over a connection of its own, with the same envelope (SMTPUTF8 and
     ``BODY=8BITMIME`` carried over) and a ``Received:`` trace header on top (RFC 5321 4.4).
     It is an ``async`` handler: with ``aiosmtplib`` installed it uses it, else the standard
-    library's :mod:`smtplib` in a worker thread, so the event loop never blocks
+    library's `smtplib` in a worker thread, so the event loop never blocks
     (``client="smtplib"`` or ``"aiosmtplib"`` chooses).
 
     The client's reply says what the upstream did:
@@ -687,9 +687,10 @@ class Deliver:
     any other handler, in order; the message is accepted only if every output took it.
 
     When an output refuses or fails, what the stores before it stored is taken back
-    (:meth:`Store.remove`) and the client gets that output's reply: a temporary failure makes
-    it try again, and its retry does not leave the message stored twice. (A relay cannot be
-    taken back: put it last.) Outputs answer as handlers do; the first reply decides.
+    ([`Store.remove()`][alephsmtp.handlers.Store.remove]) and the client gets that output's reply: a
+    temporary failure makes it try again, and its retry does not leave the message stored twice. (A
+    relay cannot be taken back: put it last.) Outputs answer as handlers do; the first reply
+    decides.
     """
 
     def __init__(self, *outputs: Callable[[Any, MessageReceivedEventArgs], Any]) -> None:

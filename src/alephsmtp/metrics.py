@@ -1,12 +1,12 @@
 """What a server counts, cheaply enough to count always, and an optional hook.
 
-``server.metrics`` is a :class:`Metrics`: plain integers, ``Counter``\\ s and bucketed
-:class:`Histogram`\\ s that the sessions update as they go (an integer or dict increment on
-the hot path, never a lock or a call into an exporter). Exporters read them when asked:
-:mod:`alephsmtp.prometheus` serves them on ``/metrics`` (``SmtpServer(metrics=...)``,
-``alephsmtp --metrics``); the ``metrics_hook`` callable, for other systems, is told of the
-main changes as they happen, ``hook(name, amount, code)`` (``code`` is the reply code for
-``"rejections"``, else ``None``). A hook that raises is logged and otherwise ignored.
+``server.metrics`` is a [`Metrics`][alephsmtp.metrics.Metrics]: plain integers, ``Counter``\\ s and
+bucketed [`Histogram`][alephsmtp.metrics.Histogram]\\ s that the sessions update as they go (an
+integer or dict increment on the hot path, never a lock or a call into an exporter). Exporters read
+them when asked: [`alephsmtp.prometheus`][alephsmtp.prometheus] serves them on ``/metrics``
+(``SmtpServer(metrics=...)``, ``alephsmtp --metrics``); the ``metrics_hook`` callable, for other
+systems, is told of the main changes as they happen, ``hook(name, amount, code)`` (``code`` is the
+reply code for ``"rejections"``, else ``None``). A hook that raises is logged and otherwise ignored.
 """
 
 from __future__ import annotations

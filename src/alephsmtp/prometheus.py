@@ -5,13 +5,13 @@ serves ``http://127.0.0.1:9025/metrics``; ``metrics=PrometheusExporter(...)`` ta
 options. Needs the ``metrics`` extra (``pip install alephsmtp[metrics]``: the official
 ``prometheus-client``, which writes the exposition formats, text and OpenMetrics).
 
-The sessions count as they go into the server's :class:`~alephsmtp.metrics.Metrics`: plain
+The sessions count as they go into the server's [`Metrics`][alephsmtp.metrics.Metrics]: plain
 integers, never a call into ``prometheus_client`` on the path of a command. The exporter
 reads them when asked:
 
-- One process: a custom collector (:class:`MetricsCollector`) turns ``server.metrics`` into
-  metric families at scrape time, in the event loop (no thread reads what the loop writes).
-  ``process_*`` metrics (CPU, memory, descriptors) come with them.
+- One process: a custom collector ([`MetricsCollector`][alephsmtp.prometheus.MetricsCollector])
+  turns ``server.metrics`` into metric families at scrape time, in the event loop (no thread reads
+  what the loop writes). ``process_*`` metrics (CPU, memory, descriptors) come with them.
 - ``workers=N``: prometheus_client's multiprocess mode. Each worker writes its counts into
   its own files (``PROMETHEUS_MULTIPROC_DIR``: yours if set, else a temporary directory made
   for the run and removed after it) once every ``flush_interval`` seconds and when it stops;
@@ -21,7 +21,7 @@ reads them when asked:
   (``mark_process_dead``); its counters stay in the totals, as counters must.
 
 The metrics (every counter ends in ``_total``; durations are in seconds, sizes in bytes):
-see :data:`FAMILIES` and ``docs/observability.md``.
+see `FAMILIES` and ``docs/observability.md``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ Sample = tuple[tuple[str, ...], "float | Histogram"]
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One metric: its name (without ``_total``), type, help, label names, and how to read
-    its samples (label values, value or :class:`~alephsmtp.metrics.Histogram`) from a server.
+    its samples (label values, value or [`Histogram`][alephsmtp.metrics.Histogram]) from a server.
     Both the collector and the multiprocess writer read this one table."""
 
     name: str
@@ -384,7 +384,7 @@ def _value_class() -> Any:
 
 class PrometheusExporter:
     """Serves a server's metrics at ``http://host:port/metrics`` (port 0: the OS picks one;
-    see :attr:`port` once started).
+    see [`port`][alephsmtp.prometheus.PrometheusExporter.port] once started).
 
     ``latency`` (default on) makes the server time its handlers and its replies to messages
     (``measure_latency``) for the two duration histograms. ``registry``: serve this

@@ -5,16 +5,19 @@ client: every connection seems to come from the balancer. With the PROXY protoco
 specification "The PROXY protocol", 2020/03/05, cited below as "PP 2.1" etc.) the balancer
 sends one header first, before any SMTP byte, naming the original source and destination.
 
-:class:`ProxyHeaderReader` is the sans-I/O parser: feed it bytes, it answers ``None`` (more
-needed) or a :class:`ProxyHeader`, or raises :class:`ProxyProtocolError`; version 1 (text) and
-version 2 (binary, with TLVs) are told apart by their first byte. Limits hold while parsing.
-:attr:`ProxyHeaderReader.needed` says how many bytes may be read without reading past the
-header, so a server can read exactly the header and leave what follows in the socket.
+[`ProxyHeaderReader`][alephsmtp.proxy.ProxyHeaderReader] is the sans-I/O parser: feed it bytes, it
+answers ``None`` (more needed) or a [`ProxyHeader`][alephsmtp.proxy.ProxyHeader], or raises
+[`ProxyProtocolError`][alephsmtp.proxy.ProxyProtocolError]; version 1 (text) and version 2 (binary,
+with TLVs) are told apart by their first byte. Limits hold while parsing.
+[`ProxyHeaderReader.needed`][alephsmtp.proxy.ProxyHeaderReader.needed] says how many bytes may be
+read without reading past the header, so a server can read exactly the header and leave what follows
+in the socket.
 
-:class:`ProxyProtocolReceiver` is the asyncio side: the protocol a server's transport starts
-with. It checks that the peer is a trusted proxy, reads exactly the header within a timeout
-(optionally runs the TLS handshake that follows it), then hands the transport to the protocol
-that ``make_protocol(header)`` builds (``transport.set_protocol`` and ``connection_made``).
+[`ProxyProtocolReceiver`][alephsmtp.proxy.ProxyProtocolReceiver] is the asyncio side: the protocol a
+server's transport starts with. It checks that the peer is a trusted proxy, reads exactly the header
+within a timeout (optionally runs the TLS handshake that follows it), then hands the transport to
+the protocol that ``make_protocol(header)`` builds (``transport.set_protocol`` and
+``connection_made``).
 """
 
 from __future__ import annotations
@@ -294,10 +297,11 @@ class ProxyHeaderReader:
     """Incremental parser of one PROXY protocol header, version 1 or 2 (sans I/O).
 
     ``feed(data)`` returns ``None`` while the header is incomplete, then the
-    :class:`ProxyHeader`; what followed it is in :attr:`trailing` (later feeds add to it).
-    Malformed input raises :class:`ProxyProtocolError` as soon as it is seen (PP 2.1: "abort
-    the connection as soon as possible"), and so does every later feed. A version 2 header
-    longer than ``max_length`` bytes is refused when its length field arrives.
+    [`ProxyHeader`][alephsmtp.proxy.ProxyHeader]; what followed it is in
+    [`trailing`][alephsmtp.proxy.ProxyHeaderReader.trailing] (later feeds add to it). Malformed
+    input raises [`ProxyProtocolError`][alephsmtp.proxy.ProxyProtocolError] as soon as it is seen
+    (PP 2.1: "abort the connection as soon as possible"), and so does every later feed. A version 2
+    header longer than ``max_length`` bytes is refused when its length field arrives.
     """
 
     __slots__ = ("_buffer", "_error", "_header", "_max_length", "_scanned", "_trailing")
@@ -603,7 +607,7 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
     what follows the header from the socket itself. ``admit()``, asked when the connection
     arrives, may refuse it (the server is full: closed, as nothing can be said before the
     header). ``on_close(receiver)`` is called once, when the connection is handed over,
-    refused or gone. ``metrics`` (the server's :class:`~alephsmtp.metrics.Metrics`) counts
+    refused or gone. ``metrics`` (the server's [`Metrics`][alephsmtp.metrics.Metrics]) counts
     what went wrong: ``proxy_failures`` by reason, failed TLS handshakes, timeouts.
     """
 

@@ -1,14 +1,14 @@
 """SMTP replies: one type, one writer, and every fixed reply by name.
 
-A reply is a three-digit code, an optional RFC 3463 enhanced status code and one or more text
-lines. :meth:`Reply.to_bytes` is the only place reply bytes are produced, so no text can ever
-smuggle a second reply (RFC 5321 4.2: a reply line ends at CRLF; text lines with CR or LF are
-split into a proper multi-line reply, never written raw).
+A reply is a three-digit code, an optional RFC 3463 enhanced status code and one or more text lines.
+[`Reply.to_bytes()`][alephsmtp.replies.Reply.to_bytes] is the only place reply bytes are produced,
+so no text can ever smuggle a second reply (RFC 5321 4.2: a reply line ends at CRLF; text lines with
+CR or LF are split into a proper multi-line reply, never written raw).
 
-The replies the library sends on its own are the constants below, by name; nowhere else does
-the library spell a fixed reply. :class:`WireReplies` renders all of them once per
-configuration (enhanced status codes on or off), so a session writes a fixed reply by reading
-an attribute: no rendering, no hashing.
+The replies the library sends on its own are the constants below, by name; nowhere else does the
+library spell a fixed reply. [`WireReplies`][alephsmtp.replies.WireReplies] renders all of them once
+per configuration (enhanced status codes on or off), so a session writes a fixed reply by reading an
+attribute: no rendering, no hashing.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Reply:
         return Reply(self.code, enhanced, self.text)
 
     def wire(self, enhanced_status_codes: bool = True) -> bytes:
-        """:meth:`to_bytes`, rendered once per reply and kept."""
+        """[`to_bytes()`][alephsmtp.replies.Reply.to_bytes], rendered once per reply and kept."""
         data = self._wire if enhanced_status_codes else self._wire_plain
         if data is None:
             data = self.to_bytes(enhanced_status_codes)
@@ -157,7 +157,8 @@ _PARSED_MAX_LENGTH = 512
 
 
 def coerce_reply(value: Reply | str) -> Reply:
-    """A callback's answer as a :class:`Reply` (``ValueError``/``TypeError`` if it is not one)."""
+    """A callback's answer as a [`Reply`][alephsmtp.replies.Reply] (``ValueError``/``TypeError`` if
+    it is not one)."""
     if isinstance(value, Reply):
         return value
     if isinstance(value, str):

@@ -11,11 +11,12 @@ The seed's shape (``SmtpServer(address, port)``, ``listen(on_session)``) on asyn
 
 At scale: ``run()`` uses uvloop when it is installed, ``workers=N`` runs N processes on one port
 (SO_REUSEPORT), and ``proxy_protocol=True`` reads the PROXY protocol header a load balancer
-sends (:mod:`alephsmtp.proxy`), so sessions see the original client's address.
+sends ([`alephsmtp.proxy`][alephsmtp.proxy]), so sessions see the original client's address.
 
 On one host, ``SmtpServer(path="/run/alephsmtp/lmtp.sock", lmtp=True)`` listens on a Unix-domain
-socket instead (LMTP from Postfix or Dovecot); :meth:`SmtpServer.protocol_factory` gives its
-sessions to an asyncio server of your own.
+socket instead (LMTP from Postfix or Dovecot);
+[`SmtpServer.protocol_factory()`][alephsmtp.server.SmtpServer.protocol_factory] gives its sessions
+to an asyncio server of your own.
 """
 
 from __future__ import annotations
@@ -78,15 +79,16 @@ DEFAULT_PORT = 25
 
 
 class SmtpServer:
-    """An SMTP server on ``host``:``port`` (port 0: the OS picks one; see :attr:`port`), by
-    default 127.0.0.1 port 25; or on the Unix-domain socket ``path``.
+    """An SMTP server on ``host``:``port`` (port 0: the OS picks one; see
+    [`port`][alephsmtp.server.SmtpServer.port]), by default 127.0.0.1 port 25; or on the Unix-domain
+    socket ``path``.
 
-    Keyword options are the :class:`~alephsmtp.session.SessionConfig` fields
+    Keyword options are the [`SessionConfig`][alephsmtp.config.SessionConfig] fields
     (``hostname``, ``max_message_size``, ``max_recipients``, ``idle_timeout``,
     ``bare_newline``, ``tls_context``, ``lmtp``, ...), plus ``on_session``, ``backlog``,
     ``reuse_port``, ``implicit_tls`` (TLS from the first byte, RFC 8314, port 465 style, with
     ``tls_context``) and ``shutdown_grace`` (seconds a transaction in progress may take to
-    finish on :meth:`stop`).
+    finish on [`stop()`][alephsmtp.server.SmtpServer.stop]).
 
     Behind a TCP load balancer, ``proxy_protocol=True`` makes every connection from
     ``proxy_trusted_networks`` start with a PROXY protocol header (version 1 or 2, told apart
@@ -97,32 +99,32 @@ class SmtpServer:
     header or none in time is closed without a greeting. With ``implicit_tls`` the header
     comes first and the TLS handshake after it, as HAProxy sends them.
 
-    ``workers=N`` (N > 1) makes :meth:`run` serve from N processes sharing the port; see
-    :meth:`run`. The asynchronous API (:meth:`start`, ``async with``) always serves from the
-    calling process.
+    ``workers=N`` (N > 1) makes [`run()`][alephsmtp.server.SmtpServer.run] serve from N processes
+    sharing the port; see [`run()`][alephsmtp.server.SmtpServer.run]. The asynchronous API
+    ([`start()`][alephsmtp.server.SmtpServer.start], ``async with``) always serves from the calling
+    process.
 
     ``server.metrics`` counts connections, accepted messages and their bytes, and refusals by
-    reply code; ``metrics_hook=hook`` sees every change (:mod:`alephsmtp.metrics`).
+    reply code; ``metrics_hook=hook`` sees every change ([`alephsmtp.metrics`][alephsmtp.metrics]).
 
-    ``path`` (instead of ``host`` and ``port``, which it excludes) listens on a Unix-domain
-    socket: for LMTP from an MTA on the same host (``lmtp=True``), or a local submission
-    service. The socket file gets the permissions ``path_mode`` (0o660: owner and group may
-    connect; None: as the umask leaves them) before anyone can connect. A socket file left
-    by a server that is gone is replaced at start; one that a live server answers on is
-    not (``OSError`` EADDRINUSE), nor anything at ``path`` that is not a socket. :meth:`close`
-    removes the file again (unless another server has replaced it since). A path starting
-    with a NUL character is a Linux abstract socket: no file at all. A Unix connection has
-    no IP address: ``session.peer`` is the socket's ``path`` (a ``str``, as a milter is told
-    of such a connection) and the per-IP limit does not apply; who may connect is decided by
-    the file's permissions, so a PROXY protocol header (``proxy_protocol=True``) is read
-    from every client of the socket. With ``workers=N`` the parent listens on the socket and
-    the forked workers share it, each accepting from it (one socket file has one listener:
-    ``SO_REUSEPORT`` does not apply).
+    ``path`` (instead of ``host`` and ``port``, which it excludes) listens on a Unix-domain socket:
+    for LMTP from an MTA on the same host (``lmtp=True``), or a local submission service. The socket
+    file gets the permissions ``path_mode`` (0o660: owner and group may connect; None: as the umask
+    leaves them) before anyone can connect. A socket file left by a server that is gone is replaced
+    at start; one that a live server answers on is not (``OSError`` EADDRINUSE), nor anything at
+    ``path`` that is not a socket. [`close()`][alephsmtp.server.SmtpServer.close] removes the file
+    again (unless another server has replaced it since). A path starting with a NUL character is a
+    Linux abstract socket: no file at all. A Unix connection has no IP address: ``session.peer`` is
+    the socket's ``path`` (a ``str``, as a milter is told of such a connection) and the per-IP limit
+    does not apply; who may connect is decided by the file's permissions, so a PROXY protocol header
+    (``proxy_protocol=True``) is read from every client of the socket. With ``workers=N`` the parent
+    listens on the socket and the forked workers share it, each accepting from it (one socket file
+    has one listener: ``SO_REUSEPORT`` does not apply).
 
-    ``metrics="HOST:PORT"`` (or a :class:`~alephsmtp.prometheus.PrometheusExporter`) serves
-    them to Prometheus on ``/metrics``, for every worker at once with ``workers=N``, and turns
-    ``measure_latency`` on; ``tracing=True`` (or a ``TracerProvider``) makes an OpenTelemetry
-    span per session and per transaction (:mod:`alephsmtp.tracing`).
+    ``metrics="HOST:PORT"`` (or a [`PrometheusExporter`][alephsmtp.prometheus.PrometheusExporter])
+    serves them to Prometheus on ``/metrics``, for every worker at once with ``workers=N``, and
+    turns ``measure_latency`` on; ``tracing=True`` (or a ``TracerProvider``) makes an OpenTelemetry
+    span per session and per transaction ([`alephsmtp.tracing`][alephsmtp.tracing]).
     """
 
     def __init__(
@@ -323,12 +325,14 @@ class SmtpServer:
             server = SmtpServer(lmtp=True, hostname="mx.example.org")
             listener = await loop.create_unix_server(server.protocol_factory(), path)
 
-        Each call of the factory is one connection as :meth:`start` would serve it: this
-        server's configuration, buffer pools, metrics, connection limits, PROXY protocol
-        receiver and implicit TLS, counted in :attr:`sessions` and ended by :meth:`close` and
-        :meth:`stop` (your listener you close yourself). ``on_session`` replaces the server's
-        for these connections. A TCP server's sessions see the socket's peer; a Unix-domain
-        listener's see its peer name (usually ``""``) unless this server has a ``path``.
+        Each call of the factory is one connection as [`start()`][alephsmtp.server.SmtpServer.start]
+        would serve it: this server's configuration, buffer pools, metrics, connection limits, PROXY
+        protocol receiver and implicit TLS, counted in `sessions` and ended by
+        [`close()`][alephsmtp.server.SmtpServer.close] and
+        [`stop()`][alephsmtp.server.SmtpServer.stop] (your listener you close yourself).
+        ``on_session`` replaces the server's for these connections. A TCP server's sessions see the
+        socket's peer; a Unix-domain listener's see its peer name (usually ``""``) unless this
+        server has a ``path``.
         """
         if on_session is None:
             return self._new_connection
@@ -431,7 +435,8 @@ class SmtpServer:
             self._no_sessions.set()
 
     async def serve_forever(self) -> None:
-        """Serve until :meth:`close` or :meth:`stop` (starts first if needed)."""
+        """Serve until [`close()`][alephsmtp.server.SmtpServer.close] or
+        [`stop()`][alephsmtp.server.SmtpServer.stop] (starts first if needed)."""
         if self._server is None:
             await self.start()
         assert self._stopped is not None
@@ -440,8 +445,8 @@ class SmtpServer:
     def close(self) -> None:
         """Stop accepting and ask every session to end (421 4.3.2 between transactions).
 
-        Returns at once; :meth:`wait_closed` waits for the sessions, :meth:`stop` does both
-        with a grace period.
+        Returns at once; [`wait_closed()`][alephsmtp.server.SmtpServer.wait_closed] waits for the
+        sessions, [`stop()`][alephsmtp.server.SmtpServer.stop] does both with a grace period.
         """
         if self._server is not None:
             self._server.close()
@@ -499,25 +504,25 @@ class SmtpServer:
         loop: LoopName = "auto",
         supervisor: WorkerSupervisor | None = None,
     ) -> None:
-        """Serve until SIGINT/SIGTERM (or :meth:`close`), then shut down gracefully.
+        """Serve until SIGINT/SIGTERM (or [`close()`][alephsmtp.server.SmtpServer.close]), then shut
+        down gracefully.
 
         ``loop`` chooses the event loop: ``"auto"`` (the default) runs on uvloop when it is
         installed (``pip install alephsmtp[uvloop]``) and on asyncio's own loop otherwise;
         ``"uvloop"`` insists on uvloop (``ImportError`` without it); ``"asyncio"`` opts out.
 
-        With ``workers=N`` (N > 1) it runs N worker processes, each with its own event loop
-        and its own listening socket on the same address (``SO_REUSEPORT``: the kernel spreads
-        connections over them), under a :class:`~alephsmtp.workers.WorkerSupervisor`
-        (``supervisor``, default: the default restart policy). The parent binds the address
-        first, without listening, so that port 0 becomes one concrete port for every worker
-        and an address in use fails here (``OSError``). Workers are forked, not spawned:
-        ``on_session`` may be any callable (a closure, a lambda), nothing is pickled, and the
-        caller should have no other threads running. SIGINT/SIGTERM to the parent stops every
-        worker gracefully (each as :meth:`stop` does) and ``run`` returns once all have
-        exited; a worker that dies unasked is restarted with a backoff, and when every worker
-        keeps failing ``run`` raises :class:`~alephsmtp.workers.WorkersFailed` (a
-        ``RuntimeError``). Without ``SO_REUSEPORT`` or ``fork`` (Windows) one process serves,
-        with a warning.
+        With ``workers=N`` (N > 1) it runs N worker processes, each with its own event loop and its
+        own listening socket on the same address (``SO_REUSEPORT``: the kernel spreads connections
+        over them), under a [`WorkerSupervisor`][alephsmtp.workers.WorkerSupervisor]
+        (``supervisor``, default: the default restart policy). The parent binds the address first,
+        without listening, so that port 0 becomes one concrete port for every worker and an address
+        in use fails here (``OSError``). Workers are forked, not spawned: ``on_session`` may be any
+        callable (a closure, a lambda), nothing is pickled, and the caller should have no other
+        threads running. SIGINT/SIGTERM to the parent stops every worker gracefully (each as
+        [`stop()`][alephsmtp.server.SmtpServer.stop] does) and ``run`` returns once all have exited;
+        a worker that dies unasked is restarted with a backoff, and when every worker keeps failing
+        ``run`` raises [`WorkersFailed`][alephsmtp.workers.WorkersFailed] (a ``RuntimeError``).
+        Without ``SO_REUSEPORT`` or ``fork`` (Windows) one process serves, with a warning.
         """
         runner = _loop_runner(loop)
         if self.workers > 1:
@@ -548,8 +553,9 @@ class SmtpServer:
     def listen(self, on_session: OnSession) -> None:
         """The seed's ``Listen``: accept clients and hand each new session to ``on_session``.
 
-        Inside a running event loop it starts listening in that loop and returns at once (keep
-        the loop running). Called from plain code it serves until stopped, like :meth:`run`.
+        Inside a running event loop it starts listening in that loop and returns at once (keep the
+        loop running). Called from plain code it serves until stopped, like
+        [`run()`][alephsmtp.server.SmtpServer.run].
         """
         try:
             loop = asyncio.get_running_loop()

@@ -1,21 +1,21 @@
 """One SMTP connection: an ``asyncio.BufferedProtocol`` that raises an event per command.
 
 The session is the one I/O class; what it stands on has none. Bytes arrive in a pooled buffer
-(``get_buffer`` / ``buffer_updated``) and go, in one call per read, to the reader of the mode
-the session is in: the parsing core's ``LineReader`` for commands, its ``DataReader`` or
-``BdatReader`` for a message. Each command line then takes one straight path, as go-smtp's
-``handleRcpt`` does: the protocol table (:mod:`._protocol`) says whether it may come now, the
-command is parsed (:mod:`.commands`), its parameters checked (:mod:`.extensions`), its event's
-handlers run (:func:`.events.run_chain`), and the reply written. A command with no handler
-takes its default reply without any event arguments being made.
+(``get_buffer`` / ``buffer_updated``) and go, in one call per read, to the reader of the mode the
+session is in: the parsing core's ``LineReader`` for commands, its ``DataReader`` or ``BdatReader``
+for a message. Each command line then takes one straight path, as go-smtp's ``handleRcpt`` does: the
+protocol table (`_protocol`) says whether it may come now, the command is parsed
+([`commands`][alephsmtp.commands]), its parameters checked ([`extensions`][alephsmtp.extensions]),
+its event's handlers run ([`events.run_chain()`][alephsmtp.events.run_chain]), and the reply
+written. A command with no handler takes its default reply without any event arguments being made.
 
 Handlers may be plain functions (run inline, no task) or coroutines (the rest of the chain runs
 in a task while reading pauses, so replies keep their order and memory stays bounded).
 
-State is kept by lifetime: :class:`SessionConfig` (shared by every session of a server, with
-the rendered replies and buffer pools in ``_Pools``), the connection (transport, peer, greeting
-exchange, TLS, AUTH, the input not yet answered) and the mail transaction
-(:class:`~alephsmtp.transaction.Transaction`, one assignment to start or drop).
+State is kept by lifetime: [`SessionConfig`][alephsmtp.config.SessionConfig] (shared by every
+session of a server, with the rendered replies and buffer pools in ``_Pools``), the connection
+(transport, peer, greeting exchange, TLS, AUTH, the input not yet answered) and the mail transaction
+(`Transaction`, one assignment to start or drop).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class SessionKey(Generic[T]):
 class _Pools:
     """What a server's sessions share: the buffer pools (small for commands, large for a
     message), the fixed replies as written, the handlers' answers as written, the metrics,
-    the OpenTelemetry tracer (:mod:`alephsmtp.tracing`; None: no tracing)."""
+    the OpenTelemetry tracer ([`alephsmtp.tracing`][alephsmtp.tracing]; None: no tracing)."""
 
     __slots__ = (
         "answers",
@@ -286,14 +286,14 @@ def _error_reply(error: SmtpError) -> Reply:
 
 
 class SmtpSession(asyncio.BufferedProtocol):
-    """One client connection, with one :class:`~alephsmtp.events.Event` per command.
+    """One client connection, with one [`Event`][alephsmtp.events.Event] per command.
 
     ``session.helo += handler``; a handler ``handler(session, e)`` returns the reply (see
-    :mod:`alephsmtp.events`). ``start_transaction(greeting)`` sends the greeting and starts
-    reading; if the server's ``on_session`` returns without calling it, the session starts with
-    the configured greeting.
+    [`alephsmtp.events`][alephsmtp.events]). ``start_transaction(greeting)`` sends the greeting and
+    starts reading; if the server's ``on_session`` returns without calling it, the session starts
+    with the configured greeting.
 
-    Events (each an :class:`~alephsmtp.events.Event`): one per command — ``helo``, ``ehlo``,
+    Events (each an [`Event`][alephsmtp.events.Event]): one per command — ``helo``, ``ehlo``,
     ``lhlo``, ``mail``, ``rcpt``, ``data``, ``bdat``, ``rset``, ``noop``, ``quit``, ``vrfy``,
     ``expn``, ``help``, ``starttls``, ``auth`` (and ``auth_command``), ``xclient``,
     ``xforward``, ``unhandled_command`` (any other verb) — and per moment:
@@ -302,9 +302,9 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     Attributes: ``id``, ``peer`` (the client, or the one a PROXY header or XCLIENT named),
     ``proxy`` (the PROXY header), ``xclient_attributes`` (what XCLIENT said), ``config``,
-    ``state``, ``helo_name``, ``esmtp``, ``tls`` (:class:`~alephsmtp.tls.TlsInfo` once TLS is
+    ``state``, ``helo_name``, ``esmtp``, ``tls`` ([`TlsInfo`][alephsmtp.tls.TlsInfo] once TLS is
     up), ``authenticated_as`` and ``auth_mechanism`` (after AUTH), ``envelope`` (the open
-    transaction's), ``log``; state of your own under a :class:`SessionKey`
+    transaction's), ``log``; state of your own under a [`SessionKey`][alephsmtp.session.SessionKey]
     (``session[key]``), or any attribute (``session.user = ...``).
     """
 
@@ -524,7 +524,8 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- the public surface ------------------------------------------------------------------
 
     def __getitem__(self, key: SessionKey[T]) -> T:
-        """Your state under ``key`` (a :class:`SessionKey`); ``KeyError`` when none was set."""
+        """Your state under ``key`` (a [`SessionKey`][alephsmtp.session.SessionKey]); ``KeyError``
+        when none was set."""
         if self._state is None:
             raise KeyError(key)
         return cast(T, self._state[key])
@@ -1298,8 +1299,9 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _keep(self, tx: Transaction, chunk: bytes) -> bool:
         """Keep a piece of the message, or stream it to ``message_chunk`` handlers.
 
-        Returns true when an async handler took it: reading pauses until it is done
-        (back-pressure), and the message goes on from :meth:`_after_chunk_handlers`.
+        Returns true when an async handler took it: reading pauses until it is done (back-pressure),
+        and the message goes on from
+        [`_after_chunk_handlers()`][alephsmtp.session.SmtpSession._after_chunk_handlers].
         """
         if tx.refusal is not None:
             return False
@@ -2167,7 +2169,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _failure(self, event: str, error: Exception, failure: Reply) -> object:
         """The answer to a handler that raised ``error``.
 
-        An :class:`~alephsmtp.errors.SmtpError` is the handler's own answer: its reply, 5xx
+        An [`SmtpError`][alephsmtp.errors.SmtpError] is the handler's own answer: its reply, 5xx
         included. Anything else is a fault on our side, logged with its traceback: a
         ``handler_error`` handler may choose the reply (or return an awaitable of it), else
         ``failure``, a temporary error (451 4.3.0) so the client retries: a fault is never a

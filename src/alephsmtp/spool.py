@@ -1,11 +1,11 @@
 """A message as it arrives: in memory while it is small, in a temporary file past a threshold.
 
-Postfix writes its queue file as the data comes; alephsmtp does the same past
-``spool_threshold`` bytes, so that a client sending a large message (or many clients sending
-large messages at once, or a message that is refused in the end) costs disk, not RAM. Handlers
-see the message through :class:`~alephsmtp.events.MessageReceivedEventArgs`: ``e.message``
-reads it whole (once, on first use), ``e.open()`` gives a binary file view that reads it in
-pieces, whichever way it was kept.
+Postfix writes its queue file as the data comes; alephsmtp does the same past ``spool_threshold``
+bytes, so that a client sending a large message (or many clients sending large messages at once, or
+a message that is refused in the end) costs disk, not RAM. Handlers see the message through
+[`MessageReceivedEventArgs`][alephsmtp.events.MessageReceivedEventArgs]: ``e.message`` reads it
+whole (once, on first use), ``e.open()`` gives a binary file view that reads it in pieces, whichever
+way it was kept.
 
 The temporary file has no name (``tempfile.TemporaryFile``): nothing is left behind when the
 process dies, and it is deleted once the last reference to the message (the envelope, the
@@ -28,9 +28,11 @@ class SpoolError(Exception):
 
 
 class MessageSpool:
-    """The bytes of one message: appended with :meth:`write`, read with :meth:`getvalue` or
-    :meth:`open`. Up to ``threshold`` bytes stay in memory; past it, everything goes to a
-    temporary file in ``directory`` (the system's temporary directory by default).
+    """The bytes of one message: appended with [`write()`][alephsmtp.spool.MessageSpool.write], read
+    with [`getvalue()`][alephsmtp.spool.MessageSpool.getvalue] or
+    [`open()`][alephsmtp.spool.MessageSpool.open]. Up to ``threshold`` bytes stay in memory; past
+    it, everything goes to a temporary file in ``directory`` (the system's temporary directory by
+    default).
 
     ``write`` raises ``OSError`` when the disk refuses (full, read-only): the session then
     answers the message with a temporary error and discards it.

@@ -12,8 +12,9 @@ For any test, with any client, synchronous or not::
         assert captured.message["Subject"] == "hi"
 
 And as a pytest plugin (``-p alephsmtp.testing``, or the installed entry point): the
-``smtp_server`` fixture is a started :class:`SmtpTestServer`, stopped after the test; the
-``smtp_server`` marker gives its options, and ``smtp_server_factory`` starts as many as needed::
+``smtp_server`` fixture is a started [`SmtpTestServer`][alephsmtp.testing.SmtpTestServer],
+stopped after the test; the ``smtp_server`` marker gives its options, and
+``smtp_server_factory`` starts as many as needed::
 
     @pytest.mark.smtp_server(tls=True, auth={"alice": "s3cret"}, max_message_size=1 << 20)
     def test_submission(smtp_server):
@@ -22,9 +23,9 @@ And as a pytest plugin (``-p alephsmtp.testing``, or the installed entry point):
             client.login("alice", "s3cret")
             ...
 
-The server runs the library's own :class:`~alephsmtp.server.SmtpServer` on an event loop of its
-own (an :class:`alephsmtp.Controller`, which adds the capture), so the code under test may be
-synchronous, or ``async`` on another loop.
+The server runs the library's own [`SmtpServer`][alephsmtp.server.SmtpServer] on an event loop of
+its own (an [`alephsmtp.Controller`][alephsmtp.controller.Controller], which adds the capture), so
+the code under test may be synchronous, or ``async`` on another loop.
 
 PYTEST_DONT_REWRITE: the plugin asserts nothing, and a test module may import this module before
 it names it in ``pytest_plugins``; this marker keeps pytest from warning that it cannot rewrite.
@@ -85,12 +86,12 @@ class CapturedMessage:
 
     @property
     def message_bytes(self) -> bytes:
-        """The raw message (the same as :attr:`data`)."""
+        """The raw message (the same as `data`)."""
         return self.data
 
     @property
     def message(self) -> EmailMessage:
-        """The message parsed by :mod:`email` with ``email.policy.default``."""
+        """The message parsed by `email` with ``email.policy.default``."""
         if self._message is None:
             # Two threads may parse at once; both get an equal result, so no lock.
             self._message = email.message_from_bytes(self.data, policy=email.policy.default)
@@ -105,11 +106,13 @@ class CapturedMessage:
 
 
 class SmtpTestServer:
-    """An :class:`~alephsmtp.server.SmtpServer` in a background thread with its own event loop.
+    """An [`SmtpServer`][alephsmtp.server.SmtpServer] in a background thread with its own event
+    loop.
 
     ``start()`` returns once it listens (on ``host``; ``port`` 0 lets the OS choose, see
-    :attr:`port`), ``stop()`` shuts it down gracefully and joins the thread; or use it as a
-    context manager. Every message the server accepts lands in :attr:`messages`.
+    [`port`][alephsmtp.testing.SmtpTestServer.port]), ``stop()`` shuts it down gracefully and joins
+    the thread; or use it as a context manager. Every message the server accepts lands in
+    `messages`.
 
     ``on_session(session)`` is called for every session, as with ``SmtpServer``, to add
     handlers of your own: refuse a recipient, answer a message with ``452``, look at EHLO.
@@ -118,7 +121,7 @@ class SmtpTestServer:
 
     TLS and AUTH: ``tls=True`` makes a certificate for ``localhost``, ``127.0.0.1`` and ``::1``
     signed by a test CA (with ``trustme``, in the ``testing`` extra) and offers STARTTLS;
-    :attr:`client_context` trusts it. Or give your own ``tls_context``. ``credentials``
+    `client_context` trusts it. Or give your own ``tls_context``. ``credentials``
     (``{"user": "password"}``) accepts those users on AUTH, after your own ``auth`` handlers
     had their say; without TLS it also sets ``auth_over_plaintext=True`` unless you gave it,
     as AUTH would never be offered otherwise. ``require_tls``, ``auth_mechanisms``,
@@ -179,7 +182,7 @@ class SmtpTestServer:
         options.setdefault("auth_failure_delay", 0.0)
         options.setdefault("max_auth_failures", 0)
         options.update({name: value for name, value in given.items() if value is not None})
-        #: Every message accepted since the start (or the last :meth:`clear`), in order. The
+        #: Every message accepted since the start (or the last ``clear()``), in order. The
         #: server thread appends; list operations are atomic, so reading it is safe.
         self.messages: list[CapturedMessage] = []
         self._arrived = threading.Condition()
@@ -200,7 +203,7 @@ class SmtpTestServer:
 
     @property
     def controller(self) -> Controller:
-        """The :class:`~alephsmtp.Controller` that runs the server."""
+        """The [`Controller`][alephsmtp.controller.Controller] that runs the server."""
         return self._controller
 
     @property
@@ -225,7 +228,8 @@ class SmtpTestServer:
 
     @property
     def is_running(self) -> bool:
-        """Between :meth:`start` and :meth:`stop`."""
+        """Between [`start()`][alephsmtp.testing.SmtpTestServer.start] and
+        [`stop()`][alephsmtp.testing.SmtpTestServer.stop]."""
         return self._controller.is_running
 
     def start(self) -> SmtpTestServer:
@@ -241,7 +245,8 @@ class SmtpTestServer:
     def stop(self) -> None:
         """Stop gracefully (idle clients get ``421 4.3.2``) and join the thread.
 
-        Safe to call when not running. Captured messages stay until :meth:`clear`.
+        Safe to call when not running. Captured messages stay until
+        [`clear()`][alephsmtp.testing.SmtpTestServer.clear].
         """
         self._controller.stop()
 
@@ -270,7 +275,7 @@ class SmtpTestServer:
     def wait_for_messages(self, count: int = 1, timeout: float = 5.0) -> list[CapturedMessage]:
         """Wait until at least ``count`` messages were captured; returns them all.
 
-        Raises :class:`TimeoutError` after ``timeout`` seconds. Not needed after a client's
+        Raises `TimeoutError` after ``timeout`` seconds. Not needed after a client's
         send returns: the message is captured before the client gets its ``250``.
         """
         with self._arrived:
@@ -395,7 +400,8 @@ if _HAVE_PYTEST:
     def smtp_server_factory() -> Iterator[Callable[..., SmtpTestServer]]:
         """Start test servers: ``smtp_server_factory(**options)``; all stop after the test.
 
-        The options are :class:`SmtpTestServer`'s keywords; ``auth`` is ``credentials``.
+        The options are [`SmtpTestServer`][alephsmtp.testing.SmtpTestServer]'s keywords; ``auth`` is
+        ``credentials``.
         """
         servers: list[SmtpTestServer] = []
 
@@ -415,7 +421,7 @@ if _HAVE_PYTEST:
     def smtp_server(
         request: pytest.FixtureRequest, smtp_server_factory: Callable[..., SmtpTestServer]
     ) -> SmtpTestServer:
-        """A started :class:`SmtpTestServer`, stopped after the test.
+        """A started [`SmtpTestServer`][alephsmtp.testing.SmtpTestServer], stopped after the test.
 
         Options come from the ``@pytest.mark.smtp_server(...)`` marker nearest the test, and
         from ``request.param`` (a dict, for ``indirect`` parametrization), which wins.

@@ -1,11 +1,12 @@
 """TLS on a connection: the server side of an upgrade (STARTTLS, RFC 3207; or after a PROXY
-protocol header, RFC 8314 implicit TLS), and :class:`TlsInfo`, what TLS a connection uses.
+protocol header, RFC 8314 implicit TLS), and [`TlsInfo`][alephsmtp.tls.TlsInfo], what TLS a
+connection uses.
 
-:func:`upgrade` is the one place the library starts TLS on an existing transport, for the
-session's STARTTLS and for the PROXY receiver. It owns the failure path: when the handshake
-fails (a reset, a close, silence past the timeout, garbage, a refused certificate) the
-connection is aborted and the error raised, and the caller, whose protocol never hears of it
-from asyncio (the TLS layer never called its ``connection_made``), does its own clean-up.
+[`upgrade()`][alephsmtp.tls.upgrade] is the one place the library starts TLS on an existing
+transport, for the session's STARTTLS and for the PROXY receiver. It owns the failure path: when the
+handshake fails (a reset, a close, silence past the timeout, garbage, a refused certificate) the
+connection is aborted and the error raised, and the caller, whose protocol never hears of it from
+asyncio (the TLS layer never called its ``connection_made``), does its own clean-up.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ async def upgrade(
     caller discards plaintext, RFC 3207 5 / CVE-2011-0411.)
 
     On any failure the connection is aborted and the error raised (one of
-    :data:`HANDSHAKE_ERRORS`, or ``CancelledError``).
+    [`HANDSHAKE_ERRORS`][alephsmtp.tls.HANDSHAKE_ERRORS], or ``CancelledError``).
     """
     loop = asyncio.get_running_loop()
     starting = loop.create_task(
@@ -168,14 +169,14 @@ class TlsAcceptor(asyncio.Protocol):
     """The first protocol of an implicit-TLS connection (RFC 8314, port 465 style).
 
     It waits for the client's first bytes (its ClientHello), then runs the handshake
-    (:func:`upgrade`) with them, all within ``handshake_timeout``, and hands the TLS transport
-    to the protocol ``make_protocol()`` builds (``set_protocol`` and ``connection_made``).
-    ``admit()``, asked when the connection arrives, may refuse it (the server is full: closed
-    at once, as nothing can be said before TLS). ``on_close(acceptor)`` is called exactly
-    once: when the connection is handed over, refused or gone. So a server counts a
+    ([`upgrade()`][alephsmtp.tls.upgrade]) with them, all within ``handshake_timeout``, and hands
+    the TLS transport to the protocol ``make_protocol()`` builds (``set_protocol`` and
+    ``connection_made``). ``admit()``, asked when the connection arrives, may refuse it (the server
+    is full: closed at once, as nothing can be said before TLS). ``on_close(acceptor)`` is called
+    exactly once: when the connection is handed over, refused or gone. So a server counts a
     connection from its accept to its end, handshake included. ``metrics`` (the server's
-    :class:`~alephsmtp.metrics.Metrics`) counts failed handshakes (``tls_failures``), those
-    that did not end in time also as ``timeouts["tls"]``.
+    [`Metrics`][alephsmtp.metrics.Metrics]) counts failed handshakes (``tls_failures``), those that
+    did not end in time also as ``timeouts["tls"]``.
 
     (The handshake starts from the first bytes, not from ``connection_made``: uvloop starts
     reading a new connection only after ``connection_made`` returns, so a handshake started

@@ -20,7 +20,8 @@ Spans (never an address, a subject or any other part of a message):
   ``smtp.reply.code`` (``smtp.reply.codes`` for LMTP's replies per recipient) and
   ``smtp.transaction.outcome``: ``accepted``, ``refused``, ``abandoned`` or ``closed``.
 
-To follow a message into your own services, start their spans from :func:`context_of`::
+To follow a message into your own services, start their spans from
+[`context_of()`][alephsmtp.tracing.context_of]::
 
     from opentelemetry import propagate, trace
     from alephsmtp.tracing import context_of
@@ -33,8 +34,9 @@ To follow a message into your own services, start their spans from :func:`contex
             propagate.inject(headers)  # traceparent for the HTTP call to the mail store
             ...
 
-The session calls the four methods of :class:`SessionTracer` at its four moments; each call
-is behind an ``if tracer is not None`` in the session, so an untraced server pays nothing.
+The session calls the four methods of [`SessionTracer`][alephsmtp.tracing.SessionTracer] at its four
+moments; each call is behind an ``if tracer is not None`` in the session, so an untraced server pays
+nothing.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ class SessionTracer:
 
 def tracer_for(tracing: bool | trace.TracerProvider | SessionTracer) -> SessionTracer:
     """What ``SmtpServer(tracing=...)`` takes: True (the global provider), a
-    ``TracerProvider``, or a :class:`SessionTracer`."""
+    ``TracerProvider``, or a [`SessionTracer`][alephsmtp.tracing.SessionTracer]."""
     if isinstance(tracing, SessionTracer):
         return tracing
     if tracing is True:

@@ -1,9 +1,9 @@
 """One mail transaction's state (RFC 5321 3.3): everything between an accepted MAIL and the
 reply to its message (or an RSET, a new EHLO, a TLS handshake, the connection's end).
 
-The session holds at most one :class:`Transaction`; starting a new one or dropping it is one
+The session holds at most one `Transaction`; starting a new one or dropping it is one
 assignment. The envelope is what handlers see; the rest is how the message is being read:
-which reader takes the bytes, where they go (a :class:`~alephsmtp.spool.MessageSpool`, or
+which reader takes the bytes, where they go (a [`MessageSpool`][alephsmtp.spool.MessageSpool], or
 ``message_chunk`` handlers), how much came, since when.
 """
 

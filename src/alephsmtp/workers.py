@@ -1,7 +1,8 @@
 """The worker supervisor: N forked processes serving one port, restarted when they die.
 
-``SmtpServer(..., workers=N).run(on_session)`` hands its serving to a :class:`WorkerSupervisor`,
-which can also run any other serving function::
+``SmtpServer(..., workers=N).run(on_session)`` hands its serving to a
+[`WorkerSupervisor`][alephsmtp.workers.WorkerSupervisor], which can also run any other serving
+function::
 
     WorkerSupervisor(max_failures=10).run(serve, 4, host="0.0.0.0", port=25)
 
@@ -14,11 +15,13 @@ are forked, not spawned: nothing is pickled, and the caller should have no other
 running.
 
 SIGINT or SIGTERM to the supervisor stops the workers (each gets SIGTERM and stops as
-``SmtpServer.stop()`` does) and :meth:`WorkerSupervisor.run` returns once all have exited.
-A worker that exits unasked (a crash, ``os._exit``, a signal) is restarted after a delay that
-doubles with each failure in a row; a worker that fails ``max_failures`` times in a row, each
-time within ``stable_after`` seconds of its start, is given up on, and when every worker has
-been, :meth:`WorkerSupervisor.run` raises :class:`WorkersFailed`.
+``SmtpServer.stop()`` does) and [`WorkerSupervisor.run()`][alephsmtp.workers.WorkerSupervisor.run]
+returns once all have exited. A worker that exits unasked (a crash, ``os._exit``, a signal) is
+restarted after a delay that doubles with each failure in a row; a worker that fails
+``max_failures`` times in a row, each time within ``stable_after`` seconds of its start, is given up
+on, and when every worker has been,
+[`WorkerSupervisor.run()`][alephsmtp.workers.WorkerSupervisor.run] raises
+[`WorkersFailed`][alephsmtp.workers.WorkersFailed].
 
 In a worker, every log record carries the worker's number as ``record.worker`` (1 to N)
 besides the process id every record has (``%(process)d``).
@@ -144,8 +147,8 @@ class WorkerSupervisor:
         ``on_exit(pid)``, in the supervisor, hears of every worker that has exited, for
         whatever reason (the Prometheus exporter drops its live gauges there).
 
-        Raises ``OSError`` when the address cannot be bound, :class:`WorkersFailed` when every
-        worker has been given up on.
+        Raises ``OSError`` when the address cannot be bound,
+        [`WorkersFailed`][alephsmtp.workers.WorkersFailed] when every worker has been given up on.
         """
         if workers < 1:
             raise ValueError("workers must be at least 1")

@@ -54,17 +54,17 @@ _R_DMARC_REJECT = "Message rejected per DMARC policy of {domain}"
 class MailAuth:
     """Sender authentication for the sessions it is attached to.
 
-    ``resolver`` answers the DNS questions (default: a :class:`DnsResolver` on the system's
-    name servers, shared by every session, so its cache is warm). ``methods`` chooses among
-    ``spf``, ``dkim``, ``arc`` and ``dmarc``. ``policy="annotate"`` (default) only records
-    and annotates; ``policy="enforce"`` also answers per DMARC: ``p=reject`` (after ``pct=``)
-    gets ``550 5.7.1``, a DMARC verdict that DNS trouble kept from being made gets
-    ``451 4.7.5`` — never a permanent refusal for a lookup error; ``p=quarantine`` is
-    accepted and left to the next handler (``envelope.auth_results.dmarc.disposition``).
-    ``authserv_id`` names this server in the header (default: the session's hostname).
-    ``timeout`` bounds each DNS lookup, ``spf_timeout`` a whole SPF evaluation.
-    ``header=False`` adds no ``Authentication-Results`` field; by default existing ones that
-    claim this ``authserv_id`` are removed first (RFC 8601 5: they are forged).
+    ``resolver`` answers the DNS questions (default: a
+    [`DnsResolver`][alephsmtp.mailauth.resolver.DnsResolver] on the system's name servers, shared by
+    every session, so its cache is warm). ``methods`` chooses among ``spf``, ``dkim``, ``arc`` and
+    ``dmarc``. ``policy="annotate"`` (default) only records and annotates; ``policy="enforce"`` also
+    answers per DMARC: ``p=reject`` (after ``pct=``) gets ``550 5.7.1``, a DMARC verdict that DNS
+    trouble kept from being made gets ``451 4.7.5`` — never a permanent refusal for a lookup error;
+    ``p=quarantine`` is accepted and left to the next handler
+    (``envelope.auth_results.dmarc.disposition``). ``authserv_id`` names this server in the header
+    (default: the session's hostname). ``timeout`` bounds each DNS lookup, ``spf_timeout`` a whole
+    SPF evaluation. ``header=False`` adds no ``Authentication-Results`` field; by default existing
+    ones that claim this ``authserv_id`` are removed first (RFC 8601 5: they are forged).
     """
 
     def __init__(
@@ -128,7 +128,8 @@ class MailAuth:
         return spf, spf_helo
 
     def verifier(self) -> MessageVerifier:
-        """A new DKIM/ARC verifier with this configuration, to :meth:`~MessageVerifier.feed`."""
+        """A new DKIM/ARC verifier with this configuration, to
+        [`feed()`][alephsmtp.mailauth.verifier.MessageVerifier.feed]."""
         return MessageVerifier(
             dkim="dkim" in self.methods or "dmarc" in self.methods,
             arc="arc" in self.methods,

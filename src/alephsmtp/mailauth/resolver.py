@@ -1,10 +1,12 @@
 """The resolver seam: every DNS question mail authentication asks goes through one method.
 
-:class:`Resolver` is the protocol — ``await resolver.lookup(name, rdtype)`` returns the records
-as text — so tests, and users with a cache of their own, can answer from anything.
-:class:`DnsResolver` is the real one (dnspython's asyncio resolver with a bounded LRU cache that
-keeps positive and negative answers for their TTL); :class:`StaticResolver` answers from a
-mapping and can be told to fail, for tests and for records a deployment pins.
+[`Resolver`][alephsmtp.mailauth.resolver.Resolver] is the protocol —
+``await resolver.lookup(name, rdtype)`` returns the records as text — so tests, and users with a
+cache of their own, can answer from anything.
+[`DnsResolver`][alephsmtp.mailauth.resolver.DnsResolver] is the real one (dnspython's asyncio
+resolver with a bounded LRU cache that keeps positive and negative answers for their TTL);
+[`StaticResolver`][alephsmtp.mailauth.resolver.StaticResolver] answers from a mapping and can be
+told to fail, for tests and for records a deployment pins.
 
 Answers, one string per record:
 
@@ -13,10 +15,10 @@ Answers, one string per record:
 - ``A`` / ``AAAA``: the address; ``PTR``: the name without the final dot;
 - ``MX``: ``"preference exchange"``.
 
-A name that does not exist (NXDOMAIN) and a name without records of the type (NODATA) both
-answer ``[]``: every caller treats them alike (a "void lookup", RFC 7208 4.6.4). A lookup that
-could not be answered (SERVFAIL, REFUSED, a timeout) raises :class:`DnsError`: a temporary
-failure, which the callers turn into ``temperror`` and never into a permanent verdict.
+A name that does not exist (NXDOMAIN) and a name without records of the type (NODATA) both answer
+``[]``: every caller treats them alike (a "void lookup", RFC 7208 4.6.4). A lookup that could not be
+answered (SERVFAIL, REFUSED, a timeout) raises [`DnsError`][alephsmtp.mailauth.resolver.DnsError]: a
+temporary failure, which the callers turn into ``temperror`` and never into a permanent verdict.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Resolver(Protocol):
 
     async def lookup(self, name: str, rdtype: str) -> list[str]:
         """The records of type ``rdtype`` (``TXT``, ``A``, ``AAAA``, ``MX``, ``PTR``) at
-        ``name``; ``[]`` when there are none; :class:`DnsError` when DNS could not say."""
+        ``name``; ``[]`` when there are none; [`DnsError`][alephsmtp.mailauth.resolver.DnsError]
+        when DNS could not say."""
         ...
 
 
@@ -120,9 +123,10 @@ def _render(rdtype: str, record: object) -> str:
 class StaticResolver:
     """Answers from a mapping ``{(name, rdtype): [record, ...]}``; absent means none.
 
-    ``failures`` is a set of ``(name, rdtype)`` that raise :class:`DnsError` (a SERVFAIL), and
-    ``delay`` seconds pass before each answer (to show timeouts). ``queries`` lists every
-    question asked, in order. Names match without case and without the final dot.
+    ``failures`` is a set of ``(name, rdtype)`` that raise
+    [`DnsError`][alephsmtp.mailauth.resolver.DnsError] (a SERVFAIL), and ``delay`` seconds pass
+    before each answer (to show timeouts). ``queries`` lists every question asked, in order. Names
+    match without case and without the final dot.
     """
 
     def __init__(

@@ -1,16 +1,18 @@
 """DKIM signing (RFC 6376 5) and ARC sealing (RFC 8617 5.1) of messages this server sends on.
 
-:class:`DkimSigner` signs with dkimpy. Use it as a ``message_received`` handler placed before
-:class:`~alephsmtp.handlers.Relay`: it prepends the signature to ``e.message`` and passes
-(returns ``None``), so the relay sends the signed message::
+[`DkimSigner`][alephsmtp.mailauth.signer.DkimSigner] signs with dkimpy. Use it as a
+``message_received`` handler placed before [`Relay`][alephsmtp.handlers.Relay]: it prepends
+the signature to ``e.message`` and passes (returns ``None``), so the relay sends the signed
+message::
 
     signer = DkimSigner("example.org", "mail", "/etc/dkim/mail.private")
     session.message_received += signer
     session.message_received += Relay("smarthost.example.org")
 
-or call :meth:`DkimSigner.sign` on the bytes yourself. With ``arc_seal=True`` it also adds an
-ARC set (RFC 8617) built from this server's own ``Authentication-Results`` (the
-:class:`~alephsmtp.mailauth.MailAuth` header with the same authserv-id), for forwarding.
+or call [`DkimSigner.sign()`][alephsmtp.mailauth.signer.DkimSigner.sign] on the bytes yourself. With
+``arc_seal=True`` it also adds an ARC set (RFC 8617) built from this server's own
+``Authentication-Results`` (the [`MailAuth`][alephsmtp.mailauth.handler.MailAuth] header with the
+same authserv-id), for forwarding.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """SPF (RFC 7208) with pyspf, asking its DNS questions through the resolver seam.
 
-pyspf evaluates a policy synchronously and calls its module's ``DNSLookup`` for every
-question. :func:`check_spf` runs that evaluation in a worker thread; while it runs, the
-thread's lookups are answered by the :class:`~.resolver.Resolver` on the event loop
-(``run_coroutine_threadsafe``), so the loop never blocks and the resolver (and its cache) is
-the same one DKIM and DMARC use. Other users of pyspf in the process are unaffected: without
-a resolver bound to the calling thread, pyspf's own lookup runs.
+pyspf evaluates a policy synchronously and calls its module's ``DNSLookup`` for every question.
+[`check_spf()`][alephsmtp.mailauth.spf_check.check_spf] runs that evaluation in a worker thread;
+while it runs, the thread's lookups are answered by the
+[`Resolver`][alephsmtp.mailauth.resolver.Resolver] on the event loop (``run_coroutine_threadsafe``),
+so the loop never blocks and the resolver (and its cache) is the same one DKIM and DMARC use. Other
+users of pyspf in the process are unaffected: without a resolver bound to the calling thread,
+pyspf's own lookup runs.
 
 pyspf enforces RFC 7208 4.6.4's limits (strict mode): ten lookups by ``include``, ``a``,
 ``mx``, ``ptr``, ``exists`` and ``redirect``; ten MX and PTR names; two void lookups; an

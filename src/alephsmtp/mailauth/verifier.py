@@ -1,12 +1,13 @@
 """DKIM (RFC 6376) and ARC (RFC 8617) verification of a message fed in pieces.
 
-:class:`MessageVerifier` keeps the header section (bounded) and hashes the body as it streams
-(:mod:`.bodyhash`), one hash per distinct (canonicalization, hash, ``l=``) the message's
-``DKIM-Signature`` and ``ARC-Message-Signature`` fields ask for. :meth:`MessageVerifier.verify`
-then looks up every key at once through the resolver (asynchronously, each with a timeout)
-and lets dkimpy do the rest — tag checks, header canonicalization and the signature itself —
-on the header section alone, with the body-hash comparison done against the streamed hashes.
-The crypto runs after all lookups, so no DNS answer is ever awaited with a half-done check.
+[`MessageVerifier`][alephsmtp.mailauth.verifier.MessageVerifier] keeps the header section (bounded)
+and hashes the body as it streams ([`bodyhash`][alephsmtp.mailauth.bodyhash]), one hash per distinct
+(canonicalization, hash, ``l=``) the message's ``DKIM-Signature`` and ``ARC-Message-Signature``
+fields ask for. [`MessageVerifier.verify()`][alephsmtp.mailauth.verifier.MessageVerifier.verify]
+then looks up every key at once through the resolver (asynchronously, each with a timeout) and lets
+dkimpy do the rest — tag checks, header canonicalization and the signature itself — on the header
+section alone, with the body-hash comparison done against the streamed hashes. The crypto runs after
+all lookups, so no DNS answer is ever awaited with a half-done check.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class MalformedHeader(ValueError):
 
 def parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
     """The header fields of a header section (CRLF lines), as dkimpy reads them; raises
-    :class:`MalformedHeader` for one it cannot read."""
+    [`MalformedHeader`][alephsmtp.mailauth.verifier.MalformedHeader] for one it cannot read."""
     try:
         headers, _ = dkim.rfc822_parse(block + b"\r\n")
     except (dkim.DKIMException, IndexError) as error:  # IndexError: a leading continuation
@@ -284,7 +285,8 @@ class MessageVerifier:
     ) -> tuple[list[DkimResult] | None, ArcResult | None]:
         """Look up the keys, then check every DKIM signature and the ARC chain.
 
-        Returns ``(dkim, arc)``, each ``None`` when not asked for. Call after :meth:`close`.
+        Returns ``(dkim, arc)``, each ``None`` when not asked for. Call after
+        [`close()`][alephsmtp.mailauth.verifier.MessageVerifier.close].
         """
         self.close()
         if self._head_too_large:

@@ -15,9 +15,10 @@ Postfix's ``smtpd_milters`` is::
 
     SmtpServer("0.0.0.0", 25).run(milters.wrap(on_session))
 
-Modules: :mod:`.protocol` (packets, sans-I/O), :mod:`.message` (header fields, edits),
-:mod:`.client` (one asyncio connection), :mod:`.chain` (the session wiring),
-:mod:`.report` (``envelope.milter``).
+Modules: [`protocol`][alephsmtp.milter.protocol] (packets, sans-I/O),
+[`message`][alephsmtp.milter.message] (header fields, edits), [`client`][alephsmtp.milter.client]
+(one asyncio connection), [`chain`][alephsmtp.milter.chain] (the session wiring),
+[`report`][alephsmtp.milter.report] (``envelope.milter``).
 """
 
 from .chain import DefaultAction, Milter, Milters, MilterSession

@@ -7,7 +7,7 @@ events, before the user's handlers (``Event.prepend``), so that a milter's verdi
 "continue" lets the next milter, then the user's handlers, decide. The message's header and body
 edits are applied before ``message_received``'s later handlers see it (``e.message``), the
 envelope edits to the envelope, and the whole story goes on ``envelope.milter``
-(:class:`.MilterReport`).
+([`MilterReport`][alephsmtp.milter.report.MilterReport]).
 
 The semantics follow Postfix's ``milter8.c`` and ``smtpd.c``, so that one milter behaves the
 same behind either MTA; where alephsmtp differs, docs/milter.md says so.
@@ -116,9 +116,9 @@ _R_FAILED = {"tempfail": R.MILTER_UNAVAILABLE, "reject": R.MILTER_UNAVAILABLE_RE
 @dataclass(frozen=True, slots=True)
 class Milter:
     """One milter: its socket (``inet:127.0.0.1:11332``, ``unix:/run/opendkim.sock``, ...) and,
-    if not the :class:`Milters` defaults, its own failure policy and time limits (Postfix's
-    per-milter ``{ inet:..., default_action = accept }``). ``name`` labels it in logs and in
-    ``envelope.milter`` (default: the endpoint)."""
+    if not the [`Milters`][alephsmtp.milter.chain.Milters] defaults, its own failure policy and time
+    limits (Postfix's per-milter ``{ inet:..., default_action = accept }``). ``name`` labels it in
+    logs and in ``envelope.milter`` (default: the endpoint)."""
 
     endpoint: str
     default_action: DefaultAction | None = None
@@ -453,7 +453,8 @@ class Milters:
 
 
 class MilterSession:
-    """The milters of one SMTP session (made by :meth:`Milters.attach`)."""
+    """The milters of one SMTP session (made by
+    [`Milters.attach()`][alephsmtp.milter.chain.Milters.attach])."""
 
     def __init__(self, milters: Milters, session: SmtpSession, *, start: bool = True) -> None:
         self.milters = milters
@@ -668,7 +669,8 @@ class MilterSession:
         edits: list[Modification] | None,
         progress: list[_Stage],
     ) -> tuple[str, Reply | None]:
-        """:meth:`_batch` without the failure policy: a failure raises."""
+        """[`_batch()`][alephsmtp.milter.chain.MilterSession._batch] without the failure policy: a
+        failure raises."""
         connection = link.connection
         plan = link.plan
         assert connection is not None and plan is not None

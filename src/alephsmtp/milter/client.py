@@ -1,10 +1,11 @@
 """The MTA side of one milter connection, on asyncio: connect, send packets, read responses.
 
-One :class:`MilterConnection` per SMTP session per milter, as Postfix does (libmilter closes
-its socket when the SMTP client goes, so a connection serves one session). The connection only
-moves packets and enforces time limits; what they mean is :mod:`.chain`'s business. Every
-failure — refused or slow connection, a filter that stops answering, closes, or sends bytes
-that break the protocol — is a :class:`MilterError`.
+One [`MilterConnection`][alephsmtp.milter.client.MilterConnection] per SMTP session per milter, as
+Postfix does (libmilter closes its socket when the SMTP client goes, so a connection serves one
+session). The connection only moves packets and enforces time limits; what they mean is
+[`chain`][alephsmtp.milter.chain]'s business. Every failure — refused or slow connection, a filter
+that stops answering, closes, or sends bytes that break the protocol — is a
+[`MilterError`][alephsmtp.milter.client.MilterError].
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ class Endpoint:
 
 
 class MilterConnection(asyncio.Protocol):
-    """A connected milter socket: :meth:`send` packets, await :meth:`response`.
+    """A connected milter socket: [`send()`][alephsmtp.milter.client.MilterConnection.send] packets,
+    await [`response()`][alephsmtp.milter.client.MilterConnection.response].
 
-    Responses are decoded as they arrive and queued; a protocol violation or the connection's
-    end is kept and raised by the next :meth:`response`. Writing honours flow control through
-    :meth:`drain` (a filter that reads slowly slows a streamed message down).
+    Responses are decoded as they arrive and queued; a protocol violation or the connection's end is
+    kept and raised by the next [`response()`][alephsmtp.milter.client.MilterConnection.response].
+    Writing honours flow control through [`drain()`][alephsmtp.milter.client.MilterConnection.drain]
+    (a filter that reads slowly slows a streamed message down).
     """
 
     __slots__ = (
@@ -131,7 +134,8 @@ class MilterConnection(asyncio.Protocol):
 
     @classmethod
     async def open(cls, endpoint: Endpoint, timeout: float) -> MilterConnection:
-        """Connect to ``endpoint`` within ``timeout`` seconds; :class:`MilterUnavailable`."""
+        """Connect to ``endpoint`` within ``timeout`` seconds;
+        [`MilterUnavailable`][alephsmtp.milter.client.MilterUnavailable]."""
         loop = asyncio.get_running_loop()
         connection = cls(endpoint, loop)
         try:
@@ -219,7 +223,8 @@ class MilterConnection(asyncio.Protocol):
             self._drain_waiter = None
 
     async def response(self, timeout: float, expected: int = 1) -> Response:
-        """The next response; :class:`MilterTimeout` after ``timeout`` seconds without one.
+        """The next response; [`MilterTimeout`][alephsmtp.milter.client.MilterTimeout] after
+        ``timeout`` seconds without one.
 
         ``expected``: how many plain "continue" answers are due (a batch of events): the
         reader is woken once they are all in, or at the first other answer, not per packet.

@@ -1,9 +1,10 @@
 """A message as milters see it and edit it: header fields, end of header, body, and edits.
 
-No I/O. :class:`HeaderScanner` splits a message (whole, or streamed piece by piece) into header
-fields and body the way Postfix's cleanup does before it shows them to a milter; :func:`apply`
-turns the filters' end-of-message edits into the new message bytes, with Postfix's (and
-Sendmail's) rules for header indexes, folding and body line ends.
+No I/O. [`HeaderScanner`][alephsmtp.milter.message.HeaderScanner] splits a message (whole, or
+streamed piece by piece) into header fields and body the way Postfix's cleanup does before it shows
+them to a milter; [`apply()`][alephsmtp.milter.message.apply] turns the filters' end-of-message
+edits into the new message bytes, with Postfix's (and Sendmail's) rules for header indexes, folding
+and body line ends.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class HeaderScanner:
     """Splits a message into header fields and body, fed whole or in pieces.
 
     ``feed(data)`` returns the header fields that ``data`` completed and the body bytes that
-    followed the header section; ``finish()`` ends the message. :attr:`in_header` says whether
+    followed the header section; ``finish()`` ends the message. `in_header` says whether
     the section is still open. It ends at an empty line (which belongs to neither side) or at
     the first line that is neither a field nor a continuation (that line starts the body, as in
     Postfix's cleanup). Lines end at LF; a CR before it stays in the raw bytes. A section
@@ -172,8 +173,9 @@ _FIELD_LINES = re.compile(rb"([!-9;-~]+)[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*")
 def split_message(message: bytes) -> tuple[list[HeaderField], bool, bytes]:
     """A whole message: its header fields, whether an empty line ended them, and the body.
 
-    The same split as :class:`HeaderScanner` fed the whole message (a test holds them
-    equal), one regular-expression match per field instead of a step per line.
+    The same split as [`HeaderScanner`][alephsmtp.milter.message.HeaderScanner] fed the whole
+    message (a test holds them equal), one regular-expression match per field instead of a step per
+    line.
     """
     fields: list[HeaderField] = []
     position = 0

@@ -6,11 +6,11 @@ byte order (counting the command byte and the data), a command byte, and the dat
 
     uint32 len | char cmd | data[len - 1]
 
-Strings in the data end with NUL; numbers are 32-bit (16-bit for the port of ``SMFIC_CONNECT``)
-in network byte order. The MTA sends ``SMFIC_*`` commands, the filter answers with ``SMFIR_*``
-responses. This module encodes both directions and decodes both directions (the filter side
-serves the tests' fake milters), checks the option negotiation, and leaves sockets, timeouts
-and the meaning of a verdict to :mod:`.client` and :mod:`.chain`.
+Strings in the data end with NUL; numbers are 32-bit (16-bit for the port of ``SMFIC_CONNECT``) in
+network byte order. The MTA sends ``SMFIC_*`` commands, the filter answers with ``SMFIR_*``
+responses. This module encodes both directions and decodes both directions (the filter side serves
+the tests' fake milters), checks the option negotiation, and leaves sockets, timeouts and the
+meaning of a verdict to [`client`][alephsmtp.milter.client] and [`chain`][alephsmtp.milter.chain].
 """
 
 from __future__ import annotations
@@ -360,7 +360,7 @@ def encode_end_of_headers() -> bytes:
 
 
 def encode_body(chunk: bytes | bytearray | memoryview) -> bytes:
-    """``SMFIC_BODY``: raw body bytes, CRLF line ends, at most :data:`MAX_BODY_CHUNK`."""
+    """``SMFIC_BODY``: raw body bytes, CRLF line ends, at most `MAX_BODY_CHUNK`."""
     if len(chunk) > MAX_BODY_CHUNK:
         raise ValueError(f"a body chunk holds at most {MAX_BODY_CHUNK} bytes")
     return packet(SMFIC_BODY, bytes(chunk))
@@ -575,8 +575,9 @@ _SIMPLE: dict[bytes, Response] = {
 
 
 def decode_response(command: bytes, data: bytes) -> Response:
-    """A filter's packet (command byte and data) as a :class:`Response`; ``ProtocolError``
-    for an unknown command or data that does not fit it."""
+    """A filter's packet (command byte and data) as a
+    [`Response`][alephsmtp.milter.protocol.Response]; ``ProtocolError`` for an unknown command or
+    data that does not fit it."""
     simple = _SIMPLE.get(command)
     if simple is not None:
         _no_data(data, f"response {command!r}")
@@ -704,7 +705,8 @@ class Command:
 
 
 def decode_command(command: bytes, data: bytes) -> Command:
-    """An MTA packet as a :class:`Command`; ``ProtocolError`` when it does not fit."""
+    """An MTA packet as a [`Command`][alephsmtp.milter.protocol.Command]; ``ProtocolError`` when it
+    does not fit."""
     if command == SMFIC_OPTNEG:
         if len(data) != 12:
             raise ProtocolError("SMFIC_OPTNEG: 12 bytes expected")
@@ -747,8 +749,9 @@ def decode_command(command: bytes, data: bytes) -> Command:
 
 class PacketDecoder:
     """Splits a byte stream into packets: ``feed(data)`` returns the complete ones as
-    ``(command, data)`` pairs and keeps the rest. A length of zero or above ``max_packet``
-    raises :class:`ProtocolError` (the stream cannot be resynchronised after that)."""
+    ``(command, data)`` pairs and keeps the rest. A length of zero or above ``max_packet`` raises
+    [`ProtocolError`][alephsmtp.milter.protocol.ProtocolError] (the stream cannot be resynchronised
+    after that)."""
 
     __slots__ = ("_buffer", "max_packet")
 

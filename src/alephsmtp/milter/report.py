@@ -1,4 +1,5 @@
-"""What the milters did to one message: ``envelope.milter``, a :class:`MilterReport`."""
+"""What the milters did to one message: ``envelope.milter``, a
+[`MilterReport`][alephsmtp.milter.report.MilterReport]."""
 
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ class MilterVerdict:
 @dataclass(frozen=True, slots=True)
 class MilterEdit:
     """A modification one milter asked for at the end of the message (``modification`` is one
-    of :mod:`alephsmtp.milter.protocol`'s :class:`~alephsmtp.milter.protocol.Modification`
-    classes). ``leading_space`` is the milter's ``SMFIP_HDR_LEADSPC``: its header values keep
-    their own leading blank."""
+    of [`alephsmtp.milter.protocol`][alephsmtp.milter.protocol]'s
+    [`Modification`][alephsmtp.milter.protocol.Modification] classes). ``leading_space`` is the
+    milter's ``SMFIP_HDR_LEADSPC``: its header values keep their own leading blank."""
 
     milter: str
     modification: Modification
@@ -57,9 +58,9 @@ class MilterReport:
 
     ``applied`` is true when the header and body edits are already in the message handed to
     ``message_received`` (``e.message``); for a streamed message it is false, and
-    :meth:`apply` makes the edited message from the bytes you stored. Envelope edits (sender,
-    recipients) are always applied to the envelope. ``discarded``: a milter said DISCARD; the
-    client was told 250 and no handler after the milters saw the message.
+    [`apply()`][alephsmtp.milter.message.apply] makes the edited message from the bytes you stored.
+    Envelope edits (sender, recipients) are always applied to the envelope. ``discarded``: a milter
+    said DISCARD; the client was told 250 and no handler after the milters saw the message.
     """
 
     queue_id: str

@@ -14,9 +14,11 @@
     controller = Controller(Handler())
     controller.start()
 
-The submodules mirror aiosmtpd's: :mod:`.controller`, :mod:`.smtp`, :mod:`.handlers`,
-:mod:`.lmtp`, :mod:`.proxy_protocol`. What differs from aiosmtpd, and why, is listed in
-``docs/aiosmtpd.md``.
+The submodules mirror aiosmtpd's: [`controller`][alephsmtp.compat.aiosmtpd.controller],
+[`smtp`][alephsmtp.compat.aiosmtpd.smtp], [`handlers`][alephsmtp.compat.aiosmtpd.handlers],
+[`lmtp`][alephsmtp.compat.aiosmtpd.lmtp],
+[`proxy_protocol`][alephsmtp.compat.aiosmtpd.proxy_protocol]. What differs from aiosmtpd, and why,
+is listed in ``docs/aiosmtpd.md``.
 """
 
 from alephsmtp import __version__ as _alephsmtp_version

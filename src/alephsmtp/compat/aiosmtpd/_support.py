@@ -21,8 +21,8 @@ _VERBATIM_MAX_LENGTH = 512
 
 def verbatim_reply(status: str | bytes) -> Reply:
     """The reply an aiosmtpd hook returned (``"250 OK"``, ``"550 5.1.1 No such user"``), as a
-    :class:`Reply` that is written exactly as given: the enhanced code, if the author wrote
-    one, stays part of the text and none is added.
+    [`Reply`][alephsmtp.replies.Reply] that is written exactly as given: the enhanced code, if the
+    author wrote one, stays part of the text and none is added.
 
     Each line must start with the same code, and only the last may be a final line (RFC 5321
     4.2.1), so a hook cannot smuggle a second reply; ``ValueError`` otherwise. A last line

@@ -1,15 +1,19 @@
 """``aiosmtpd.controller`` on alephsmtp: start and stop a server around an aiosmtpd handler.
 
-:class:`Controller` runs an :class:`~alephsmtp.SmtpServer` on an event loop in a thread of its
-own (``start()`` returns once it listens, ``stop()`` stops it gracefully: idle sessions are
-told ``421`` and closed, a transaction in progress gets :attr:`BaseController.stop_grace`
-seconds); :class:`UnthreadedController` leaves the loop to you (``begin()`` / ``end()``).
-The Unix-socket variants serve the same handlers on a socket file (``SmtpServer(path=...)``).
-Every controller is also a context manager (``with Controller(handler) as controller: ...``).
+[`Controller`][alephsmtp.compat.aiosmtpd.controller.Controller] runs an
+[`SmtpServer`][alephsmtp.server.SmtpServer] on an event loop in a thread of its own (``start()``
+returns once it listens, ``stop()`` stops it gracefully: idle sessions are told ``421`` and closed,
+a transaction in progress gets
+[`BaseController.stop_grace`][alephsmtp.compat.aiosmtpd.controller.BaseController.stop_grace]
+seconds); [`UnthreadedController`][alephsmtp.compat.aiosmtpd.controller.UnthreadedController] leaves
+the loop to you (``begin()`` / ``end()``). The Unix-socket variants serve the same handlers on a
+socket file (``SmtpServer(path=...)``). Every controller is also a context manager
+(``with Controller(handler) as controller: ...``).
 
-Each connection gets a fresh :class:`~alephsmtp.compat.aiosmtpd.smtp.SMTP` from
-:meth:`BaseController.factory`, as in aiosmtpd, so a subclass that overrides ``factory`` (an
-LMTP server, an ``SMTP`` subclass with commands of its own) works unchanged.
+Each connection gets a fresh [`SMTP`][alephsmtp.compat.aiosmtpd.smtp.SMTP] from
+[`BaseController.factory()`][alephsmtp.compat.aiosmtpd.controller.BaseController.factory], as in
+aiosmtpd, so a subclass that overrides ``factory`` (an LMTP server, an ``SMTP`` subclass with
+commands of its own) works unchanged.
 """
 
 from __future__ import annotations
@@ -136,7 +140,8 @@ class BaseController(metaclass=ABCMeta):
 
     async def _start_server(self, **where: Any) -> SmtpServer:
         """An alephsmtp server at ``where`` (host and port, or path) for this controller's
-        ``SMTP`` objects: one per connection, from :meth:`factory`."""
+        ``SMTP`` objects: one per connection, from
+        [`factory()`][alephsmtp.compat.aiosmtpd.controller.BaseController.factory]."""
         template = self._factory_invoker()  # a factory that fails, fails here
         proxy_timeout = template._proxy_timeout
         server = SmtpServer(
@@ -162,7 +167,8 @@ class BaseController(metaclass=ABCMeta):
         return smtp.attach(session)
 
     async def _close_server(self) -> None:
-        """Stop listening and end the sessions (gracefully, within :attr:`stop_grace`)."""
+        """Stop listening and end the sessions (gracefully, within
+        [`stop_grace`][alephsmtp.compat.aiosmtpd.controller.BaseController.stop_grace])."""
         server = self.server
         if isinstance(server, SmtpServer):
             await server.stop(self.stop_grace)
@@ -310,7 +316,8 @@ class BaseUnthreadedController(BaseController, metaclass=ABCMeta):
         self.ended.set()
 
     def end(self) -> None:
-        """:meth:`finalize` as a task when the loop runs, else run to completion now."""
+        """[`finalize()`][alephsmtp.compat.aiosmtpd.controller.BaseUnthreadedController.finalize] as
+        a task when the loop runs, else run to completion now."""
         self.ended.clear()
         if self.loop.is_running():
             task = self.loop.create_task(self.finalize())
@@ -337,7 +344,7 @@ _TASKS: set[asyncio.Task[None]] = set()
 
 class InetMixin(BaseController, metaclass=ABCMeta):
     """Listen on ``hostname``:``port`` (``None``: ``::1`` or ``127.0.0.1``; ``""``: every
-    interface; port 0: the OS picks one, and :attr:`port` tells which)."""
+    interface; port 0: the OS picks one, and `port` tells which)."""
 
     def __init__(
         self,

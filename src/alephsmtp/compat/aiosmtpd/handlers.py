@@ -145,8 +145,8 @@ class Sink:
 
 
 class MessageBase(metaclass=ABCMeta):
-    """Turn each message into an :class:`email.message.Message` (``message_class``) with
-    ``X-Peer``, ``X-MailFrom`` and ``X-RcptTo`` headers, for :meth:`handle_message`."""
+    """Turn each message into an `email.message.Message` (``message_class``) with
+    ``X-Peer``, ``X-MailFrom`` and ``X-RcptTo`` headers, for `handle_message()`."""
 
     def __init__(self, message_class: type[EmailMessage] | None = None) -> None:
         self.message_class = message_class
@@ -215,7 +215,7 @@ class AsyncMessage(MessageBase, metaclass=ABCMeta):
 
 
 class Mailbox(Message):
-    """Store every message in the Maildir ``mail_dir`` (stdlib :class:`mailbox.Maildir`)."""
+    """Store every message in the Maildir ``mail_dir`` (stdlib `mailbox.Maildir`)."""
 
     def __init__(
         self, mail_dir: str | os.PathLike[str], message_class: type[EmailMessage] | None = None

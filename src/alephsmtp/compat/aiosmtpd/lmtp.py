@@ -1,5 +1,6 @@
-"""``aiosmtpd.lmtp``: :class:`LMTP`, an :class:`~alephsmtp.compat.aiosmtpd.smtp.SMTP` that
-speaks LMTP (RFC 2033): ``LHLO`` instead of HELO/EHLO, which are refused.
+"""``aiosmtpd.lmtp``: [`LMTP`][alephsmtp.compat.aiosmtpd.lmtp.LMTP], an
+[`SMTP`][alephsmtp.compat.aiosmtpd.smtp.SMTP] that speaks LMTP (RFC 2033): ``LHLO`` instead of
+HELO/EHLO, which are refused.
 
 After the message alephsmtp gives one reply per accepted recipient, as RFC 2033 4.2 requires
 (aiosmtpd sends one reply in all, and an LMTP client then waits for the rest); the handler's

@@ -1,8 +1,10 @@
-"""``aiosmtpd.proxy_protocol``: what ``handle_PROXY`` receives, :class:`ProxyData`.
+"""``aiosmtpd.proxy_protocol``: what ``handle_PROXY`` receives,
+[`ProxyData`][alephsmtp.compat.aiosmtpd.proxy_protocol.ProxyData].
 
-The header itself is read by alephsmtp (:mod:`alephsmtp.proxy`, versions 1 and 2, TLVs and
-CRC32C checked); :func:`proxy_data` gives its result the shape aiosmtpd hooks expect. The
-enumerations are those of HAProxy's specification ("The PROXY protocol", section 2.2).
+The header itself is read by alephsmtp ([`alephsmtp.proxy`][alephsmtp.proxy], versions 1 and 2, TLVs
+and CRC32C checked); [`proxy_data()`][alephsmtp.compat.aiosmtpd.proxy_protocol.proxy_data] gives its
+result the shape aiosmtpd hooks expect. The enumerations are those of HAProxy's specification ("The
+PROXY protocol", section 2.2).
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ class ProxyTLV(dict[str, Any]):
 
     @classmethod
     def from_raw(cls, raw: bytes | bytearray, strict: bool = False) -> ProxyTLV | None:
-        """The TLVs of ``raw``; ``None`` for no bytes; raises :class:`MalformedTLV`."""
+        """The TLVs of ``raw``; ``None`` for no bytes; raises
+        [`MalformedTLV`][alephsmtp.compat.aiosmtpd.proxy_protocol.MalformedTLV]."""
         if not raw:
             return None
         found, where = cls.parse(raw, partial_ok=False, strict=strict)
@@ -172,10 +175,10 @@ EndpointAddress = ipaddress.IPv4Address | ipaddress.IPv6Address | str | bytes
 class ProxyData:
     """A parsed PROXY header, as aiosmtpd's ``handle_PROXY`` hook receives it.
 
-    ``src_addr``/``dst_addr`` are :mod:`ipaddress` objects (a path for AF_UNIX); ``rest`` is
-    what followed the addresses (version 2: the raw TLVs, which :attr:`tlv` decodes).
-    ``whole_raw`` stays empty: alephsmtp checks the header (CRC32C included) and keeps its
-    fields, not its bytes.
+    ``src_addr``/``dst_addr`` are `ipaddress` objects (a path for AF_UNIX); ``rest`` is what
+    followed the addresses (version 2: the raw TLVs, which
+    [`tlv`][alephsmtp.compat.aiosmtpd.proxy_protocol.ProxyData.tlv] decodes). ``whole_raw`` stays
+    empty: alephsmtp checks the header (CRC32C included) and keeps its fields, not its bytes.
     """
 
     version: int | None = field(kw_only=True)

@@ -1,16 +1,19 @@
-"""``aiosmtpd.smtp`` on alephsmtp: :class:`SMTP`, :class:`Session`, :class:`Envelope` and the
-AUTH types, with aiosmtpd 1.4's signatures and semantics.
+"""``aiosmtpd.smtp`` on alephsmtp: [`SMTP`][alephsmtp.compat.aiosmtpd.smtp.SMTP],
+[`Session`][alephsmtp.compat.aiosmtpd.smtp.Session],
+[`Envelope`][alephsmtp.compat.aiosmtpd.smtp.Envelope] and the AUTH types, with aiosmtpd 1.4's
+signatures and semantics.
 
-An :class:`SMTP` object is the adapter between one alephsmtp session and an aiosmtpd handler:
-:meth:`SMTP.attach` (the ``on_session`` of an :class:`~alephsmtp.SmtpServer`) builds the
-aiosmtpd ``Session`` and ``Envelope`` and connects the session's events to the handler's
-``handle_XXX`` hooks, turning the strings they return into replies. alephsmtp reads and checks
-the bytes, keeps the command order, the limits and the timeouts; the hooks decide what aiosmtpd
-lets them decide. An ``SMTP`` object is also an asyncio protocol factory's product, as in
-aiosmtpd: ``loop.create_server(lambda: SMTP(handler), host, port)`` serves the same way, each
-connection handed to a session of an alephsmtp server kept per event loop and configuration
-(:meth:`SmtpServer.protocol_factory <alephsmtp.SmtpServer.protocol_factory>`), so that such
-connections share its buffer pools, replies as written, metrics and connection limits.
+An [`SMTP`][alephsmtp.compat.aiosmtpd.smtp.SMTP] object is the adapter between one alephsmtp session
+and an aiosmtpd handler: [`SMTP.attach()`][alephsmtp.compat.aiosmtpd.smtp.SMTP.attach] (the
+``on_session`` of an [`SmtpServer`][alephsmtp.server.SmtpServer]) builds the aiosmtpd ``Session``
+and ``Envelope`` and connects the session's events to the handler's ``handle_XXX`` hooks, turning
+the strings they return into replies. alephsmtp reads and checks the bytes, keeps the command order,
+the limits and the timeouts; the hooks decide what aiosmtpd lets them decide. An ``SMTP`` object is
+also an asyncio protocol factory's product, as in aiosmtpd:
+``loop.create_server(lambda: SMTP(handler), host, port)`` serves the same way, each connection
+handed to a session of an alephsmtp server kept per event loop and configuration
+(`SmtpServer.protocol_factory <alephsmtp.SmtpServer.protocol_factory>()`), so that such connections
+share its buffer pools, replies as written, metrics and connection limits.
 
 Events the handler has no hook for are not even connected (a session with no handler for an
 event costs nothing for it); the envelope a hook sees is filled from alephsmtp's own envelope
@@ -224,7 +227,8 @@ def sanitize(text: bytes) -> bytes:
 
 
 def sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
-    """Log with every ``bytes`` argument passed through :func:`sanitize`."""
+    """Log with every ``bytes`` argument passed through
+    [`sanitize()`][alephsmtp.compat.aiosmtpd.smtp.sanitize]."""
     func(msg, *(sanitize(a) if isinstance(a, bytes) else a for a in args), **kwargs)
 
 
@@ -520,17 +524,18 @@ class SMTP(asyncio.BufferedProtocol):
     """aiosmtpd's ``SMTP``: the handler and the parameters of one connection.
 
     The keyword parameters are aiosmtpd 1.4's. They become the alephsmtp
-    :class:`~alephsmtp.SessionConfig` (size, TLS, AUTH, timeouts) or are applied by this
-    adapter (``ident``, ``decode_data``, ``auth_required`` for HELP/VRFY, ``command_call_limit``,
-    ``require_starttls`` for the commands alephsmtp does not gate itself).
+    [`SessionConfig`][alephsmtp.config.SessionConfig] (size, TLS, AUTH, timeouts) or are applied by
+    this adapter (``ident``, ``decode_data``, ``auth_required`` for HELP/VRFY,
+    ``command_call_limit``, ``require_starttls`` for the commands alephsmtp does not gate itself).
 
-    AUTH: with no AUTH hooks of the program's own, alephsmtp's session runs LOGIN and PLAIN
-    and the ``authenticator`` (or ``auth_callback``) judges the credentials. A ``handle_AUTH``
-    hook, ``auth_XXX`` methods on the handler or on a subclass (or a subclass that changes
-    ``challenge_auth``, ``_authenticate`` or LOGIN's prompts) make the whole AUTH command run
-    as aiosmtpd runs it, in :meth:`_on_auth_command`: the hook, then the mechanism's method
-    (aiosmtpd's own :meth:`auth_LOGIN` and :meth:`auth_PLAIN` included), which talks to the
-    client through :meth:`challenge_auth`.
+    AUTH: with no AUTH hooks of the program's own, alephsmtp's session runs LOGIN and PLAIN and the
+    ``authenticator`` (or ``auth_callback``) judges the credentials. A ``handle_AUTH`` hook,
+    ``auth_XXX`` methods on the handler or on a subclass (or a subclass that changes
+    ``challenge_auth``, ``_authenticate`` or LOGIN's prompts) make the whole AUTH command run as
+    aiosmtpd runs it, in `_on_auth_command()`: the hook, then the mechanism's method (aiosmtpd's own
+    [`auth_LOGIN()`][alephsmtp.compat.aiosmtpd.smtp.SMTP.auth_LOGIN] and
+    [`auth_PLAIN()`][alephsmtp.compat.aiosmtpd.smtp.SMTP.auth_PLAIN] included), which talks to the
+    client through [`challenge_auth()`][alephsmtp.compat.aiosmtpd.smtp.SMTP.challenge_auth].
 
     Not served (``NotImplementedError`` when the object is made): subclasses that replace a
     built-in ``smtp_XXX`` command (adding new commands works).
@@ -738,8 +743,8 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> Any:
         """The verdict on credentials a mechanism gathered: the ``authenticator``'s (an
-        :class:`AuthResult`, or an awaitable of one), else the ``auth_callback``'s, as an
-        :class:`AuthResult`."""
+        [`AuthResult`][alephsmtp.compat.aiosmtpd.smtp.AuthResult], or an awaitable of one), else the
+        ``auth_callback``'s, as an [`AuthResult`][alephsmtp.compat.aiosmtpd.smtp.AuthResult]."""
         if self._authenticator is not None:
             assert self.session is not None and self.envelope is not None
             return self._authenticator(self, self.session, self.envelope, mechanism, auth_data)
@@ -751,7 +756,7 @@ class SMTP(asyncio.BufferedProtocol):
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> Any:
         """RFC 4616: ``[authzid] NUL authcid NUL passwd``, in the AUTH command or after an
-        empty challenge; judged by :meth:`_authenticate`."""
+        empty challenge; judged by `_authenticate()`."""
         if len(args) == 1:
             response = await self.challenge_auth("")
             if response is MISSING:
@@ -772,8 +777,8 @@ class SMTP(asyncio.BufferedProtocol):
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> Any:
         """draft-murchison-sasl-login: the user name (in the AUTH command, or asked with
-        :attr:`AuthLoginUsernameChallenge`), then the password; judged by
-        :meth:`_authenticate`."""
+        `AuthLoginUsernameChallenge`), then the password; judged by
+        `_authenticate()`."""
         if len(args) == 1:
             login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
             if login is MISSING:
