@@ -31,7 +31,7 @@ ROUNDS = 20
 # scenario: (what the client sends per round, as reads), budget (compiled core, pure twin)
 SCENARIOS: dict[str, tuple[list[bytes], int, int]] = {
     # A 1 KiB message on a persistent session: the envelope in one read, the body in another.
-    "message": ([ENVELOPE, BODY + b".\r\n"], 32, 64),
+    "message": ([ENVELOPE, BODY + b".\r\n"], 31, 64),
     "noop": ([b"NOOP\r\n"], 7, 15),
     "mail-rset": ([b"MAIL FROM:<a@example.org>\r\n", b"RSET\r\n"], 20, 38),
     "ehlo": ([b"EHLO client.example\r\n"], 14, 22),

@@ -219,24 +219,32 @@ def test_a_failing_xclient_handler_is_a_temporary_error() -> None:
         assert (code, text[:5]) == (451, b"4.3.0"), text
 
 
-def test_the_connection_counts_against_the_proxy_not_the_client() -> None:
-    """A per-address limit counts the host that connected: the count it took is given back
-    when the session ends, whatever client XCLIENT named since."""
+def test_the_connection_counts_against_the_client_xclient_names() -> None:
+    """Per-address limits see the real client: after XCLIENT the connection counts against
+    the address named (the proxy's count is given back), and a client at its limit is
+    refused, whichever proxy connection it comes through."""
     with SmtpTestServer(
         xclient_networks=LOOPBACK, max_connections_per_ip=1, connection_limit_exempt=()
     ) as server:
-        for _ in range(3):
-            with connect(server) as client:
-                assert client.docmd("XCLIENT", "ADDR=192.0.2.9")[0] == 220
-                client.ehlo("c.example")
-                # A second connection from the proxy is over the limit while this one is open.
-                with pytest.raises(smtplib.SMTPConnectError) as refused:
-                    smtplib.SMTP(server.connect_host, server.port, timeout=10)
-                assert refused.value.smtp_code == 421
-            deadline = time.monotonic() + 10
-            while server.server.open_connections and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert server.server.open_connections == 0
+        with connect(server) as first:
+            assert first.docmd("XCLIENT", "ADDR=192.0.2.9")[0] == 220
+            # The proxy's own count is free again: a second connection from it is admitted...
+            with connect(server) as second:
+                # ...but not for a client already at its limit.
+                assert second.docmd("XCLIENT", "ADDR=192.0.2.9") == (
+                    421,
+                    b"4.7.0 Too many connections from your address",
+                )
+                with pytest.raises(smtplib.SMTPServerDisconnected):  # 421 closes
+                    second.docmd("NOOP")
+            assert first.ehlo("c.example")[0] == 250
+        deadline = time.monotonic() + 10
+        while server.server.open_connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Every count was given back to the address it was taken for: the proxy's (this
+        # connection is admitted) and the client's (named again).
+        with connect(server) as third:
+            assert third.docmd("XCLIENT", "ADDR=192.0.2.9")[0] == 220
 
 
 # --- XFORWARD ---------------------------------------------------------------------------------

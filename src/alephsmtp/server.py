@@ -200,8 +200,8 @@ class SmtpServer:
         self.sessions: set[SmtpSession] = set()
         # Connections before their session: waiting for a PROXY header or a TLS handshake.
         self._receivers: set[ProxyProtocolReceiver | TlsAcceptor] = set()
-        # The sessions counted, each with the address it counts against (the one it came
-        # from: XCLIENT may name another client later).
+        # The sessions counted, each with the address it counts against: the one it came
+        # from, or the client XCLIENT named since.
         self._admitted: dict[SmtpSession, str | None] = {}
         self._capacity = self.config.max_connections  # set from the descriptor limit at start
         self._accept_errors = _AcceptErrors()
@@ -390,6 +390,7 @@ class SmtpServer:
             pools=self._pools,
             on_close=self._session_closed,
             admit=self._admit,
+            repoint=self._repoint,
             peer=peer,
             proxy=proxy,
         )
@@ -418,6 +419,29 @@ class SmtpServer:
         self._admitted[session] = ip
         if ip is not None:
             self._per_ip[ip] += 1
+        return None
+
+    def _repoint(self, session: SmtpSession) -> Reply | None:
+        """XCLIENT named another client: the session counts against its address from now on
+        (and is refused, 421 4.7.0, when that address is at its limit)."""
+        if session not in self._admitted:
+            return None
+        old, new = self._admitted[session], _peer_ip(session.peer)
+        if old == new:
+            return None
+        if old is not None:
+            self._per_ip[old] -= 1
+            if self._per_ip[old] <= 0:
+                del self._per_ip[old]
+        self._admitted[session] = None
+        limit = self.config.max_connections_per_ip
+        if new is None:
+            return None
+        if limit and self._per_ip[new] >= limit and not self._is_exempt(new):
+            self.metrics.connections_refused["per-ip"] += 1
+            return R.TOO_MANY_FROM_IP
+        self._per_ip[new] += 1
+        self._admitted[session] = new
         return None
 
     def _is_exempt(self, ip: str) -> bool:

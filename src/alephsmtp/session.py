@@ -26,6 +26,7 @@ import ipaddress
 import itertools
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final, overload
 
@@ -156,6 +157,7 @@ _AFTER_MAIL = cast(State, RULES["MAIL"].next)
 _AFTER_RCPT = cast(State, RULES["RCPT"].next)
 _AFTER_DATA = cast(State, RULES["DATA"].next)
 _WAIT = object()  # a handler runs in a task: its "act" half comes later
+_ASYNCIO_TIME = asyncio.BaseEventLoop.time
 
 
 class _EventAttribute(Generic[ArgsT]):
@@ -345,6 +347,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_busy",
         "_chunk",
         "_chunk_refusal",
+        "_clock",
         "_closing",
         "_command_limit",
         "_commands",
@@ -374,6 +377,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_pools",
         "_reader",
         "_reading",
+        "_repoint",
         "_sasl",
         "_sasl_command",
         "_sasl_refusal",
@@ -413,6 +417,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         pools: _Pools | None = None,
         on_close: Callable[[SmtpSession], None] | None = None,
         admit: Callable[[SmtpSession], Reply | None] | None = None,
+        repoint: Callable[[SmtpSession], Reply | None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         peer: Any = None,
         proxy: ProxyHeader | None = None,
@@ -421,6 +426,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._pools = pools = pools if pools is not None else _Pools(config)
         self._wire = pools.wire
         self._admit = admit
+        self._repoint = repoint  # the server's per-address count, told of XCLIENT's client
         self._on_session = on_session
         self._on_close = on_close
         self.id = next(_session_ids)
@@ -485,6 +491,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] | None = None
         # clocks (see _on_timer)
         self._timer: LazyTimer | None = None
+        self._clock: Callable[[], float] = time.monotonic  # the loop's (connection_made)
         self._last_activity = 0.0
         self._handler_task: asyncio.Task[None] | None = None
         self._handler_deadline = 0.0  # 0: no handler runs on a clock
@@ -655,6 +662,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         self._timer = LazyTimer(loop, self._on_timer)
+        # The loop's clock; asyncio's own loop.time() is time.monotonic() behind a Python call.
+        self._clock = time.monotonic if type(loop).time is _ASYNCIO_TIME else loop.time
         if not self._peer_override:
             # A Unix-domain client has no name (""): the socket it came in on names it.
             self.peer = self._origin = transport.get_extra_info(
@@ -905,7 +914,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             if index < len(lines):
                 line = lines[index]
                 self._next = index + 1
-                self._last_activity = self._loop.time()  # the next line's deadline runs from here
+                self._last_activity = self._clock()  # the next line's deadline runs from here
                 if self._trace is not None:
                     self._trace_line(line)
                 if self._sasl is not None:
@@ -967,7 +976,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             break
         if not self._busy:
             self._verb = ""
-        self._flush()
+        if self._out:
+            self._flush()
         if self._closing and self.is_idle and self.state is not State.CLOSED:
             self._send_and_close(R.SHUTDOWN)
 
@@ -1253,7 +1263,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         tx = self._tx
         assert tx is not None and self._loop is not None
         self.state = _AFTER_DATA
-        tx.started = self._loop.time()
+        tx.started = now = self._clock()
         tx.bytes_read = 0
         config = self.config
         reader = DataReader(
@@ -1264,7 +1274,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if timer is not None and config.data_timeout > 0:
             # RFC 5321 4.5.3.2.5: the data timeout runs from the 354 on, before any read (the
             # timer is re-armed only when that is sooner than its wake-up: rarely).
-            deadline = self._loop.time() + config.data_timeout
+            deadline = now + config.data_timeout
             if deadline < timer.at:
                 timer.wake_by(deadline)
         pending = self._reader.take_pending()
@@ -2014,6 +2024,12 @@ class SmtpSession(asyncio.BufferedProtocol):
         origin = self.peer
         if "ADDR" in attributes or "PORT" in attributes:
             self.peer = self._xclient_peer(attributes)
+            # Per-address limits count the client now (the proxy's count is given back).
+            refusal = self._repoint(self) if self._repoint is not None else None
+            if refusal is not None:
+                self.log.info("XCLIENT named %s: %s", _where(self.peer), refusal)
+                self._send_and_close(refusal)
+                return
         self._abandon_transaction()
         self._xforward = {}
         helo = attributes.get("HELO")
