@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import select
 import socket
 import ssl
 import sys
@@ -231,6 +232,12 @@ def _fuzz(server: Server, args: argparse.Namespace, tag: str) -> int:
             super().open()
 
         def recv(self, max_bytes: int) -> bytes:
+            # boofuzz bounds recv with SO_RCVTIMEO, which a TLS socket's read retries past (it
+            # then waits for the server's idle timeout): wait here, bounded, for a record.
+            sock = self._sock
+            waiting = isinstance(sock, ssl.SSLSocket) and not sock.pending()
+            if waiting and not select.select([sock], [], [], self._recv_timeout)[0]:
+                return b""
             data = super().recv(max_bytes)
             Recording.received += data
             return data
@@ -290,7 +297,7 @@ def _fuzz(server: Server, args: argparse.Namespace, tag: str) -> int:
     # The model's size: every single-field mutation of every request (the root node has none).
     size = sum(n.get_num_mutations() for n in session.nodes.values() if hasattr(n, "stack"))
     started = time.monotonic()
-    stopped_by = "the case bound"
+    stopped_by = "the end of the model or the case bound"
     try:
         session.fuzz(max_depth=1)  # one field mutated at a time, not combinations
     except _Deadline:
