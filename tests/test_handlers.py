@@ -21,7 +21,7 @@ import pytest
 import trustme
 
 from _cli import start_cli, stop_cli
-from alephsmtp import SmtpEnvelope, SmtpServer
+from alephsmtp import Address, SmtpEnvelope, SmtpServer
 from alephsmtp.handlers import (
     Deliver,
     EmlDirectory,
@@ -29,6 +29,7 @@ from alephsmtp.handlers import (
     MboxStore,
     PrintMessage,
     Relay,
+    _received_header,
     envelope_headers,
 )
 from alephsmtp.testing import SmtpTestServer
@@ -380,6 +381,22 @@ async def test_relay_forwards_envelope_and_bytes(serve: Serve, client: str) -> N
         assert match["protocol"] == b"ESMTP"
         assert match["for"] == named  # one recipient only: never disclose the others
         assert e.message[match.end() :] == MESSAGE  # the rest byte-exact
+
+
+def test_the_received_header_writes_no_control_character() -> None:
+    """Whatever a handler left as the HELO name, the relay's trace header line stays one line
+    (no header injection) and printable."""
+    envelope = SmtpEnvelope(
+        return_path=Address("a", "example.org"),
+        recipients=[Address("b", "example.net")],
+        helo_name="a.example\r\nX-Injected: yes\x00",
+        peer=("192.0.2.1", 4000),
+    )
+    header = _received_header(None, envelope)
+    lines = header.split(b"\r\n")
+    assert lines[0] == b"Received: from a.example??X-Injected: yes? ([192.0.2.1])"
+    assert all(line.startswith(b"\t") for line in lines[1:-1])
+    assert lines[-1] == b""
 
 
 async def test_relay_carries_smtputf8_and_8bitmime(serve: Serve) -> None:

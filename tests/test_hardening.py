@@ -561,3 +561,26 @@ async def test_pipelining_is_not_policed_by_default() -> None:
     h.send(TRANSACTION + b"hi\r\n.\r\nQUIT\r\n")
     assert h.codes()[-2:] == ["250", "221"]
     assert len(messages) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"a\x00b.example", b"a\x1b[31m.example", b"a\x7f.example", b"a\x0c.example", b"a\tb"],
+)
+@pytest.mark.parametrize("verb", [b"HELO", b"EHLO"])
+async def test_a_hello_name_with_control_characters_is_refused(verb: bytes, name: bytes) -> None:
+    """A name is written into trace headers and handed to milters: control characters (found
+    by SEC Consult's scanner and boofuzz, docs/security.md) get a syntax error."""
+    h = Harness()
+    h.output()
+    h.send(verb + b" " + name + b"\r\n")
+    assert h.replies() == [f"501 5.5.4 Syntax: {verb.decode()} hostname"]
+    h.send(verb + b" client.example\r\n")
+    assert h.codes()[-1] == "250"
+
+
+async def test_a_bare_cr_in_a_hello_name_injects_no_header_under_normalize() -> None:
+    h = Harness(bare_newline="normalize")
+    h.output()
+    h.send(b"EHLO a.example\rX-Injected:yes\r\n")
+    assert h.replies() == ["501 5.5.4 Syntax: EHLO hostname"]

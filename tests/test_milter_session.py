@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -246,6 +247,22 @@ async def test_auth_macros_name_the_user_and_the_mechanism() -> None:
     assert macros["{auth_authen}"] == "alice"
     assert macros["{auth_author}"] == "<>"
     assert box.sessions[0].auth_mechanism == "PLAIN"
+
+
+async def test_a_nul_in_a_header_is_refused_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No milter string can carry a NUL: the message is refused (5xx: it is the message's
+    fault, retrying will not help), and nothing is logged as an error."""
+    async with FakeMilter() as milter, mta(Milters([milter.endpoint])) as box:
+        client = await box.client()
+        message = b"From: a@example.org\r\nSubject: a\x00b\r\n\r\nbody\r\n"
+        replies = await client.send(message)
+        assert replies[-1] == "554 5.6.0 Message content rejected: NUL in a header field"
+        assert (await client.cmd("NOOP")).startswith("250")  # the session goes on
+        await client.close()
+    assert box.received == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_mail_parameters_and_unknown_commands_reach_the_milter() -> None:

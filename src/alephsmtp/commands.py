@@ -351,7 +351,12 @@ def _hello(command: type[HeloCommand | EhloCommand | LhloCommand], verb: str) ->
         if not argument:
             raise _syntax(f"{verb} hostname")
         # Like Postfix, only the first word counts; some clients send more.
-        return command(argument.partition(" ")[0], parameter=argument)
+        hostname = argument.partition(" ")[0]
+        if not hostname.isprintable():
+            # A control character (NUL, ESC, a bare CR taken as content...) has no place in a
+            # name that is written into trace headers and handed to milters.
+            raise _syntax(f"{verb} hostname")
+        return command(hostname, parameter=argument)
 
     return parse
 

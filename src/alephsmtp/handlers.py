@@ -661,7 +661,10 @@ def _received_header(session: Any, envelope: SmtpEnvelope) -> bytes:
     peer = envelope.peer
     ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
     literal = f"[IPv6:{ip}]" if ip and ":" in ip else f"[{ip}]" if ip else None
-    source = f"{envelope.helo_name or 'unknown'}" + (f" ({literal})" if literal else "")
+    # The session refuses a HELO name with control characters; a handler may have set one:
+    # no client-chosen byte may end the header line (header injection).
+    helo = "".join(c if c.isprintable() else "?" for c in envelope.helo_name or "unknown")
+    source = helo + (f" ({literal})" if literal else "")
     config = getattr(session, "config", None)
     by = getattr(config, "hostname", None) or "localhost"
     # RFC 3848: ESMTP, plus S for TLS and A for AUTH; LMTP likewise; HELO is plain SMTP.

@@ -336,6 +336,7 @@ MILTER_DISCARDED = Reply(250, "2.0.0", "OK: queued")
 # A milter that failed, by milter_default_action (Postfix's milter8.c words).
 MILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later")
 MILTER_UNAVAILABLE_REJECT = Reply(550, "5.5.0", "Service unavailable")
+MILTER_NUL_IN_HEADER = Reply(554, "5.6.0", "Message content rejected: NUL in a header field")
 MILTER_STREAMED_BODY = Reply(451, "4.3.5", "Server configuration problem - try again later")
 
 # Sender authentication (alephsmtp.mailauth): a DNS failure is never a bounce.

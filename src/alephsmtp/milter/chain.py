@@ -1152,10 +1152,16 @@ class MilterSession:
             more, rest = feed.scanner.finish()
             fields += more
             body += rest
-        events: list[tuple[_Stage, bytes]] = [
-            (_HEADER, encode_header(f.name, milter_value(f.raw, leading_space=leading_space)))
-            for f in fields
-        ]
+        try:
+            events: list[tuple[_Stage, bytes]] = [
+                (_HEADER, encode_header(f.name, milter_value(f.raw, leading_space=leading_space)))
+                for f in fields
+            ]
+        except ValueError:
+            # A NUL in a header field: the milter protocol's strings cannot carry it, so no
+            # milter can judge the message. The message is at fault, not us: refused (5xx).
+            feed.done = (_REJECT, R.MILTER_NUL_IN_HEADER)
+            return
         if not feed.scanner.in_header and not feed.eoh_sent:
             feed.eoh_sent = True
             events.append((_EOH, encode_end_of_headers()))
