@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_docs_build_strictly_and_render_no_sphinx_roles(tmp_path: Path) -> None:
+    if not (ROOT / "docs" / "mkdocs.yml").is_file():
+        pytest.skip("docs/ is not shipped here (an installed wheel's tests)")
     site = tmp_path / "site"
     done = subprocess.run(
         [
