@@ -115,6 +115,11 @@ class Event(Generic[ArgsT]):
         return f"<Event {self.name!r} with {len(self.handlers)} handler(s)>"
 
 
+#: What a session's check/act path gets from running handlers that went asynchronous: no
+#: reply yet; the act half is called with it later, from the handlers' task.
+DEFERRED: Any = object()
+
+
 class Pending:
     """The rest of a handler chain, from its first awaitable on: ``coroutine`` gives the
     chain's result when awaited. Returned by [`run_chain()`][alephsmtp.events.run_chain] /

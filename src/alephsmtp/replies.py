@@ -17,6 +17,10 @@ import base64
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .errors import SmtpError
 
 __all__ = [
     "NAMES",
@@ -28,6 +32,7 @@ __all__ = [
     "chunk_received",
     "coerce_reply",
     "default_enhanced_code",
+    "from_error",
 ]
 
 _CODE_LINE = re.compile(r"([2-5][0-9][0-9])(?:([ -])(.*))?\Z", re.S)
@@ -345,6 +350,11 @@ MAILAUTH_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 
 # DKIM signing (alephsmtp.mailauth.DkimSigner).
 SIGN_FAILED = Reply(451, "4.3.0", "Local error in processing")
+
+
+def from_error(error: SmtpError) -> Reply:
+    """The reply an error carries (its code, enhanced code and text)."""
+    return Reply(error.code, error.enhanced, error.text)
 
 
 def chunk_received(size: int) -> Reply:

@@ -32,21 +32,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, final, overload
 
 from . import _protocol as P
 from . import replies as R
+from ._auth_turn import AuthTurn
 from ._protocol import RULES, UNKNOWN, Rule, State, advance
-from .auth import (
-    MAX_RESPONSE_LENGTH,
-    AuthCancelled,
-    AuthSyntaxError,
-    Credentials,
-    SaslContext,
-    SaslExchange,
-    mechanism_known,
-)
+from .auth import MAX_RESPONSE_LENGTH, mechanism_known
 from .commands import (
     UNAVAILABLE_VALUES as _UNAVAILABLE,
 )
 from .commands import (
-    AuthCommand,
     BdatCommand,
     DataCommand,
     EhloCommand,
@@ -81,6 +73,7 @@ from .errors import (
     SmtpError,
 )
 from .events import (
+    DEFERRED,
     AuthCommandEventArgs,
     AuthEventArgs,
     CommandEventArgs,
@@ -150,13 +143,12 @@ _LAST_IN_GROUP = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOO
 # Rules for what is not a command line: the message (DATA's or BDAT LAST's end), the finished
 # SASL exchange. Their event, default, failure reply and timeout are the table's kind of fact.
 _MESSAGE = Rule("DATA", "message_received", R.QUEUED, (), failure=R.MESSAGE_HANDLER_FAILED)
-_AUTH = RULES["AUTH"]
-_AUTH_COMMAND = Rule("AUTH", "auth_command", R.AUTH_FAILED, (), failure=R.AUTH_HANDLER_FAILED)
 # Where MAIL, RCPT and DATA lead when accepted (the table says; read once).
 _AFTER_MAIL = cast(State, RULES["MAIL"].next)
 _AFTER_RCPT = cast(State, RULES["RCPT"].next)
 _AFTER_DATA = cast(State, RULES["DATA"].next)
-_WAIT = object()  # a handler runs in a task: its "act" half comes later
+_AUTH = RULES["AUTH"]
+_WAIT = DEFERRED  # a handler runs in a task: its "act" half comes later
 _ASYNCIO_TIME = asyncio.BaseEventLoop.time
 
 
@@ -282,9 +274,7 @@ def _message_error_reply(error: SmtpError) -> Reply:
     return _error_reply(error)
 
 
-def _error_reply(error: SmtpError) -> Reply:
-    # An error carries its reply (code, enhanced code, text); made into one on demand.
-    return Reply(error.code, error.enhanced, error.text)
+_error_reply = R.from_error  # an error carries its reply (code, enhanced code, text)
 
 
 class SmtpSession(asyncio.BufferedProtocol):
@@ -341,6 +331,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         "__dict__",  # for attributes of your own (made only when you set one)
         "_admit",
         "_auth_failures",
+        "_auth_turn",
         "_bad_commands",
         "_buffer",
         "_buffer_owner",
@@ -378,10 +369,6 @@ class SmtpSession(asyncio.BufferedProtocol):
         "_reader",
         "_reading",
         "_repoint",
-        "_sasl",
-        "_sasl_command",
-        "_sasl_refusal",
-        "_sasl_waiter",
         "_started",
         "_state",
         "_tasks",
@@ -476,10 +463,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._input: DataReader | BdatReader | None = None
         self._chunk: BdatCommand | None = None  # the BDAT chunk being read ...
         self._chunk_refusal: Reply | None = None  # ... and its reply, if it is dropped
-        self._sasl: SaslExchange | None = None  # an AUTH exchange: lines are its responses
-        self._sasl_command: AuthCommand | None = None
-        self._sasl_refusal: tuple[Reply, Credentials] | None = None  # said after a last 334
-        self._sasl_waiter: asyncio.Future[str] | None = None  # an auth_command's challenge
+        self._auth_turn: AuthTurn | None = None  # an AUTH command, until its reply
         # output and flow
         self._out: list[bytes] = []
         self._busy = False  # a handler (or the TLS handshake) runs: nothing more is read
@@ -812,10 +796,9 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.state = advance(self.state, P.CLOSED)
         self._transport = None
         self._input = None
-        self._sasl = None
-        if self._sasl_waiter is not None and not self._sasl_waiter.done():
-            self._sasl_waiter.set_exception(ConnectionResetError("the client is gone"))
-        self._sasl_waiter = None
+        if self._auth_turn is not None:
+            self._auth_turn.cancel()
+            self._auth_turn = None
         self._tx = None
         self._lines = []
         self._next = 0
@@ -917,11 +900,8 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self._last_activity = self._clock()  # the next line's deadline runs from here
                 if self._trace is not None:
                     self._trace_line(line)
-                if self._sasl is not None:
-                    self._sasl_line(line)
-                    continue
-                if self._sasl_waiter is not None:
-                    self._answer_challenge(line)
+                if self._auth_turn is not None:  # a response to an AUTH challenge
+                    self._auth_turn.line(line)
                     continue
                 self._commands += 1
                 if self.config.max_commands and self._commands > self.config.max_commands:
@@ -964,7 +944,11 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self._held.clear()
                 self._consume(held)
                 continue
-            if self._input is None and self._reader.pending and self._sasl is None:
+            if (
+                self._input is None
+                and self._reader.pending
+                and (self._auth_turn is None or not self._auth_turn.exchanging)
+            ):
                 # Scanning stopped after DATA/BDAT/STARTTLS (a command that may change how
                 # what follows is read); it was answered without that change, so go on.
                 more = self._reader.feed(b"")
@@ -1594,7 +1578,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         assert self._trace is not None
         if isinstance(line, SmtpError):
             self._trace.debug("< (%s)", line)
-        elif self._sasl is not None or self._sasl_waiter is not None:
+        elif self._auth_turn is not None and self._auth_turn.reading:
             self._trace.debug("< (an AUTH response, %d octets)", len(line))
         elif line[:5].upper() == b"AUTH ":
             words = line.split(b" ", 2)
@@ -1805,32 +1789,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if command.mechanism not in mechanisms:
             self._write(R.AUTH_MECHANISM)
             return
-        self._sasl_command = command
-        event = self._events.get("auth_command")
-        if event is not None and event.handlers:
-            # The handlers may run the exchange themselves (sasl_challenge), or pass.
-            args = AuthCommandEventArgs(command)
-            reply = self._decide(_AUTH_COMMAND, event.handlers, args, self._auth_command_done, args)
-            if reply is not _WAIT:
-                self._auth_command_done(args, reply)
-            return
-        self._start_sasl(command)
-
-    def _auth_command_done(self, args: AuthCommandEventArgs, reply: Reply | None) -> None:
-        command = args.command
-        if reply is None:
-            if mechanism_known(command.mechanism):
-                self._start_sasl(command)  # the handlers passed: the built-in exchange
-            else:
-                self._sasl_command = None
-                self._write(R.AUTH_MECHANISM)
-            return
-        self._sasl_command = None
-        if reply.code // 100 == 2 and not args.identity:
-            self.log.error("an auth_command handler accepted AUTH without e.identity")
-            reply = R.AUTH_HANDLER_FAILED
-        credentials = Credentials(command.mechanism, args.identity or "")
-        self._auth_done(credentials, reply)
+        self._auth_turn = turn = AuthTurn(self, command)
+        turn.begin()
 
     def sasl_challenge(self, data: bytes) -> Awaitable[str]:
         """For an ``auth_command`` handler running its own SASL exchange: send ``data`` as
@@ -1838,139 +1798,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         line (base64 text, as sent). ``AuthCancelled`` when the client answers ``*``.
 
         Only while an ``auth_command`` handler runs (it must be ``async``)."""
-        if self._sasl_command is None or self._loop is None or self._transport is None:
+        turn = self._auth_turn
+        if turn is None or self._loop is None or self._transport is None:
             raise RuntimeError("sasl_challenge() is for auth_command handlers")
-        self._write(R.challenge(data))
-        self._flush()
-        waiter: asyncio.Future[str] = self._loop.create_future()
-        self._sasl_waiter = waiter
-        # The handler's task waits for the answer: reading goes on until it comes, and the
-        # client's turn is timed as any command is (idle_timeout), not the handler's.
-        self._busy = False
-        self._handler_deadline = 0.0
-        self._last_activity = self._loop.time()
-        self._update_reading()
-        self._run()
-        return waiter
-
-    def _answer_challenge(self, line: bytes | SmtpError) -> None:
-        """The client's answer to an auth_command handler's challenge: back to it."""
-        waiter = self._sasl_waiter
-        assert waiter is not None
-        self._sasl_waiter = None
-        self._busy = True  # the handler goes on, on its clock again
-        self._start_handler_clock(self.config.handler_timeout)
-        if waiter.done():
-            return
-        if isinstance(line, SmtpError):
-            waiter.set_exception(AuthSyntaxError(R.AUTH_LINE.lines[0]))
-        elif line.strip(b" ") == b"*":
-            waiter.set_exception(AuthCancelled())
-        else:
-            waiter.set_result(line.decode("ascii", "replace").strip(" "))
-
-    def _start_sasl(self, command: AuthCommand) -> None:
-        tls = self.tls
-        context = SaslContext(self.config.hostname, tls.peer_certificate if tls else None)
-        self._sasl = SaslExchange(command.mechanism, context)
-        self._sasl_command = command
-        self._sasl_step(command.initial_response)
-
-    def _sasl_line(self, line: bytes | SmtpError) -> None:
-        """A line of an AUTH exchange: the client's response to our challenge."""
-        if self._sasl_refusal is not None:
-            # The answer to the mechanism's last challenge after a refusal (RFC 7628 3.2.3):
-            # whatever it is, the refusal follows.
-            refusal, credentials = self._sasl_refusal
-            self._end_sasl()
-            self._auth_refused(credentials, refusal)
-            return
-        if isinstance(line, SmtpError):
-            self._end_sasl()
-            self._write(R.AUTH_LINE if isinstance(line, LineTooLong) else _error_reply(line))
-            return
-        self._sasl_step(line.decode("ascii", "replace").strip(" "))
-
-    def _sasl_step(self, response: str | None) -> None:
-        sasl, command = self._sasl, self._sasl_command
-        assert sasl is not None and command is not None
-        try:
-            result = sasl.step(response)
-        except SmtpError as error:
-            self._end_sasl()
-            self._write(_error_reply(error))
-            return
-        if isinstance(result, bytes):
-            # A challenge: the next line is the client's answer.
-            self._write(R.challenge(result))
-            return
-        # Never log credentials: the mechanism and the identity only.
-        handlers = self._handlers("auth")
-        args = AuthEventArgs(command, result)
-        reply = self._decide(_AUTH, handlers, args, self._auth_done, result)
-        if reply is not _WAIT:
-            self._auth_done(result, reply)
-
-    def _end_sasl(self) -> None:
-        self._sasl = None
-        self._sasl_command = None
-        self._sasl_refusal = None
-
-    def _auth_done(self, credentials: Credentials, answer: Reply | None) -> None:
-        reply = answer if answer is not None else R.AUTH_FAILED
-        username = credentials.username
-        metrics = self._pools.metrics
-        sasl = self._sasl
-        if reply.code // 100 == 2:
-            self._end_sasl()
-            self.authenticated_as = username
-            self.auth_mechanism = credentials.mechanism
-            self.log.info("authenticated as %r (%s)", username, credentials.mechanism)
-            metrics.auth[credentials.mechanism, "success"] += 1
-            self._write(reply)
-            return
-        if reply.code // 100 != 5:  # our own trouble (454 4.7.0): not the client's failure
-            self._end_sasl()
-            metrics.auth[credentials.mechanism, "error"] += 1
-            self._write(reply)
-            return
-        last = sasl.failure() if sasl is not None else None
-        if last is not None:
-            # RFC 7628 3.2.2: OAUTHBEARER (and XOAUTH2) say why in a last challenge; the
-            # client answers it, then gets the refusal.
-            self._sasl_refusal = (reply, credentials)
-            self._write(R.challenge(last))
-            return
-        self._end_sasl()
-        self._auth_refused(credentials, reply)
-
-    def _auth_refused(self, credentials: Credentials, reply: Reply) -> None:
-        self._pools.metrics.auth[credentials.mechanism, "failure"] += 1
-        # Password guessing: every failure counts as an error, from the second on the reply
-        # waits (Postfix's smtpd_error_sleep_time), and max_auth_failures ends the session.
-        self.log.info("authentication failed for %r", credentials.username)
-        self._auth_failures += 1
-        self._count_error()
-        limit = self.config.max_auth_failures
-        if limit and self._auth_failures >= limit and self._limit_reply is None:
-            self._limit_reply = R.TOO_MANY_AUTH_FAILURES
-        delay = self.config.auth_failure_delay
-        if self._auth_failures > 1 and delay > 0 and self._loop is not None:
-            self._busy = True  # what the guesser sends meanwhile waits (held, bounded)
-            self._flush()
-            self._loop.call_later(delay, self._end_auth_delay, reply)
-            return
-        self._write(reply)
-
-    def _end_auth_delay(self, reply: Reply) -> None:
-        self._busy = False
-        if self.state is State.CLOSED or self._transport is None:
-            return
-        self._write(reply)
-        self._update_reading()
-        self._run()
-
-    # The transaction
+        return turn.challenge(data)
 
     # XCLIENT and XFORWARD (Postfix's XCLIENT_README and XFORWARD_README)
 
