@@ -25,7 +25,8 @@ conversation; Postfix's queue manager and discard agent deliver, and are left ou
 alephsmtp delivers nothing). OpenDKIM's CPU per message is shown too: the same program doing
 the same work behind both; it is the bottleneck, so msg/s is about OpenDKIM. With ``--repeat
 N`` each figure is the best of N rounds (least server CPU per message). Results go to
-``benchmarks/results/milter.json``; the exit status is 1 if any run had errors.
+``--json`` (default ``benchmarks/results/milter.json``), the servers' stderr logs beside it;
+the exit status is 1 if any run had errors.
 """
 
 from __future__ import annotations
@@ -268,10 +269,10 @@ class AlephServer:
     log: Path
 
     @classmethod
-    def start(cls, name: str, milter: str | None, loop: str) -> AlephServer:
+    def start(cls, name: str, milter: str | None, loop: str, log_dir: Path) -> AlephServer:
         port = free_port()
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        log = RESULTS / f"milter-{name}.stderr.log"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"milter-{name}.stderr.log"
         command = [sys.executable, __file__, "--serve", str(port), "--loop", loop]
         if milter:
             command += ["--milter", milter]
@@ -442,7 +443,7 @@ def one_round(
     servers.append(("alephsmtp-asyncio (no milter)", None, "asyncio"))
     for name, endpoint, loop in servers:
         print(f"  {name}")
-        server = AlephServer.start(name, endpoint, loop)
+        server = AlephServer.start(name, endpoint, loop, Path(args.json).parent)
         try:
             smtp_source(server.port, path, args.warmup, 4, False)
             for scenario in SCENARIOS:

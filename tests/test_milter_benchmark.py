@@ -24,6 +24,8 @@ MISSING = [
 @pytest.mark.skipif(bool(MISSING), reason=f"not installed: {MISSING} (scripts/install-peers)")
 @pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="needs root on Linux")
 def test_milter_benchmark_smoke(tmp_path: Path) -> None:
+    results = SCRIPT.parent / "results"
+    before = sorted(results.iterdir()) if results.exists() else []
     out = tmp_path / "milter.json"
     env = {k: v for k, v in os.environ.items() if k != "ALEPHSMTP_NO_EXTENSIONS"}
     done = subprocess.run(
@@ -39,3 +41,6 @@ def test_milter_benchmark_smoke(tmp_path: Path) -> None:
     servers = {run["server"] for run in data["best"]}
     assert {"alephsmtp-asyncio+opendkim", "postfix-3.7+opendkim"} <= servers
     assert all(run["messages"] == 10 for run in data["best"])
+    # Results and server logs where --json says, nothing in the checkout (issue 11).
+    assert (sorted(results.iterdir()) if results.exists() else []) == before
+    assert list(tmp_path.glob("milter-*.stderr.log"))
