@@ -139,6 +139,7 @@ class World:
     client_context: ssl.SSLContext
     release: asyncio.Event = field(default_factory=asyncio.Event)  # lets handlers go on
     started: asyncio.Event = field(default_factory=asyncio.Event)  # a handler began
+    outcomes: list[str] = field(default_factory=list)  # what handlers saw, for the scenario
 
 
 Scenario = Callable[[World], Awaitable[None]]
@@ -285,6 +286,23 @@ async def reset_in_data(world: World) -> None:
     reset(writer)
 
 
+async def reset_in_a_handler_s_auth_exchange(world: World) -> None:
+    """An auth_command handler waits in sasl_challenge() for the client, which resets: the
+    handler is told (ConnectionResetError) and the session ends once."""
+    reader, writer = await connect(world.port)
+    assert (await reply(reader)).startswith(b"220 ")
+    writer.write(b"EHLO c.example\r\n")
+    assert b"AUTH X-CHALLENGE" in await reply(reader)
+    writer.write(b"AUTH X-CHALLENGE\r\n")
+    assert (await reply(reader)).startswith(b"334 ")
+    reset(writer)
+    for _ in range(int(GIVE_UP / 0.01)):
+        if world.outcomes:
+            break
+        await asyncio.sleep(0.01)
+    assert world.outcomes.pop() == "ConnectionResetError"
+
+
 async def quit_politely(world: World) -> None:
     reader, writer = await connect(world.port)
     assert (await reply(reader)).startswith(b"220 ")
@@ -310,6 +328,21 @@ def gated_rcpt(world: World) -> Callable[[Any], None]:
             await world.release.wait()
 
         session.rcpt += rcpt
+
+    return on_session
+
+
+def challenging_auth(world: World) -> Callable[[Any], None]:
+    def on_session(session: Any) -> None:
+        async def exchange(sender: Any, e: Any) -> str:
+            try:
+                await sender.sasl_challenge(b"name?")
+            except Exception as error:
+                world.outcomes.append(type(error).__name__)
+                raise
+            return "535 5.7.8 No"
+
+        session.auth_command += exchange
 
     return on_session
 
@@ -346,6 +379,11 @@ SCENARIOS: dict[str, tuple[Scenario, dict[str, Any], Callable[[World], Any] | No
     "on-session-raises": (on_session_fails, {}, lambda world: failing_on_session),
     "handler-running-reset": (reset_while_a_handler_runs, {}, gated_rcpt),
     "data-reset": (reset_in_data, {}, None),
+    "auth-exchange-reset": (
+        reset_in_a_handler_s_auth_exchange,
+        {"auth_over_plaintext": True, "auth_mechanisms": ("X-CHALLENGE",)},
+        challenging_auth,
+    ),
     "quit": (quit_politely, {}, None),
 }
 
