@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import email.utils
 import errno
-import inspect
+import functools
 import logging
 import mailbox
 import os
@@ -36,7 +36,7 @@ from typing import Any, Literal, TextIO, cast
 
 from . import replies as R
 from .envelope import SmtpEnvelope
-from .events import MessageReceivedEventArgs
+from .events import MessageReceivedEventArgs, Pending, run_chain
 from .replies import Reply, coerce_reply
 from .session import SessionLogger, SmtpSession
 
@@ -705,54 +705,38 @@ class Deliver:
         return f"<Deliver {', '.join(repr(output) for output in self.outputs)}>"
 
     def __call__(self, session: Any, e: MessageReceivedEventArgs) -> Any:
-        # Inline while the outputs answer inline; a coroutine from the first one that does not.
+        # The outputs run as a handler chain (inline while they answer inline); each store
+        # notes its receipt, so that a refusal or failure further on takes it back.
         receipts: list[tuple[Store, object]] = []
-        for index, output in enumerate(self.outputs):
-            if isinstance(output, Store):
-                failure = self._store(output, session, e, receipts)
-                if failure is not None:
-                    return failure
-                continue
-            result = output(session, e)
-            if inspect.isawaitable(result):
-                return self._finish(session, e, result, index, receipts)
-            if result is not None:
-                return self._decided(result, receipts)
-        return None
-
-    async def _finish(
-        self,
-        session: Any,
-        e: MessageReceivedEventArgs,
-        pending: Awaitable[Any],
-        index: int,
-        receipts: list[tuple[Store, object]],
-    ) -> Any:
+        steps = [
+            functools.partial(self._store, output, receipts=receipts)
+            if isinstance(output, Store)
+            else output
+            for output in self.outputs
+        ]
         try:
-            result = await pending
-            if result is not None:
-                return self._decided(result, receipts)
-            for output in self.outputs[index + 1 :]:
-                if isinstance(output, Store):
-                    failure = self._store(output, session, e, receipts)
-                    if failure is not None:
-                        return failure
-                    continue
-                result = output(session, e)
-                if inspect.isawaitable(result):
-                    result = await result
-                if result is not None:
-                    return self._decided(result, receipts)
+            result = run_chain(steps, session, e)
         except BaseException:
             self._take_back(receipts)
             raise
-        return None
+        if type(result) is Pending:
+            return self._finish(result.coroutine, receipts)
+        return None if result is None else self._decided(result, receipts)
+
+    async def _finish(self, pending: Awaitable[Any], receipts: list[tuple[Store, object]]) -> Any:
+        try:
+            result = await pending
+        except BaseException:
+            self._take_back(receipts)
+            raise
+        return None if result is None else self._decided(result, receipts)
 
     def _store(
         self,
         store: Store,
         session: Any,
         e: MessageReceivedEventArgs,
+        *,
         receipts: list[tuple[Store, object]],
     ) -> Reply | None:
         logger = _logger_of(session)
