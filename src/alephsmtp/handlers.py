@@ -39,6 +39,7 @@ from .envelope import SmtpEnvelope
 from .events import MessageReceivedEventArgs, Pending, run_chain
 from .replies import Reply, coerce_reply
 from .session import SessionLogger, SmtpSession
+from .tls import describe
 
 __all__ = [
     "Deliver",
@@ -505,7 +506,7 @@ class Relay:
     def _tls_failure(self, error: ssl.SSLError, logger: _Logger) -> Reply:
         """The TLS handshake with the upstream failed: the reason logged (OpenSSL's words,
         or the exception's name when it has none), ``451 4.7.0`` for the client."""
-        reason = str(error) or type(error).__name__
+        reason = describe(error)
         if isinstance(error, ssl.SSLCertVerificationError):
             what, reply = "TLS certificate not trusted", R.UPSTREAM_CERTIFICATE
         else:

@@ -116,6 +116,13 @@ class Metrics:
         if self.hook is not None:
             self._tell("connections_closed", 1, None)
 
+    def tls_failed(self, *, timeout: bool) -> None:
+        """A TLS handshake that failed (STARTTLS, implicit TLS, behind a PROXY header);
+        ``timeout``: it did not end in time."""
+        self.tls_failures += 1
+        if timeout:
+            self.timeouts["tls"] += 1
+
     def message_accepted(self, size: int, recipients: int) -> None:
         self.messages += 1
         self.message_bytes += size

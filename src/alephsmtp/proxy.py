@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from .metrics import Metrics
-from .tls import HANDSHAKE_ERRORS, upgrade
+from .tls import HANDSHAKE_ERRORS, describe, upgrade
+from .tls import where as _where
 
 __all__ = [
     "PP2_CLIENT_CERT_CONN",
@@ -729,12 +730,13 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
                 transport, self, context, handshake_timeout=self._tls_handshake_timeout
             )
         except HANDSHAKE_ERRORS as error:
-            reason = str(error) or type(error).__name__
-            log.info("[%s] TLS handshake failed: %s", _where(header.source or self.peer), reason)
+            log.info(
+                "[%s] TLS handshake failed: %s",
+                _where(header.source or self.peer),
+                describe(error),
+            )
             if self._metrics is not None:
-                self._metrics.tls_failures += 1
-                if isinstance(error, asyncio.TimeoutError):
-                    self._metrics.timeouts["tls"] += 1
+                self._metrics.tls_failed(timeout=isinstance(error, asyncio.TimeoutError))
             self._finish()
             return
         finally:
@@ -784,10 +786,3 @@ class ProxyProtocolReceiver(asyncio.BufferedProtocol):
         self._cancel_timer()
         if self._on_close is not None:
             self._on_close(self)
-
-
-def _where(address: ProxyAddress | Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)

@@ -96,6 +96,7 @@ from .proxy import ProxyHeader, address_in_networks
 from .replies import Reply, WireReplies, coerce_reply, default_enhanced_code
 from .spool import MessageSpool
 from .tls import HANDSHAKE_ERRORS, TlsInfo, describe, looks_like_tls, upgrade
+from .tls import where as _where
 from .transaction import Transaction
 
 if TYPE_CHECKING:
@@ -1719,10 +1720,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             )
         except HANDSHAKE_ERRORS as error:
             self.log.info("TLS handshake failed: %s", describe(error))
-            metrics = self._pools.metrics
-            metrics.tls_failures += 1
-            if isinstance(error, asyncio.TimeoutError):
-                metrics.timeouts["tls"] += 1
+            self._pools.metrics.tls_failed(timeout=isinstance(error, asyncio.TimeoutError))
             self._busy = False
             self._end(error)
             return
@@ -2247,12 +2245,6 @@ def _printable(line: bytes, limit: int = 1000) -> str:
     if not text.isprintable():
         text = text.encode("unicode_escape").decode("ascii")
     return text + ("..." if len(line) > limit else "")
-
-
-def _where(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
-    return str(peer)
 
 
 def _can_write_eof(transport: asyncio.Transport) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "feed_protocol",
     "looks_like_tls",
     "upgrade",
+    "where",
 ]
 
 log = logging.getLogger("alephsmtp.tls")
@@ -223,7 +224,7 @@ class TlsAcceptor(asyncio.Protocol):
         self._transport = transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
         if self._admit is not None and not self._admit():
-            log.info("[%s] server full; closed before TLS", _where(self.peer))
+            log.info("[%s] server full; closed before TLS", where(self.peer))
             transport.abort()
             self._finish()
             return
@@ -254,7 +255,7 @@ class TlsAcceptor(asyncio.Protocol):
         # protocol, which reads it after its greeting, as from a plain socket.
         self._early += data
         if len(self._early) > _MAX_EARLY_DATA:
-            log.info("[%s] client sent too much before the greeting; closed", _where(self.peer))
+            log.info("[%s] client sent too much before the greeting; closed", where(self.peer))
             transport.abort()
             self._finish()
 
@@ -268,7 +269,7 @@ class TlsAcceptor(asyncio.Protocol):
     def _silent(self) -> None:
         self._timer = None
         log.info(
-            "[%s] no TLS handshake within %g s; closed", _where(self.peer), self._handshake_timeout
+            "[%s] no TLS handshake within %g s; closed", where(self.peer), self._handshake_timeout
         )
         self._failed(timeout=True)
         if self._transport is not None:
@@ -283,7 +284,7 @@ class TlsAcceptor(asyncio.Protocol):
                 transport, self, self._context, handshake_timeout=timeout, early_data=hello
             )
         except HANDSHAKE_ERRORS as error:
-            log.info("[%s] TLS handshake failed: %s", _where(self.peer), describe(error))
+            log.info("[%s] TLS handshake failed: %s", where(self.peer), describe(error))
             self._failed(timeout=isinstance(error, asyncio.TimeoutError))
             self._finish()
             return
@@ -304,11 +305,8 @@ class TlsAcceptor(asyncio.Protocol):
             self._timer = None
 
     def _failed(self, *, timeout: bool) -> None:
-        metrics = self._metrics
-        if metrics is not None:
-            metrics.tls_failures += 1
-            if timeout:
-                metrics.timeouts["tls"] += 1
+        if self._metrics is not None:
+            self._metrics.tls_failed(timeout=timeout)
 
     def _finish(self) -> None:
         if self._done:
@@ -325,7 +323,8 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def _where(address: Any) -> str:
+def where(address: Any) -> str:
+    """A peer as a log line names it: ``host:port``, ``[v6-host]:port``, or as it is."""
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
