@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from _cli import start_cli, stop_cli
+from _cli import start_cli, start_unix, stop_cli
 from _lmtp import lmtp_send
 
 HANDLERS = '''
@@ -91,23 +91,6 @@ def env(handler_dir: Path) -> Iterator[None]:
             del os.environ["PYTHONPATH"]
         else:
             os.environ["PYTHONPATH"] = old
-
-
-def start_unix(path: Path, *args: str) -> subprocess.Popen[str]:
-    """``python -m alephsmtp --unix PATH ...``, once it listens."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "alephsmtp", "--unix", str(path), "--hostname", "cli.test", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        if f"listening on unix:{path}" in line:
-            return process
-    process.kill()
-    raise AssertionError(f"the CLI did not start: {process.communicate()}")
 
 
 def stop(process: subprocess.Popen[str]) -> tuple[str, str]:
