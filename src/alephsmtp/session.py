@@ -901,8 +901,9 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self._last_activity = self._clock()  # the next line's deadline runs from here
                 if self._trace is not None:
                     self._trace_line(line)
-                if self._auth_turn is not None:  # a response to an AUTH challenge
-                    self._auth_turn.line(line)
+                turn = self._auth_turn
+                if turn is not None and turn.reading:  # a response to an AUTH challenge
+                    turn.line(line)
                     continue
                 self._commands += 1
                 if self.config.max_commands and self._commands > self.config.max_commands:
